@@ -1,0 +1,145 @@
+//! Who is asking: the role and vehicle id of an xDS client, from its Envoy `Node`.
+//!
+//! Convention (documented in docs/node-identity.md):
+//! - role: `node.metadata.misaki_role` if set, else `node.cluster`; one of
+//!   `vehicle`, `cloud` (`edge` is served as `cloud`: an edge sidecar fronts edge
+//!   services the same way). Anything else is rejected.
+//! - vehicle id (role `vehicle` only): `node.metadata.vehicle_id` if set, else `node.id`.
+//!
+//! Metadata is a protobuf `Struct`; only string values are read.
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::value::Kind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Vehicle,
+    Cloud,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Vehicle => "vehicle",
+            Role::Cloud => "cloud",
+        }
+    }
+}
+
+/// The parts of an Envoy node the compiler needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    pub id: String,
+    pub role: Role,
+    /// Set for vehicle nodes.
+    pub vehicle_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("request carries no node (the first request on a stream must)")]
+    Missing,
+    #[error("node has an empty id")]
+    EmptyId,
+    #[error(
+        "node {id:?}: unknown role {role:?} (set node.cluster or metadata.misaki_role to \"vehicle\" or \"cloud\")"
+    )]
+    UnknownRole { id: String, role: String },
+}
+
+fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    let v = node.metadata.as_ref()?.fields.get(key)?;
+    match v.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+impl NodeInfo {
+    pub fn from_node(node: Option<&Node>) -> Result<Self, NodeError> {
+        let node = node.ok_or(NodeError::Missing)?;
+        if node.id.is_empty() {
+            return Err(NodeError::EmptyId);
+        }
+        let role_str = metadata_str(node, "misaki_role").unwrap_or(node.cluster.as_str());
+        let role = match role_str {
+            "vehicle" => Role::Vehicle,
+            "cloud" | "edge" => Role::Cloud,
+            other => {
+                return Err(NodeError::UnknownRole {
+                    id: node.id.clone(),
+                    role: other.to_string(),
+                });
+            }
+        };
+        let vehicle_id = match role {
+            Role::Vehicle => Some(
+                metadata_str(node, "vehicle_id")
+                    .unwrap_or(node.id.as_str())
+                    .to_string(),
+            ),
+            Role::Cloud => None,
+        };
+        Ok(NodeInfo {
+            id: node.id.clone(),
+            role,
+            vehicle_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+
+    fn node(id: &str, cluster: &str, meta: &[(&str, &str)]) -> Node {
+        Node {
+            id: id.into(),
+            cluster: cluster.into(),
+            metadata: Some(Struct {
+                fields: meta
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue(v.to_string())),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn vehicle_id_defaults_to_node_id_and_metadata_overrides_it() {
+        let n = NodeInfo::from_node(Some(&node("car-7", "vehicle", &[]))).unwrap();
+        assert_eq!(n.role, Role::Vehicle);
+        assert_eq!(n.vehicle_id.as_deref(), Some("car-7"));
+        let n = NodeInfo::from_node(Some(&node(
+            "sidecar-1",
+            "x",
+            &[("misaki_role", "vehicle"), ("vehicle_id", "VIN123")],
+        )))
+        .unwrap();
+        assert_eq!(n.vehicle_id.as_deref(), Some("VIN123"));
+    }
+
+    #[test]
+    fn unknown_role_and_missing_node_are_errors() {
+        assert_eq!(NodeInfo::from_node(None), Err(NodeError::Missing));
+        assert!(matches!(
+            NodeInfo::from_node(Some(&node("a", "spaceship", &[]))),
+            Err(NodeError::UnknownRole { .. })
+        ));
+        assert_eq!(
+            NodeInfo::from_node(Some(&node("c", "edge", &[])))
+                .unwrap()
+                .role,
+            Role::Cloud
+        );
+    }
+}

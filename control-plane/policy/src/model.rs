@@ -1,0 +1,159 @@
+//! The validated mesh policy: the domain model every other module works from.
+//!
+//! Invariant: a `Policy` value is always valid — every reference resolves, names are
+//! unique, ports do not clash. The only way to build one from YAML is
+//! [`crate::parse`], which checks all of it once, at the boundary.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A whole mesh policy (format version 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Listener ports of the sidecars.
+    pub mesh: MeshSettings,
+    /// Uplinks known to the fleet, by name.
+    pub uplinks: BTreeMap<String, Uplink>,
+    /// Traffic classes, by name.
+    pub classes: BTreeMap<String, TrafficClass>,
+    /// Services, by name.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Ports the compiled sidecar listeners bind (on the sidecar's own host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Vehicle apps send requests for mesh services here (vehicle sidecar).
+    pub vehicle_outbound_port: u16,
+    /// Requests for services hosted on the vehicle arrive here (vehicle sidecar).
+    pub vehicle_inbound_port: u16,
+    /// Requests for cloud/edge services arrive here (cloud sidecar).
+    pub cloud_inbound_port: u16,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            vehicle_outbound_port: 15001,
+            vehicle_inbound_port: 15006,
+            cloud_inbound_port: 15443,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UplinkKind {
+    Lte,
+    FiveG,
+    ThreeG,
+    Wifi,
+    Dsrc,
+    Lpwa,
+}
+
+impl UplinkKind {
+    pub const ALL: [(&'static str, UplinkKind); 6] = [
+        ("lte", UplinkKind::Lte),
+        ("5g", UplinkKind::FiveG),
+        ("3g", UplinkKind::ThreeG),
+        ("wifi", UplinkKind::Wifi),
+        ("dsrc", UplinkKind::Dsrc),
+        ("lpwa", UplinkKind::Lpwa),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(s, _)| *s)
+            .unwrap_or("?")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub name: String,
+    pub kind: UplinkKind,
+    /// Billed by volume (cellular plans): deferrable traffic avoids it when it can.
+    pub metered: bool,
+    /// Relative cost; lower is cheaper. Breaks ties between equally preferred uplinks.
+    pub cost: u32,
+}
+
+/// Envoy's routing priority (`RoutingPriority`): HIGH uses the cluster's separate
+/// high-priority connection pool and circuit breakers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RoutePriority {
+    Default,
+    High,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficClass {
+    pub name: String,
+    pub priority: RoutePriority,
+    /// Whole-request timeout (Envoy route `timeout`).
+    pub timeout: Duration,
+    /// Retries on 5xx, reset, connect-failure (Envoy `retry_policy.num_retries`).
+    pub retries: u32,
+    /// Uplinks the class may use, most preferred first. Every name is in `Policy::uplinks`.
+    pub uplinks: Vec<String>,
+    /// May be stored and forwarded later by edge-netd.
+    pub deferrable: bool,
+    /// DSCP code point (0..=63) marked on this class's upstream packets.
+    pub dscp: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Location {
+    Vehicle,
+    Edge,
+    Cloud,
+}
+
+impl Location {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Vehicle => "vehicle",
+            Location::Edge => "edge",
+            Location::Cloud => "cloud",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// IP address or DNS name.
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub location: Location,
+    pub protocol: Protocol,
+    /// The port the service listens on. For vehicle services the endpoint is
+    /// `127.0.0.1:port` on each vehicle unless `endpoints` says otherwise.
+    pub port: u16,
+    /// Where its instances are. Non-empty for edge/cloud services; may be empty for
+    /// vehicle services (then `127.0.0.1:port` on the vehicle).
+    pub endpoints: Vec<Endpoint>,
+    /// Path prefixes routed to this service; unique across the policy.
+    pub routes: Vec<String>,
+    /// The traffic class (priority) its developers annotated it with; in `Policy::classes`.
+    pub class: String,
+}
+
+impl Policy {
+    /// The class of a service. Valid policies always have it.
+    pub fn class_of(&self, svc: &Service) -> &TrafficClass {
+        &self.classes[&svc.class]
+    }
+}
