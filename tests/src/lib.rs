@@ -1,1 +1,4 @@
-//! Test harness shared by the end-to-end tests.
+//! Test harness shared by the end-to-end tests: real binaries, real Envoy, real
+//! network namespaces.
+
+pub mod netns;

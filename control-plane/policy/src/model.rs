@@ -102,6 +102,12 @@ pub struct TrafficClass {
     pub deferrable: bool,
     /// DSCP code point (0..=63) marked on this class's upstream packets.
     pub dscp: u8,
+    /// An uplink is eligible for this class only while its measured RTT is at most this.
+    pub max_rtt: Option<Duration>,
+    /// An uplink is eligible for this class only while its measured loss is at most this.
+    pub max_loss_percent: Option<u8>,
+    /// Deferred messages of this class expire after this long in the queue.
+    pub ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

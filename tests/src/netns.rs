@@ -1,0 +1,1 @@
+//! Network namespaces for link tests.
