@@ -1,4 +1,12 @@
-//! misaki control plane runtime: policy watcher, admin HTTP, and the glue that feeds
-//! compiled snapshots to the xDS server.
+//! misaki control plane runtime: policy watcher, snapshot cache, admin HTTP, and the
+//! glue that feeds compiled snapshots to the xDS server.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
+
+pub mod admin;
+pub mod cache;
+pub mod cli;
+pub mod metrics;
+pub mod policy_state;
+pub mod run;
+pub mod watcher;

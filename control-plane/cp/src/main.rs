@@ -1,1 +1,56 @@
-fn main() {}
+//! `misaki-cp`: the misaki control plane binary. See `misaki-cp --help`.
+
+use misaki_cp::cli::{Cli, Command};
+use misaki_cp::run;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse_or_exit();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match cli.command {
+        Command::Validate { path } => match misaki_policy::load_path(&path) {
+            Ok(p) => {
+                println!(
+                    "{}: valid ({} uplinks, {} classes, {} services)",
+                    path.display(),
+                    p.uplinks.len(),
+                    p.classes.len(),
+                    p.services.len()
+                );
+                0
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                1
+            }
+        },
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(run::serve(args, shutdown_signal())) {
+                Ok(()) => 0,
+                Err(e @ run::RunError::Policy(_)) => {
+                    eprintln!("misaki-cp: {e}");
+                    misaki_cp::cli::EXIT_USAGE
+                }
+                Err(e) => {
+                    eprintln!("misaki-cp: {e}");
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,454 @@
+//! (policy, node) → [`Snapshot`]: the translation of mesh policy into Envoy resources.
+//!
+//! Invariants:
+//! - pure: no I/O, no clocks, no randomness; the same inputs give byte-identical output
+//!   (policy maps are `BTreeMap`s, so iteration order is fixed);
+//! - every cluster a route names exists in the same snapshot, and every EDS cluster has
+//!   exactly one ClusterLoadAssignment of the same name;
+//! - endpoints always carry a locality with a load-balancing weight (proxyless gRPC
+//!   clients reject endpoints without one).
+//!
+//! What a node gets:
+//!
+//! | role    | listener (port)                           | routes to                                   |
+//! |---------|-------------------------------------------|---------------------------------------------|
+//! | vehicle | `vehicle_outbound` (127.0.0.1:outbound)   | every service: `out|svc` (cloud/edge) or `in|svc` (on this vehicle) |
+//! | vehicle | `vehicle_inbound` (0.0.0.0:inbound)       | the vehicle's own services: `in|svc`         |
+//! | cloud   | `cloud_inbound` (0.0.0.0:cloud_inbound)   | cloud and edge services: `in|svc`            |
+//!
+//! Each listener's HTTP connection manager takes its routes over RDS (a route
+//! configuration of the listener's name), and clusters take endpoints over EDS when
+//! every endpoint is an IP address (STRICT_DNS with inline endpoints otherwise: EDS
+//! endpoints cannot be DNS names).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
+use envoy_types::pb::envoy::config::core::v3::{Address, RoutingPriority};
+use envoy_types::pb::envoy::config::core::v3::{
+    AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, HeaderValue, HeaderValueOption,
+    Http2ProtocolOptions, Locality, SocketAddress, SocketOption, address, config_source,
+    socket_address, socket_option,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
+    route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
+use prost::{Message, Name};
+
+use crate::node::{NodeInfo, Role};
+use crate::snapshot::{Resource, Resources, Snapshot};
+
+/// Listener and route-configuration names (one route configuration per listener).
+pub const VEHICLE_OUTBOUND: &str = "vehicle_outbound";
+pub const VEHICLE_INBOUND: &str = "vehicle_inbound";
+pub const CLOUD_INBOUND: &str = "cloud_inbound";
+
+/// Request header carrying the traffic class, so upstreams (and edge-netd) see it.
+pub const CLASS_HEADER: &str = "x-misaki-class";
+
+/// Cluster for a service reached across the network from a vehicle.
+pub fn outbound_cluster(svc: &str) -> String {
+    format!("out|{svc}")
+}
+
+/// Cluster for a service's local instances (on this vehicle, or behind this cloud sidecar).
+pub fn inbound_cluster(svc: &str) -> String {
+    format!("in|{svc}")
+}
+
+/// Compile the snapshot for one node. `version_prefix` makes versions unique per
+/// server instance (see [`crate::snapshot`]).
+pub fn compile(policy: &Policy, node: &NodeInfo, version_prefix: &str) -> Snapshot {
+    let out = match node.role {
+        Role::Vehicle => vehicle(policy),
+        Role::Cloud => cloud(policy),
+    };
+    out.into_snapshot(version_prefix)
+}
+
+/// Resources before versioning.
+#[derive(Default)]
+struct Output {
+    clusters: Vec<Cluster>,
+    endpoints: Vec<ClusterLoadAssignment>,
+    listeners: Vec<Listener>,
+    routes: Vec<RouteConfiguration>,
+}
+
+impl Output {
+    fn into_snapshot(self, prefix: &str) -> Snapshot {
+        fn versioned<M: Message + Name>(
+            prefix: &str,
+            items: Vec<M>,
+            name: impl Fn(&M) -> &str,
+        ) -> Resources {
+            Resources::from_items(
+                prefix,
+                items
+                    .iter()
+                    .map(|m| Arc::new(Resource::new(prefix, name(m), m))),
+            )
+        }
+        Snapshot::new(
+            versioned(prefix, self.clusters, |c| &c.name),
+            versioned(prefix, self.endpoints, |c| &c.cluster_name),
+            versioned(prefix, self.listeners, |l| &l.name),
+            versioned(prefix, self.routes, |r| &r.name),
+        )
+    }
+
+    /// Add a cluster for `svc`'s instances; EDS when possible.
+    fn add_cluster(&mut self, name: String, svc: &Service, class: &TrafficClass, local: bool) {
+        let endpoints = if svc.endpoints.is_empty() {
+            // Vehicle services without explicit endpoints listen on the vehicle's loopback.
+            vec![("127.0.0.1".to_string(), svc.port)]
+        } else {
+            svc.endpoints
+                .iter()
+                .map(|e| (e.host.clone(), e.port))
+                .collect()
+        };
+        let cla = load_assignment(&name, svc.location, &endpoints);
+        let all_ip = endpoints.iter().all(|(h, _)| h.parse::<IpAddr>().is_ok());
+        let mut c = Cluster {
+            name: name.clone(),
+            connect_timeout: Some(pb_duration(class.timeout.min(Duration::from_secs(5)))),
+            ..Default::default()
+        };
+        if all_ip {
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32,
+            ));
+            c.eds_cluster_config = Some(cluster::EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: String::new(),
+            });
+            self.endpoints.push(cla);
+        } else {
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::StrictDns as i32,
+            ));
+            c.load_assignment = Some(cla);
+        }
+        if svc.protocol == Protocol::Grpc {
+            c.typed_extension_protocol_options.insert(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                any(&http2_upstream()),
+            );
+        }
+        if !local {
+            // Across the network: eject failing endpoints fast so retries go elsewhere.
+            c.outlier_detection = Some(OutlierDetection {
+                consecutive_5xx: Some(UInt32Value { value: 5 }),
+                interval: Some(pb_duration(Duration::from_secs(5))),
+                ..Default::default()
+            });
+            if class.dscp != 0 {
+                c.upstream_bind_config = Some(BindConfig {
+                    socket_options: vec![dscp_option(class.dscp)],
+                    ..Default::default()
+                });
+            }
+        }
+        self.clusters.push(c);
+    }
+}
+
+fn vehicle(policy: &Policy) -> Output {
+    let mut out = Output::default();
+    let mut outbound_hosts = Vec::new();
+    let mut inbound_hosts = Vec::new();
+    for svc in policy.services.values() {
+        let class = policy.class_of(svc);
+        match svc.location {
+            Location::Vehicle => {
+                // Same-vehicle traffic goes straight to the local instance.
+                let cluster = inbound_cluster(&svc.name);
+                out.add_cluster(cluster.clone(), svc, class, true);
+                outbound_hosts.push(virtual_host(svc, class, &cluster));
+                inbound_hosts.push(virtual_host(svc, class, &cluster));
+            }
+            Location::Edge | Location::Cloud => {
+                let cluster = outbound_cluster(&svc.name);
+                out.add_cluster(cluster.clone(), svc, class, false);
+                outbound_hosts.push(virtual_host(svc, class, &cluster));
+            }
+        }
+    }
+    let m = &policy.mesh;
+    out.listeners.push(http_listener(
+        VEHICLE_OUTBOUND,
+        "127.0.0.1",
+        m.vehicle_outbound_port,
+    ));
+    out.routes
+        .push(route_config(VEHICLE_OUTBOUND, outbound_hosts));
+    if !inbound_hosts.is_empty() {
+        out.listeners.push(http_listener(
+            VEHICLE_INBOUND,
+            "0.0.0.0",
+            m.vehicle_inbound_port,
+        ));
+        out.routes
+            .push(route_config(VEHICLE_INBOUND, inbound_hosts));
+    }
+    out
+}
+
+fn cloud(policy: &Policy) -> Output {
+    let mut out = Output::default();
+    let mut hosts = Vec::new();
+    for svc in policy.services.values() {
+        if svc.location == Location::Vehicle {
+            continue;
+        }
+        let class = policy.class_of(svc);
+        let cluster = inbound_cluster(&svc.name);
+        out.add_cluster(cluster.clone(), svc, class, true);
+        hosts.push(virtual_host(svc, class, &cluster));
+    }
+    out.listeners.push(http_listener(
+        CLOUD_INBOUND,
+        "0.0.0.0",
+        policy.mesh.cloud_inbound_port,
+    ));
+    out.routes.push(route_config(CLOUD_INBOUND, hosts));
+    out
+}
+
+/// One virtual host per service, matched by its name as Host (`svc`, `svc:port`,
+/// `svc.mesh`); the catch-all host routes by path prefix (see [`route_config`]).
+fn virtual_host(svc: &Service, class: &TrafficClass, cluster: &str) -> (VirtualHost, Vec<Route>) {
+    let by_host = VirtualHost {
+        name: svc.name.clone(),
+        domains: vec![
+            svc.name.clone(),
+            format!("{}:{}", svc.name, svc.port),
+            format!("{}.mesh", svc.name),
+        ],
+        routes: vec![route(svc, class, cluster, "/")],
+        ..Default::default()
+    };
+    let by_path = svc
+        .routes
+        .iter()
+        .map(|p| route(svc, class, cluster, p))
+        .collect();
+    (by_host, by_path)
+}
+
+fn route_config(name: &str, hosts: Vec<(VirtualHost, Vec<Route>)>) -> RouteConfiguration {
+    let mut virtual_hosts = Vec::with_capacity(hosts.len() + 1);
+    let mut by_path: Vec<Route> = Vec::new();
+    for (vh, routes) in hosts {
+        virtual_hosts.push(vh);
+        by_path.extend(routes);
+    }
+    // Longest prefix first: Envoy takes the first match, and "/maps/tiles" must win
+    // over "/maps" whatever the services' names are.
+    by_path.sort_by(|a, b| {
+        let len = |r: &Route| match &r.r#match {
+            Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix(p)),
+                ..
+            }) => p.len(),
+            _ => 0,
+        };
+        len(b).cmp(&len(a))
+    });
+    virtual_hosts.push(VirtualHost {
+        name: "by-path".to_string(),
+        domains: vec!["*".to_string()],
+        routes: by_path,
+        ..Default::default()
+    });
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
+fn route(svc: &Service, class: &TrafficClass, cluster: &str, prefix: &str) -> Route {
+    let mut action = RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+        timeout: Some(pb_duration(class.timeout)),
+        priority: match class.priority {
+            RoutePriority::High => RoutingPriority::High as i32,
+            RoutePriority::Default => RoutingPriority::Default as i32,
+        },
+        ..Default::default()
+    };
+    if class.retries > 0 {
+        action.retry_policy = Some(RetryPolicy {
+            retry_on: match svc.protocol {
+                Protocol::Http => "5xx,reset,connect-failure,refused-stream".to_string(),
+                Protocol::Grpc => {
+                    "reset,connect-failure,refused-stream,unavailable,cancelled".to_string()
+                }
+            },
+            num_retries: Some(UInt32Value {
+                value: class.retries,
+            }),
+            ..Default::default()
+        });
+    }
+    Route {
+        name: format!("{}:{}", svc.name, prefix),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(action)),
+        request_headers_to_add: vec![HeaderValueOption {
+            header: Some(HeaderValue {
+                key: CLASS_HEADER.to_string(),
+                value: class.name.clone(),
+                ..Default::default()
+            }),
+            append_action: 2, // OVERWRITE_IF_EXISTS_OR_ADD: apps cannot pick their own class
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn http_listener(name: &str, ip: &str, port: u16) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(
+                any(&Router::default()),
+            )),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        address: Some(socket(ip, port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn load_assignment(
+    cluster: &str,
+    location: Location,
+    endpoints: &[(String, u16)],
+) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Locality {
+                region: location.as_str().to_string(),
+                ..Default::default()
+            }),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            lb_endpoints: endpoints
+                .iter()
+                .map(|(host, port)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+                        address: Some(socket(host, *port)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn socket(host: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port.into())),
+            ..Default::default()
+        })),
+    }
+}
+
+/// `IP_TOS` carries DSCP in its upper six bits.
+fn dscp_option(dscp: u8) -> SocketOption {
+    const IPPROTO_IP: i64 = 0;
+    const IP_TOS: i64 = 1;
+    SocketOption {
+        description: format!("dscp {dscp}"),
+        level: IPPROTO_IP,
+        name: IP_TOS,
+        value: Some(socket_option::Value::IntValue(i64::from(dscp) << 2)),
+        state: socket_option::SocketState::StatePrebind as i32,
+        ..Default::default()
+    }
+}
+
+fn http2_upstream() -> HttpProtocolOptions {
+    HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+        ..Default::default()
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}

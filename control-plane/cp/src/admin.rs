@@ -1,0 +1,136 @@
+//! Admin HTTP (loopback by default): health, readiness, metrics, policy, nodes, fleet.
+//!
+//! | route              | what                                                          |
+//! |--------------------|---------------------------------------------------------------|
+//! | `/healthz`         | 200 while the process serves                                  |
+//! | `/readyz`          | 200 once the policy is loaded and the xDS port is bound, else 503 |
+//! | `/metrics`         | Prometheus text                                               |
+//! | `/policy`          | the policy version in force, its source, the last rejected edit |
+//! | `/nodes`           | connected xDS streams: kind, per-type sent/ACKed versions, last NACK |
+//! | `/fleet`           | every vehicle's latest reported state (digital twin)          |
+//! | `/fleet/{vehicle}` | one vehicle; 404 if unknown                                   |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::policy_state::PolicyState;
+
+type JsonFn = dyn Fn() -> serde_json::Value + Send + Sync;
+type LookupFn = dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync;
+
+/// Everything the admin routes read. Cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    pub ready: Arc<AtomicBool>,
+    pub registry: Arc<Registry>,
+    pub policy: PolicyState,
+    pub nodes: Arc<JsonFn>,
+    pub fleet: Arc<JsonFn>,
+    pub vehicle: Arc<LookupFn>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+impl Admin {
+    pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+        }
+        let path = req.uri().path();
+        match path {
+            "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+            "/readyz" if self.ready.load(Ordering::Acquire) => {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            }
+            "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            "/metrics" => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                crate::metrics::render(&self.registry),
+            ),
+            "/policy" => json(StatusCode::OK, &self.policy.to_json()),
+            "/nodes" => json(StatusCode::OK, &(self.nodes)()),
+            "/fleet" | "/fleet/" => json(StatusCode::OK, &(self.fleet)()),
+            _ => match path.strip_prefix("/fleet/") {
+                Some(id) => match (self.vehicle)(id) {
+                    Some(v) => json(StatusCode::OK, &v),
+                    None => json(
+                        StatusCode::NOT_FOUND,
+                        &serde_json::json!({"error": format!("unknown vehicle {id:?}")}),
+                    ),
+                },
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "routes: /healthz /readyz /metrics /policy /nodes /fleet /fleet/{vehicle}\n",
+                ),
+            },
+        }
+    }
+}
+
+/// Serve admin HTTP/1.1 on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Admin,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = admin.handle(&req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%error, "admin connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! `misaki-cp serve`: wire policy, cache, xDS server, watcher and admin together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use misaki_policy::{Policy, PolicyErrors};
+use misaki_xds::{ServeConfig, StreamRegistry, XdsServer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, Admin};
+use crate::cache::SnapshotCache;
+use crate::cli::ServeArgs;
+use crate::policy_state::PolicyState;
+use crate::watcher;
+
+/// The quickstart policy served when `--policy` is not given.
+pub const QUICKSTART: &str = include_str!("../../../examples/quickstart/mesh.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid policy:\n{0}")]
+    Policy(PolicyErrors),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Watch(#[from] watcher::WatchError),
+    #[error(transparent)]
+    Xds(#[from] misaki_xds::ServeError),
+}
+
+/// A prefix no earlier run of this server used: start time in ms plus random bits, so
+/// even two servers started in the same millisecond differ.
+pub fn version_prefix() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:x}{:04x}-", rand::random::<u16>())
+}
+
+/// Load the policy named on the command line, or the embedded quickstart.
+pub fn initial_policy(path: Option<&PathBuf>) -> Result<(Policy, String), PolicyErrors> {
+    match path {
+        Some(p) => Ok((misaki_policy::load_path(p)?, p.display().to_string())),
+        None => Ok((
+            misaki_policy::parse("<embedded quickstart>", QUICKSTART)?,
+            "embedded quickstart (examples/quickstart/mesh.yaml)".to_string(),
+        )),
+    }
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })
+}
+
+/// Run until `shutdown` resolves, then drain.
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    // Parse everything before binding anything.
+    let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
+    let cache = SnapshotCache::new(Arc::new(policy), version_prefix());
+    let policy_state = PolicyState::new(cache.clone(), source);
+
+    let streams = StreamRegistry::new();
+    let xds = XdsServer::new(Arc::new(cache.clone()), streams.clone());
+    let mut registry = Registry::default();
+    xds.register_metrics(&mut registry);
+    policy_state.register_metrics(&mut registry);
+
+    let xds_listener = bind("xDS", args.xds_addr).await?;
+    let admin_listener = bind("admin", args.admin_addr).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let streams_json = streams.clone();
+    let admin = Admin {
+        ready: ready.clone(),
+        registry: Arc::new(registry),
+        policy: policy_state.clone(),
+        nodes: Arc::new(move || streams_json.to_json()),
+        fleet: Arc::new(|| serde_json::json!({"vehicles": []})),
+        vehicle: Arc::new(|_| None),
+    };
+    tracing::info!(addr = %args.admin_addr, "admin listening");
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
+
+    let watch_task = match args.policy.clone() {
+        Some(path) => Some(tokio::spawn(watcher::run(
+            path,
+            policy_state.clone(),
+            stopped(),
+        ))),
+        None => None,
+    };
+
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    ready.store(true, Ordering::Release);
+    let result = misaki_xds::serve(
+        xds_listener,
+        &xds,
+        tonic::service::Routes::default(),
+        &ServeConfig::default(),
+        stopped(),
+    )
+    .await;
+    let _ = admin_task.await;
+    if let Some(t) = watch_task {
+        t.await.expect("watcher task panicked")?;
+    }
+    result.map_err(RunError::from)
+}

