@@ -1,0 +1,185 @@
+//! End to end with the real Envoy 1.40: misaki-cp serves a vehicle sidecar (SotW and
+//! delta) and a cloud sidecar; requests go through them to local upstreams standing in
+//! for services; policy edits take effect live; bad edits change nothing; a restarted
+//! control plane resyncs cleanly.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use misaki_e2e::http;
+use misaki_e2e::process::wait_for;
+use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port};
+
+struct Ports {
+    outbound: u16,
+    inbound: u16,
+    cloud: u16,
+}
+
+fn policy(p: &Ports, maps_upstream: u16, telemetry_upstream: u16, maps_prefix: &str) -> String {
+    format!(
+        r#"version: 1
+mesh:
+  vehicle_outbound_port: {outbound}
+  vehicle_inbound_port: {inbound}
+  cloud_inbound_port: {cloud}
+uplinks:
+  - {{ name: wifi, kind: wifi, cost: 1 }}
+  - {{ name: lte, kind: lte, metered: true, cost: 10 }}
+classes:
+  - {{ name: critical, priority: high, timeout: 2s, retries: 2, uplinks: [lte, wifi], dscp: 46 }}
+  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte] }}
+  - {{ name: bulk, timeout: 30s, uplinks: [wifi], deferrable: true, dscp: 8 }}
+services:
+  - name: maps
+    location: cloud
+    port: 8080
+    endpoints: ["127.0.0.1:{maps_upstream}"]
+    routes: ["{maps_prefix}"]
+    class: standard
+  - name: telemetry
+    location: cloud
+    port: 8080
+    endpoints: ["127.0.0.1:{telemetry_upstream}"]
+    routes: ["/telemetry"]
+    class: bulk
+"#,
+        outbound = p.outbound,
+        inbound = p.inbound,
+        cloud = p.cloud,
+    )
+}
+
+/// Write `text` the way editors do: to a temp file, then rename over the original.
+fn save(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp~");
+    fs::write(&tmp, text).expect("write temp policy");
+    fs::rename(&tmp, path).expect("rename policy into place");
+}
+
+fn get_body(port: u16, path: &str) -> Option<String> {
+    http::get(port, path)
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body)
+}
+
+fn ports() -> Ports {
+    Ports {
+        outbound: free_port(),
+        inbound: free_port(),
+        cloud: free_port(),
+    }
+}
+
+/// The whole vehicle story for one ADS flavour.
+fn vehicle_sidecar_routes_live(bootstrap: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Upstream::start("A");
+    let b = Upstream::start("B");
+    let p = ports();
+    let policy_path = dir.path().join("mesh.yaml");
+    save(&policy_path, &policy(&p, a.port, a.port, "/maps"));
+    let cp = ControlPlane::start(&policy_path, dir.path());
+    let envoy = Envoy::start(bootstrap, "car-1", cp.xds_port, dir.path());
+
+    // 1. A request through the vehicle sidecar reaches the upstream standing in for the
+    //    cloud service, tagged with the service's traffic class.
+    let body = wait_for(Duration::from_secs(10), || get_body(p.outbound, "/maps/tile/1"))
+        .expect("request through the vehicle sidecar");
+    assert_eq!(body.trim(), "A /maps/tile/1 class=standard");
+    let body = get_body(p.outbound, "/telemetry/upload").expect("telemetry route");
+    assert_eq!(body.trim(), "A /telemetry/upload class=bulk");
+    // Host-based routing reaches the same service by name.
+    let r = http::request(p.outbound, "GET", "/x", &[("host", "maps")], b"").expect("by host");
+    assert_eq!(r.body.trim(), "A /x class=standard");
+
+    // 2. A valid edit changes routing live: maps moves to upstream B and a new prefix.
+    save(&policy_path, &policy(&p, b.port, a.port, "/maps/v2"));
+    let moved = wait_for(Duration::from_secs(10), || {
+        get_body(p.outbound, "/maps/v2/x").filter(|b| b.starts_with("B "))
+    });
+    assert_eq!(moved.as_deref().map(str::trim), Some("B /maps/v2/x class=standard"));
+    let acked = cp.admin_json("/nodes");
+    let stream = &acked["streams"][0];
+    assert_eq!(stream["node_id"], "car-1");
+    for t in ["cds", "eds", "lds", "rds"] {
+        let ty = &stream["types"][t];
+        assert_eq!(ty["last_acked_version"], ty["last_sent_version"], "{t} acked: {acked}");
+        assert!(ty["last_nack"].is_null(), "{t} has a NACK: {acked}");
+    }
+    let good_version = cp.admin_json("/policy")["version"].clone();
+
+    // 3. An invalid edit is rejected: named on /policy and in a metric, the old config
+    //    keeps serving.
+    let bad = policy(&p, a.port, a.port, "/maps").replace("class: standard", "class: platinum");
+    save(&policy_path, &bad);
+    let rejected = wait_for(Duration::from_secs(10), || {
+        let v = cp.admin_json("/policy");
+        (!v["last_error"].is_null()).then_some(v)
+    })
+    .expect("the bad edit shows on /policy");
+    assert_eq!(rejected["version"], good_version, "version in force unchanged");
+    let errors = rejected["last_error"]["errors"].to_string();
+    assert!(errors.contains("mesh.yaml") && errors.contains("services[0].class"), "{errors}");
+    assert!(cp.admin("/metrics").body.contains("misaki_policy_valid 0"));
+    assert_eq!(
+        get_body(p.outbound, "/maps/v2/still").as_deref().map(str::trim),
+        Some("B /maps/v2/still class=standard")
+    );
+
+    // 4. A restarted control plane (new instance, new version prefix) is followed by a
+    //    clean resync: Envoy reconnects, takes the new config, ACKs it.
+    let (xds_port, admin_port) = (cp.xds_port, cp.admin_port);
+    drop(cp);
+    save(&policy_path, &policy(&p, a.port, b.port, "/maps"));
+    let cp = ControlPlane::start_on(&policy_path, dir.path(), xds_port, admin_port);
+    let resynced = wait_for(Duration::from_secs(30), || {
+        get_body(p.outbound, "/telemetry/x").filter(|b| b.starts_with("B "))
+    });
+    assert_eq!(resynced.as_deref().map(str::trim), Some("B /telemetry/x class=bulk"));
+    assert_eq!(
+        get_body(p.outbound, "/maps/y").as_deref().map(str::trim),
+        Some("A /maps/y class=standard")
+    );
+    let nodes = wait_for(Duration::from_secs(10), || {
+        let v = cp.admin_json("/nodes");
+        let ty = &v["streams"][0]["types"]["rds"];
+        (ty["last_acked_version"] == ty["last_sent_version"] && !ty["last_acked_version"].is_null())
+            .then_some(v)
+    });
+    assert!(nodes.is_some(), "Envoy ACKed the new instance's config");
+    assert_eq!(envoy.stat("control_plane.connected_state"), Some(1));
+}
+
+#[test]
+fn sotw_vehicle_sidecar_routes_edits_live_rejects_bad_edits_and_resyncs_after_restart() {
+    vehicle_sidecar_routes_live("vehicle-sidecar.yaml");
+}
+
+#[test]
+fn delta_vehicle_sidecar_routes_edits_live_rejects_bad_edits_and_resyncs_after_restart() {
+    vehicle_sidecar_routes_live("vehicle-sidecar-delta.yaml");
+}
+
+#[test]
+fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Upstream::start("maps");
+    let t = Upstream::start("telemetry");
+    let p = ports();
+    let policy_path = dir.path().join("mesh.yaml");
+    save(&policy_path, &policy(&p, a.port, t.port, "/maps"));
+    let cp = ControlPlane::start(&policy_path, dir.path());
+    let _envoy = Envoy::start("cloud-sidecar.yaml", "cloud-1", cp.xds_port, dir.path());
+    let body = wait_for(Duration::from_secs(10), || get_body(p.cloud, "/telemetry/batch"))
+        .expect("request through the cloud sidecar");
+    assert_eq!(body.trim(), "telemetry /telemetry/batch class=bulk");
+    assert_eq!(
+        get_body(p.cloud, "/maps/1").as_deref().map(str::trim),
+        Some("maps /maps/1 class=standard")
+    );
+    let nodes = cp.admin_json("/nodes");
+    assert_eq!(nodes["streams"][0]["role"], "cloud");
+}
