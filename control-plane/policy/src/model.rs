@@ -41,6 +41,7 @@ impl Default for MeshSettings {
     }
 }
 
+/// The radio technology of an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum UplinkKind {
     Lte,
@@ -52,6 +53,7 @@ pub enum UplinkKind {
 }
 
 impl UplinkKind {
+    /// Every kind with its spelling in policy files.
     pub const ALL: [(&'static str, UplinkKind); 6] = [
         ("lte", UplinkKind::Lte),
         ("5g", UplinkKind::FiveG),
@@ -61,6 +63,7 @@ impl UplinkKind {
         ("lpwa", UplinkKind::Lpwa),
     ];
 
+    /// The spelling in policy files (`5g`, `wifi`, ...).
     pub fn as_str(self) -> &'static str {
         Self::ALL
             .iter()
@@ -70,6 +73,7 @@ impl UplinkKind {
     }
 }
 
+/// A network interface a vehicle can send through (`uplinks[]` in the file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uplink {
     pub name: String,
@@ -88,6 +92,24 @@ pub enum RoutePriority {
     High,
 }
 
+impl RoutePriority {
+    /// Every priority with its spelling in policy files.
+    pub const ALL: [(&'static str, RoutePriority); 2] = [
+        ("high", RoutePriority::High),
+        ("default", RoutePriority::Default),
+    ];
+
+    /// The spelling in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutePriority::Default => "default",
+            RoutePriority::High => "high",
+        }
+    }
+}
+
+/// A traffic class (`classes[]`): how requests of services annotated with it are
+/// routed, timed out, retried, marked and queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficClass {
     pub name: String,
@@ -110,6 +132,7 @@ pub struct TrafficClass {
     pub ttl: Option<Duration>,
 }
 
+/// Where a service's instances run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Location {
     Vehicle,
@@ -118,6 +141,14 @@ pub enum Location {
 }
 
 impl Location {
+    /// Every location with its spelling in policy files.
+    pub const ALL: [(&'static str, Location); 3] = [
+        ("vehicle", Location::Vehicle),
+        ("edge", Location::Edge),
+        ("cloud", Location::Cloud),
+    ];
+
+    /// The spelling in policy files.
     pub fn as_str(self) -> &'static str {
         match self {
             Location::Vehicle => "vehicle",
@@ -127,19 +158,36 @@ impl Location {
     }
 }
 
+/// The application protocol a service speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Http,
     Grpc,
 }
 
+impl Protocol {
+    /// Every protocol with its spelling in policy files.
+    pub const ALL: [(&'static str, Protocol); 2] =
+        [("http", Protocol::Http), ("grpc", Protocol::Grpc)];
+
+    /// The spelling in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// One instance address of a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    /// IP address or DNS name.
+    /// IP address or DNS name. IPv6 addresses are stored without brackets.
     pub host: String,
     pub port: u16,
 }
 
+/// A mesh service (`services[]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,

@@ -1,0 +1,274 @@
+//! Compiler tests on the quickstart policy and small policies built in place.
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
+use misaki_compiler::node::{NodeInfo, Role};
+use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use misaki_compiler::{compile, inbound_cluster, outbound_cluster};
+use misaki_policy::Policy;
+use proptest::prelude::*;
+use prost::Message;
+
+const QUICKSTART: &str = include_str!("../../../examples/quickstart/mesh.yaml");
+
+fn quickstart() -> Policy {
+    misaki_policy::parse("mesh.yaml", QUICKSTART).expect("quickstart is valid")
+}
+
+fn vehicle() -> NodeInfo {
+    NodeInfo {
+        id: "car-1".into(),
+        role: Role::Vehicle,
+        vehicle_id: Some("car-1".into()),
+    }
+}
+
+fn cloud() -> NodeInfo {
+    NodeInfo {
+        id: "cloud-1".into(),
+        role: Role::Cloud,
+        vehicle_id: None,
+    }
+}
+
+fn decode<M: Message + Default>(s: &Snapshot, t: ResourceType) -> Vec<M> {
+    s.get(t)
+        .items
+        .values()
+        .map(|r| M::decode(r.body.value.as_slice()).expect("decodes"))
+        .collect()
+}
+
+fn names(s: &Snapshot, t: ResourceType) -> Vec<String> {
+    s.get(t).items.keys().cloned().collect()
+}
+
+#[test]
+fn vehicle_gets_outbound_clusters_for_remote_services_and_inbound_for_its_own() {
+    let s = compile(&quickstart(), &vehicle(), "p-");
+    let clusters = names(&s, ResourceType::Cluster);
+    assert!(clusters.contains(&outbound_cluster("maps")));
+    assert!(clusters.contains(&outbound_cluster("hazard-alerts")));
+    assert!(clusters.contains(&inbound_cluster("diagnostics")));
+    assert!(!clusters.contains(&outbound_cluster("diagnostics")));
+    assert_eq!(
+        names(&s, ResourceType::Listener),
+        vec!["vehicle_inbound", "vehicle_outbound"]
+    );
+}
+
+#[test]
+fn cloud_gets_only_cloud_and_edge_services() {
+    let s = compile(&quickstart(), &cloud(), "p-");
+    let clusters = names(&s, ResourceType::Cluster);
+    assert!(clusters.contains(&inbound_cluster("maps")));
+    assert!(clusters.contains(&inbound_cluster("hazard-alerts")));
+    assert!(!clusters.iter().any(|c| c.contains("diagnostics")));
+    assert_eq!(names(&s, ResourceType::Listener), vec!["cloud_inbound"]);
+}
+
+#[test]
+fn every_routed_cluster_exists_and_every_eds_cluster_has_its_assignment() {
+    for node in [vehicle(), cloud()] {
+        let s = compile(&quickstart(), &node, "p-");
+        let clusters: Vec<Cluster> = decode(&s, ResourceType::Cluster);
+        let cla_names = names(&s, ResourceType::Endpoint);
+        for c in &clusters {
+            let eds = c.cluster_discovery_type
+                == Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::Eds as i32,
+                ));
+            assert_eq!(eds, cla_names.contains(&c.name), "{}", c.name);
+        }
+        let routes: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
+        for rc in &routes {
+            for vh in &rc.virtual_hosts {
+                for r in &vh.routes {
+                    let Some(route::Action::Route(a)) = &r.action else {
+                        panic!("route without action")
+                    };
+                    let Some(route_action::ClusterSpecifier::Cluster(c)) = &a.cluster_specifier
+                    else {
+                        panic!("route without cluster")
+                    };
+                    assert!(clusters.iter().any(|x| &x.name == c), "dangling {c}");
+                }
+            }
+        }
+        // Each listener's RDS name has a route configuration.
+        let listeners: Vec<Listener> = decode(&s, ResourceType::Listener);
+        for l in &listeners {
+            let Some(filter::ConfigType::TypedConfig(any)) =
+                &l.filter_chains[0].filters[0].config_type
+            else {
+                panic!("no hcm")
+            };
+            let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+            let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier
+            else {
+                panic!("not RDS")
+            };
+            assert!(routes.iter().any(|r| r.name == rds.route_config_name));
+        }
+    }
+}
+
+#[test]
+fn endpoints_carry_a_weighted_locality() {
+    let s = compile(&quickstart(), &vehicle(), "p-");
+    let clas: Vec<ClusterLoadAssignment> = decode(&s, ResourceType::Endpoint);
+    assert!(!clas.is_empty());
+    for cla in clas {
+        for l in &cla.endpoints {
+            assert!(l.locality.is_some(), "{}", cla.cluster_name);
+            assert_eq!(l.load_balancing_weight.as_ref().map(|w| w.value), Some(1));
+        }
+    }
+}
+
+#[test]
+fn class_sets_timeout_retries_priority_and_class_header() {
+    let s = compile(&quickstart(), &vehicle(), "p-");
+    let rc: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
+    let out = rc
+        .iter()
+        .find(|r| r.name == "vehicle_outbound")
+        .expect("outbound");
+    let by_path = out
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains == ["*"])
+        .expect("*");
+    let hazard = by_path
+        .routes
+        .iter()
+        .find(|r| r.name.starts_with("hazard-alerts:"))
+        .expect("hazard route");
+    let Some(route::Action::Route(a)) = &hazard.action else {
+        panic!()
+    };
+    assert_eq!(a.priority, 1, "critical → HIGH");
+    assert_eq!(a.timeout.as_ref().map(|d| d.seconds), Some(2));
+    assert_eq!(
+        a.retry_policy
+            .as_ref()
+            .and_then(|p| p.num_retries.as_ref())
+            .map(|n| n.value),
+        Some(3)
+    );
+    let h = &hazard.request_headers_to_add[0];
+    assert_eq!(
+        h.header.as_ref().map(|h| h.value.as_str()),
+        Some("critical")
+    );
+    // DSCP 46 is set on the critical class's cluster (IP_TOS = 46 << 2).
+    let clusters: Vec<Cluster> = decode(&s, ResourceType::Cluster);
+    let c = clusters
+        .iter()
+        .find(|c| c.name == outbound_cluster("hazard-alerts"))
+        .expect("cluster");
+    let opt = &c
+        .upstream_bind_config
+        .as_ref()
+        .expect("bind config")
+        .socket_options[0];
+    assert_eq!(
+        opt.value,
+        Some(envoy_types::pb::envoy::config::core::v3::socket_option::Value::IntValue(184))
+    );
+}
+
+#[test]
+fn longer_prefixes_are_matched_first() {
+    let text = QUICKSTART.replace(
+        "routes: [\"/maps\"]",
+        "routes: [\"/maps\", \"/hazards/maps\"]",
+    );
+    let Ok(p) = misaki_policy::parse("m.yaml", &text) else {
+        // The quickstart's formatting changed; keep the test honest rather than silent.
+        panic!("could not derive the test policy from the quickstart");
+    };
+    let s = compile(&p, &vehicle(), "p-");
+    let rc: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
+    let out = rc
+        .iter()
+        .find(|r| r.name == "vehicle_outbound")
+        .expect("outbound");
+    let by_path = out
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains == ["*"])
+        .expect("*");
+    let pos = |name: &str| by_path.routes.iter().position(|r| r.name == name).unwrap();
+    assert!(pos("maps:/hazards/maps") < pos("hazard-alerts:/hazards"));
+}
+
+#[test]
+fn output_is_deterministic_and_versions_follow_content() {
+    let p = quickstart();
+    let a = compile(&p, &vehicle(), "p-");
+    let b = compile(&p, &vehicle(), "p-");
+    assert_eq!(a, b);
+    let c = compile(&p, &vehicle(), "q-");
+    assert_ne!(
+        a.get(ResourceType::Cluster).version,
+        c.get(ResourceType::Cluster).version
+    );
+    // Changing one service's endpoint changes that assignment's version only.
+    let text = QUICKSTART.replacen("\"127.0.0.1:18081\"", "\"127.0.0.1:18082\"", 1);
+    let p2 = misaki_policy::parse("m.yaml", &text).expect("valid");
+    let d = compile(&p2, &vehicle(), "p-");
+    let changed: Vec<&String> = a
+        .get(ResourceType::Endpoint)
+        .items
+        .iter()
+        .filter(|(n, r)| d.get(ResourceType::Endpoint).items[*n].version != r.version)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(
+        a.get(ResourceType::Listener).version,
+        d.get(ResourceType::Listener).version
+    );
+}
+
+fn policy_with(n: usize, timeout_ms: u64, retries: u32) -> String {
+    let mut s = String::from("version: 1\nuplinks:\n  - { name: wifi, kind: wifi }\nclasses:\n");
+    s.push_str(&format!(
+        "  - {{ name: c, timeout: {timeout_ms}ms, retries: {retries}, uplinks: [wifi] }}\nservices:\n"
+    ));
+    for i in 0..n {
+        let loc = ["vehicle", "edge", "cloud"][i % 3];
+        s.push_str(&format!(
+            "  - {{ name: s{i}, location: {loc}, port: {}, endpoints: [\"10.0.0.{}:80\"], routes: [\"/s{i}\"], class: c }}\n",
+            20000 + i,
+            i % 250 + 1
+        ));
+    }
+    s
+}
+
+proptest! {
+    #[test]
+    fn any_valid_policy_compiles_deterministically_with_consistent_references(
+        n in 0usize..12, timeout_ms in 1u64..60_000, retries in 0u32..5
+    ) {
+        let p = misaki_policy::parse("gen.yaml", &policy_with(n, timeout_ms, retries)).expect("valid");
+        for node in [vehicle(), cloud()] {
+            let a = compile(&p, &node, "x-");
+            prop_assert_eq!(&a, &compile(&p, &node, "x-"));
+            let clusters = names(&a, ResourceType::Cluster);
+            let expected = match node.role {
+                Role::Vehicle => n,
+                Role::Cloud => n - n.div_ceil(3),
+            };
+            prop_assert_eq!(clusters.len(), expected);
+            prop_assert_eq!(names(&a, ResourceType::Endpoint), clusters);
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! Format version 1, one file at a time: YAML tree → drafts.
+//!
+//! Invariant: whenever a draft field holds a placeholder instead of a value read
+//! from the file, an error has been recorded — so a draft is only ever turned into
+//! a [`Policy`](crate::Policy) when the error list is empty (see `validate`).
+//!
+//! Everything checkable within one item (types, ranges, enums, name syntax,
+//! durations, endpoints, duplicates inside one list) is checked here. Checks that
+//! relate items — possibly across files — are in `validate`, which needs the
+//! positions kept in [`Named`] and friends.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use saphyr::{LoadableYamlNode, MarkedYaml, YamlData};
+
+use crate::error::{ErrorKind, Errors, Loc};
+use crate::model::{
+    Endpoint, Location, MeshSettings, Protocol, RoutePriority, Service, TrafficClass, Uplink,
+    UplinkKind,
+};
+use crate::values::{check_name, check_route, parse_endpoint};
+use crate::yaml::{Fields, Node, Reader, describe, is_null};
+
+const TOP_FIELDS: &[&str] = &["version", "mesh", "uplinks", "classes", "services"];
+/// The mesh ports, in the order `MeshDraft::explicit` holds them.
+pub(crate) const MESH_PORTS: [&str; 3] = [
+    "vehicle_outbound_port",
+    "vehicle_inbound_port",
+    "cloud_inbound_port",
+];
+const UPLINK_FIELDS: &[&str] = &["name", "kind", "metered", "cost"];
+const CLASS_FIELDS: &[&str] = &[
+    "name",
+    "priority",
+    "timeout",
+    "retries",
+    "uplinks",
+    "deferrable",
+    "dscp",
+    "max_rtt",
+    "max_loss_percent",
+    "ttl",
+];
+const SERVICE_FIELDS: &[&str] = &[
+    "name",
+    "location",
+    "protocol",
+    "port",
+    "endpoints",
+    "routes",
+    "class",
+];
+
+/// Default whole-request timeout of a class.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Upper bound on `retries`: beyond this a class retries for longer than any
+/// sensible timeout and multiplies load on a struggling uplink.
+pub const MAX_RETRIES: u32 = 10;
+
+/// A string from the file and where it was, for uniqueness and reference checks.
+#[derive(Debug, Clone)]
+pub(crate) struct Named {
+    pub text: String,
+    pub loc: Loc,
+    pub path: String,
+}
+
+/// Everything one file contributed.
+#[derive(Debug)]
+pub(crate) struct FileDraft {
+    /// Where the top-level mapping starts (line 1 if it could not be read).
+    pub root: Loc,
+    /// False when the file could not be read as a policy at all (syntax error,
+    /// empty, not a mapping): cross-file checks would then only produce noise.
+    pub complete: bool,
+    pub version: Option<(i64, Loc, String)>,
+    pub mesh: Option<MeshDraft>,
+    pub uplinks: Section<UplinkDraft>,
+    pub classes: Section<ClassDraft>,
+    pub services: Section<ServiceDraft>,
+}
+
+/// One list section of one file.
+#[derive(Debug)]
+pub(crate) struct Section<T> {
+    /// Where the list is, if the file has the section.
+    pub loc: Option<Loc>,
+    /// Items in the file, including ones too broken to draft; an empty-section
+    /// error would be wrong when the operator did write items.
+    pub items_seen: usize,
+    pub items: Vec<T>,
+}
+
+impl<T> Default for Section<T> {
+    fn default() -> Self {
+        Self {
+            loc: None,
+            items_seen: 0,
+            items: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct MeshDraft {
+    pub loc: Loc,
+    pub value: MeshSettings,
+    /// Where each of [`MESH_PORTS`] was set explicitly (`None`: default).
+    pub explicit: [Option<(Loc, String)>; 3],
+}
+
+impl MeshDraft {
+    pub fn ports(&self) -> [u16; 3] {
+        [
+            self.value.vehicle_outbound_port,
+            self.value.vehicle_inbound_port,
+            self.value.cloud_inbound_port,
+        ]
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct UplinkDraft {
+    pub name: Option<Named>,
+    pub value: Uplink,
+}
+
+#[derive(Debug)]
+pub(crate) struct ClassDraft {
+    pub name: Option<Named>,
+    pub uplinks: Vec<Named>,
+    pub value: TrafficClass,
+}
+
+#[derive(Debug)]
+pub(crate) struct ServiceDraft {
+    pub name: Option<Named>,
+    pub location: Option<Location>,
+    pub port: Option<(u16, Loc, String)>,
+    pub routes: Vec<Named>,
+    pub class: Option<Named>,
+    pub value: Service,
+}
+
+/// Reads one file. Errors go to `errors`; the draft holds whatever was readable.
+pub(crate) fn read_file(file: Rc<str>, text: &str, errors: &mut Errors) -> FileDraft {
+    let mut draft = FileDraft {
+        root: Loc {
+            file: Rc::clone(&file),
+            line: 1,
+            column: 1,
+        },
+        complete: false,
+        version: None,
+        mesh: None,
+        uplinks: Section::default(),
+        classes: Section::default(),
+        services: Section::default(),
+    };
+    let docs = match MarkedYaml::load_from_str(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            let loc = Loc {
+                file,
+                line: e.marker().line(),
+                column: e.marker().col() + 1,
+            };
+            errors.push(
+                &loc,
+                "",
+                ErrorKind::Syntax,
+                format!("invalid YAML: {}", e.info()),
+            );
+            return draft;
+        }
+    };
+    let mut r = Reader { file, errors };
+    // `---` alone loads as a null document: as empty as an empty file.
+    let Some(doc) = docs
+        .first()
+        .filter(|d| !matches!(d.data, YamlData::BadValue) && !is_null(d))
+    else {
+        let root = draft.root.clone();
+        r.errors.push(
+            &root,
+            "",
+            ErrorKind::Structure,
+            "the policy file is empty; expected a mapping with `version`, `uplinks` and `classes`",
+        );
+        return draft;
+    };
+    if let Some(extra) = docs.get(1) {
+        r.error(
+            extra,
+            "",
+            ErrorKind::Structure,
+            "a policy file holds one YAML document, but a second one starts here; \
+             remove the `---` or put it in its own file of a policy directory",
+        );
+    }
+    draft.root = r.loc(doc);
+    if !matches!(doc.data, YamlData::Mapping(_)) {
+        let found = describe(doc);
+        r.error(
+            doc,
+            "",
+            ErrorKind::Structure,
+            format!(
+                "expected the policy to be a mapping with `version`, `uplinks`, `classes` (and optionally `mesh`, `services`), found {found}"
+            ),
+        );
+        return draft;
+    }
+    let Some(top) = r.map(doc, "", "the policy", TOP_FIELDS) else {
+        return draft;
+    };
+    draft.complete = true;
+    if let Some(n) = top.get("version") {
+        let path = top.path("version");
+        if let Some(v) = r.int(n, &path, 0, i64::MAX) {
+            draft.version = Some((v, r.loc(n), path));
+        }
+    }
+    if let Some(n) = top.get("mesh") {
+        draft.mesh = read_mesh(&mut r, n);
+    }
+    draft.uplinks = read_section(&mut r, &top, "uplinks", "uplinks", read_uplink);
+    draft.classes = read_section(&mut r, &top, "classes", "traffic classes", read_class);
+    draft.services = read_section(&mut r, &top, "services", "services", read_service);
+    draft
+}
+
+fn read_section<T>(
+    r: &mut Reader<'_>,
+    top: &Fields<'_, '_>,
+    field: &str,
+    what: &str,
+    read_item: fn(&mut Reader<'_>, &Node<'_>, String) -> Option<T>,
+) -> Section<T> {
+    let mut section = Section::default();
+    let Some(node) = top.get(field) else {
+        return section;
+    };
+    section.loc = Some(r.loc(node));
+    if let Some(items) = r.seq(node, field, what) {
+        section.items_seen = items.len();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(d) = read_item(r, item, format!("{field}[{i}]")) {
+                section.items.push(d);
+            }
+        }
+    } else {
+        // Wrong type was reported; don't also claim the section is empty.
+        section.items_seen = 1;
+    }
+    section
+}
+
+fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
+    let f = r.map(node, "mesh", "mesh settings", &MESH_PORTS)?;
+    let mut mesh = MeshDraft {
+        loc: r.loc(node),
+        value: MeshSettings::default(),
+        explicit: [None, None, None],
+    };
+    for (i, field) in MESH_PORTS.iter().enumerate() {
+        let Some(n) = f.get(field) else { continue };
+        let path = f.path(field);
+        let Some(port) = r
+            .int(n, &path, 1, 65535)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        match i {
+            0 => mesh.value.vehicle_outbound_port = port,
+            1 => mesh.value.vehicle_inbound_port = port,
+            _ => mesh.value.cloud_inbound_port = port,
+        }
+        mesh.explicit[i] = Some((r.loc(n), path));
+    }
+    Some(mesh)
+}
+
+/// The required, unique `name` of an item. Returned even when its syntax is
+/// wrong, so references to it still resolve and don't add noise.
+fn read_name(r: &mut Reader<'_>, f: &Fields<'_, '_>, example: &str) -> Option<Named> {
+    let path = f.path("name");
+    let n = f.required(r, "name", &format!("a name such as `{example}`"))?;
+    let text = r.string(n, &path, "a name (lowercase letters, digits and `-`)")?;
+    if let Err(msg) = check_name(text) {
+        r.error(n, &path, ErrorKind::InvalidValue, msg);
+    }
+    Some(Named {
+        text: text.to_owned(),
+        loc: r.loc(n),
+        path,
+    })
+}
+
+/// A list of strings, each read by `item`, with duplicates reported at the later one.
+fn read_string_list(
+    r: &mut Reader<'_>,
+    node: &Node<'_>,
+    path: &str,
+    what: &str,
+    mut check: impl FnMut(&mut Reader<'_>, &Node<'_>, &str, &str) -> bool,
+) -> Option<Vec<Named>> {
+    let items = r.seq(node, path, what)?;
+    let mut out: Vec<Named> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let Some(text) = r.string(item, &item_path, what) else {
+            continue;
+        };
+        if !check(r, item, &item_path, text) {
+            continue;
+        }
+        if let Some(first) = out.iter().find(|n| n.text == text) {
+            let msg = format!("`{text}` is listed twice; first as {}", first.path);
+            r.error(item, &item_path, ErrorKind::Duplicate, msg);
+            continue;
+        }
+        out.push(Named {
+            text: text.to_owned(),
+            loc: r.loc(item),
+            path: item_path,
+        });
+    }
+    Some(out)
+}
+
+fn read_uplink(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<UplinkDraft> {
+    let f = r.map(node, &path, "an uplink", UPLINK_FIELDS)?;
+    let name = read_name(r, &f, "wifi");
+    let kinds = UplinkKind::ALL.map(|(s, _)| s).join(", ");
+    let kind = f
+        .required(r, "kind", &format!("one of: {kinds}"))
+        .and_then(|n| r.choice(n, &f.path("kind"), "uplink kind", &UplinkKind::ALL));
+    let metered = f
+        .get("metered")
+        .and_then(|n| r.boolean(n, &f.path("metered")));
+    let cost = f
+        .get("cost")
+        .and_then(|n| r.int(n, &f.path("cost"), 0, i64::from(u32::MAX)))
+        .and_then(|c| u32::try_from(c).ok());
+    Some(UplinkDraft {
+        value: Uplink {
+            name: name.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
+            // Placeholder when missing or invalid: an error was recorded.
+            kind: kind.unwrap_or(UplinkKind::Wifi),
+            metered: metered.unwrap_or(false),
+            cost: cost.unwrap_or(0),
+        },
+        name,
+    })
+}
+
+fn read_class(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<ClassDraft> {
+    let f = r.map(node, &path, "a traffic class", CLASS_FIELDS)?;
+    let name = read_name(r, &f, "critical");
+    let priority = f
+        .get("priority")
+        .and_then(|n| r.choice(n, &f.path("priority"), "priority", &RoutePriority::ALL));
+    let timeout = f
+        .get("timeout")
+        .and_then(|n| r.duration(n, &f.path("timeout")));
+    let retries = f
+        .get("retries")
+        .and_then(|n| r.int(n, &f.path("retries"), 0, i64::from(MAX_RETRIES)))
+        .and_then(|v| u32::try_from(v).ok());
+    let uplinks_path = f.path("uplinks");
+    let uplinks = f
+        .required(r, "uplinks", "a list of uplink names, most preferred first")
+        .and_then(|n| {
+            let list = read_string_list(r, n, &uplinks_path, "uplink names", |_, _, _, _| true)?;
+            if matches!(&n.data, YamlData::Sequence(s) if s.is_empty()) {
+                r.error(
+                    n,
+                    &uplinks_path,
+                    ErrorKind::InvalidValue,
+                    "a class must allow at least one uplink, e.g. `[wifi, lte]`",
+                );
+            }
+            Some(list)
+        })
+        .unwrap_or_default();
+    let deferrable = f
+        .get("deferrable")
+        .and_then(|n| r.boolean(n, &f.path("deferrable")));
+    let dscp = f
+        .get("dscp")
+        .and_then(|n| r.int(n, &f.path("dscp"), 0, 63))
+        .and_then(|v| u8::try_from(v).ok());
+    let max_rtt = f
+        .get("max_rtt")
+        .and_then(|n| r.duration(n, &f.path("max_rtt")));
+    let max_loss_percent = f
+        .get("max_loss_percent")
+        .and_then(|n| r.int(n, &f.path("max_loss_percent"), 0, 100))
+        .and_then(|v| u8::try_from(v).ok());
+    let ttl = f.get("ttl").and_then(|n| r.duration(n, &f.path("ttl")));
+    Some(ClassDraft {
+        value: TrafficClass {
+            name: name.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
+            priority: priority.unwrap_or(RoutePriority::Default),
+            timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+            retries: retries.unwrap_or(0),
+            uplinks: uplinks.iter().map(|n| n.text.clone()).collect(),
+            deferrable: deferrable.unwrap_or(false),
+            dscp: dscp.unwrap_or(0),
+            max_rtt,
+            max_loss_percent,
+            ttl,
+        },
+        uplinks,
+        name,
+    })
+}
+
+fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<ServiceDraft> {
+    let f = r.map(node, &path, "a service", SERVICE_FIELDS)?;
+    let name = read_name(r, &f, "telemetry");
+    let locations = Location::ALL.map(|(s, _)| s).join(", ");
+    let location = f
+        .required(r, "location", &format!("one of: {locations}"))
+        .and_then(|n| r.choice(n, &f.path("location"), "location", &Location::ALL));
+    let protocol = f
+        .get("protocol")
+        .and_then(|n| r.choice(n, &f.path("protocol"), "protocol", &Protocol::ALL));
+    let port_path = f.path("port");
+    let port = f
+        .required(r, "port", "the port the service listens on, 1 to 65535")
+        .and_then(|n| {
+            let p = r.int(n, &port_path, 1, 65535)?;
+            Some((u16::try_from(p).ok()?, r.loc(n), port_path.clone()))
+        });
+
+    let endpoints_path = f.path("endpoints");
+    let endpoints_node = f.get("endpoints");
+    let endpoints: Vec<Endpoint> = endpoints_node
+        .and_then(|n| {
+            read_string_list(
+                r,
+                n,
+                &endpoints_path,
+                "endpoints (`host:port`)",
+                |r, item, p, text| match parse_endpoint(text) {
+                    Ok(_) => true,
+                    Err(msg) => {
+                        r.error(item, p, ErrorKind::InvalidValue, msg);
+                        false
+                    }
+                },
+            )
+        })
+        .unwrap_or_default()
+        .iter()
+        // Parsed a second time rather than threaded through: they are few and
+        // already known to be valid.
+        .filter_map(|n| parse_endpoint(&n.text).ok())
+        .collect();
+    let remote = matches!(location, Some(Location::Edge | Location::Cloud));
+    match endpoints_node {
+        None if remote => r.errors.push(
+            &f.loc,
+            &endpoints_path,
+            ErrorKind::MissingField,
+            "missing required field `endpoints`: edge and cloud services need at least one `host:port`",
+        ),
+        Some(n) if remote && matches!(&n.data, YamlData::Sequence(s) if s.is_empty()) => r.error(
+            n,
+            &endpoints_path,
+            ErrorKind::InvalidValue,
+            "edge and cloud services need at least one endpoint `host:port`",
+        ),
+        _ => {}
+    }
+
+    let routes_path = f.path("routes");
+    let routes = f
+        .required(r, "routes", "a list of path prefixes such as `[\"/maps\"]`")
+        .and_then(|n| {
+            let list =
+                read_string_list(r, n, &routes_path, "route prefixes", |r, item, p, text| {
+                    match check_route(text) {
+                        Ok(()) => true,
+                        Err(msg) => {
+                            r.error(item, p, ErrorKind::InvalidValue, msg);
+                            false
+                        }
+                    }
+                })?;
+            if matches!(&n.data, YamlData::Sequence(s) if s.is_empty()) {
+                r.error(
+                    n,
+                    &routes_path,
+                    ErrorKind::InvalidValue,
+                    "a service needs at least one route prefix, e.g. `[\"/maps\"]`",
+                );
+            }
+            Some(list)
+        })
+        .unwrap_or_default();
+    let class_path = f.path("class");
+    let class = f
+        .required(r, "class", "the name of a traffic class such as `standard`")
+        .and_then(|n| {
+            let text = r.string(n, &class_path, "the name of a traffic class")?;
+            Some(Named {
+                text: text.to_owned(),
+                loc: r.loc(n),
+                path: class_path.clone(),
+            })
+        });
+    Some(ServiceDraft {
+        value: Service {
+            name: name.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
+            // Placeholders when missing or invalid: an error was recorded.
+            location: location.unwrap_or(Location::Vehicle),
+            protocol: protocol.unwrap_or(Protocol::Http),
+            port: port.as_ref().map_or(0, |p| p.0),
+            endpoints,
+            routes: routes.iter().map(|n| n.text.clone()).collect(),
+            class: class.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
+        },
+        name,
+        location,
+        port,
+        routes,
+        class,
+    })
+}

