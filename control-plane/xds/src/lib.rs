@@ -2,14 +2,43 @@
 //!
 //! The server knows nothing of policy: it asks a [`SnapshotSource`] for a node's
 //! snapshot and follows it as it changes.
+//!
+//! Invariants:
+//! - one tokio task per stream owns that stream's protocol state (`sotw`, `delta`);
+//!   the state machines are synchronous and do no I/O, the task does the waiting;
+//! - snapshots are shared (`Arc`), and so are resource bodies: a stream holds `Arc`s
+//!   and copies a body only while tonic encodes it;
+//! - a slow stream only slows itself: each stream has a small bounded queue and the
+//!   snapshot `watch` coalesces changes while the stream is busy;
+//! - the rules Envoy's `xds_protocol.rst` sets (nonces, ACK/NACK, wildcard, warming,
+//!   push order, removal of stale clusters last) live in `sotw.rs` and `delta.rs`,
+//!   each listed at the top of its module;
+//! - every stream ends when the server drains.
+//!
+//! Code map: `server` (the tonic service, [`serve`], transport settings) → `stream`
+//! (the per-stream task) → `sotw` / `delta` (protocol state) ; `status` (the `/nodes`
+//! registry) and `metrics` (Prometheus) are fed by the stream task.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
+
+mod delta;
+mod metrics;
+mod server;
+mod sotw;
+mod status;
+mod stream;
 
 use std::sync::Arc;
 
 use misaki_compiler::node::NodeInfo;
 use misaki_compiler::snapshot::Snapshot;
 use tokio::sync::watch;
+
+pub use server::{
+    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeConfig, ServeError, XdsServer, serve,
+};
+pub use status::{NackRecord, StreamHandle, StreamKind, StreamRegistry, StreamStatus, TypeStatus};
+pub use stream::ResponseStream;
 
 /// Supplies each node's snapshot and tells the server when it changes.
 ///

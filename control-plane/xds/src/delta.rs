@@ -1,0 +1,369 @@
+//! Incremental (delta) ADS: the per-stream protocol state machine.
+//!
+//! Invariants (Envoy's `xds_protocol.rst` is the reference):
+//! - the server tracks, per type, what the client holds (`name → version`): seeded from
+//!   `initial_resource_versions` on the stream's first request of the type, then
+//!   updated by every response. A resource is sent only when the client does not hold
+//!   its current version, or the client (re)subscribed to it explicitly;
+//! - a name the client holds that no longer exists goes out in `removed_resources`;
+//!   so does an explicitly subscribed name that does not exist (the delta protocol's
+//!   "does not exist" answer), once;
+//! - subscription changes are honoured whatever the nonce (the protocol says stale
+//!   nonces must not reject delta requests); the nonce only pairs ACK/NACK with a
+//!   response;
+//! - a NACK is recorded, and since the client is still marked as holding the rejected
+//!   versions they are not resent until the resource changes;
+//! - wildcard: `*`, or (legacy) an empty first subscription for CDS/LDS; explicitly
+//!   unsubscribing a name that the wildcard also covers is answered with the resource
+//!   or its removal, as the protocol requires;
+//! - pushes go CDS → EDS → LDS → RDS; removed clusters go out last, in their own CDS
+//!   response, when other types change in the same push (make-before-break);
+//! - warming: added or changed clusters are followed by their EDS assignments, and
+//!   added or changed listeners by the subscribed routes, even if unchanged.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+};
+use misaki_compiler::snapshot::{Resource, ResourceType, Snapshot};
+use prost::Message;
+use tracing::debug;
+
+use crate::status::StreamKind;
+use crate::stream::{Protocol, StreamCtx};
+
+/// A delta response decided on but not yet materialised (see [`crate::sotw::SotwReply`]).
+#[derive(Debug)]
+pub(crate) struct DeltaReply {
+    t: ResourceType,
+    system_version: String,
+    nonce: String,
+    items: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+}
+
+impl From<DeltaReply> for DeltaDiscoveryResponse {
+    fn from(r: DeltaReply) -> Self {
+        DeltaDiscoveryResponse {
+            system_version_info: r.system_version,
+            resources: r
+                .items
+                .iter()
+                .map(|i| WireResource {
+                    name: i.name.clone(),
+                    version: i.version.clone(),
+                    resource: Some(i.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: r.t.type_url().to_string(),
+            removed_resources: r.removed,
+            nonce: r.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    requested: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds: name → version.
+    has: HashMap<String, String>,
+    nonce: Option<String>,
+    version: Option<String>,
+}
+
+impl TypeState {
+    fn subscribed(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// What one response for one type would carry.
+#[derive(Debug, Default)]
+struct Plan {
+    items: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.removed.is_empty()
+    }
+
+    /// `(additions and changes, removals)` as two plans.
+    fn split_removals(self) -> (Plan, Plan) {
+        (
+            Plan {
+                items: self.items,
+                removed: Vec::new(),
+            },
+            Plan {
+                items: Vec::new(),
+                removed: self.removed,
+            },
+        )
+    }
+}
+
+/// One delta ADS stream's protocol state.
+#[derive(Debug)]
+pub(crate) struct Delta {
+    snapshot: Arc<Snapshot>,
+    types: [TypeState; 4],
+    last_nonce: u64,
+}
+
+/// The EDS name a cluster asks for: its `eds_cluster_config.service_name`, else its
+/// own name. Decoded only for clusters that just changed.
+fn eds_name(cluster: &Resource) -> String {
+    Cluster::decode(cluster.body.value.as_slice())
+        .ok()
+        .and_then(|c| c.eds_cluster_config)
+        .map(|e| e.service_name)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| cluster.name.clone())
+}
+
+impl Delta {
+    /// What to send for `t`; `force` names are sent (or reported missing) even if the
+    /// client already holds them. Reads state only.
+    fn plan(&self, t: ResourceType, force: &BTreeSet<String>) -> Plan {
+        let st = &self.types[t.index()];
+        let mut plan = Plan::default();
+        if !st.requested {
+            return plan;
+        }
+        let items = &self.snapshot.get(t).items;
+        let mut consider = |r: &Arc<Resource>| {
+            if force.contains(&r.name) || st.has.get(&r.name) != Some(&r.version) {
+                plan.items.push(r.clone());
+            }
+        };
+        if st.wildcard {
+            items.values().for_each(&mut consider);
+        } else {
+            st.names
+                .iter()
+                .filter_map(|n| items.get(n))
+                .for_each(&mut consider);
+        }
+        let mut removed: BTreeSet<&String> =
+            st.has.keys().filter(|n| !items.contains_key(*n)).collect();
+        removed.extend(
+            force
+                .iter()
+                .filter(|n| st.subscribed(n) && !items.contains_key(*n)),
+        );
+        plan.removed = removed.into_iter().cloned().collect();
+        plan
+    }
+
+    fn commit(
+        &mut self,
+        t: ResourceType,
+        plan: Plan,
+        always: bool,
+        ctx: &StreamCtx,
+    ) -> Option<DeltaReply> {
+        if plan.is_empty() && !always {
+            return None;
+        }
+        self.last_nonce += 1;
+        let nonce = self.last_nonce.to_string();
+        let system_version = self.snapshot.get(t).version.clone();
+        let bytes: usize = plan.items.iter().map(|r| r.body.encoded_len()).sum();
+        ctx.pushed(t, &system_version, bytes);
+        let st = &mut self.types[t.index()];
+        for r in &plan.items {
+            st.has.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &plan.removed {
+            st.has.remove(n);
+        }
+        st.nonce = Some(nonce.clone());
+        st.version = Some(system_version.clone());
+        Some(DeltaReply {
+            t,
+            system_version,
+            nonce,
+            items: plan.items,
+            removed: plan.removed,
+        })
+    }
+
+    /// Names of `child` that warming requires after `parent_items` were sent.
+    fn warming(&self, parent: ResourceType, parent_items: &[Arc<Resource>]) -> BTreeSet<String> {
+        let (child, names): (ResourceType, BTreeSet<String>) = match parent {
+            _ if parent_items.is_empty() => return BTreeSet::new(),
+            ResourceType::Cluster => (
+                ResourceType::Endpoint,
+                parent_items.iter().map(|c| eds_name(c)).collect(),
+            ),
+            // Which routes a listener uses is inside its filter chains; resending every
+            // subscribed route is simpler and routes are few per node.
+            ResourceType::Listener => (
+                ResourceType::Route,
+                self.snapshot
+                    .get(ResourceType::Route)
+                    .items
+                    .keys()
+                    .cloned()
+                    .collect(),
+            ),
+            _ => return BTreeSet::new(),
+        };
+        let st = &self.types[child.index()];
+        let items = &self.snapshot.get(child).items;
+        names
+            .into_iter()
+            .filter(|n| st.subscribed(n) && items.contains_key(n))
+            .collect()
+    }
+
+    fn child(t: ResourceType) -> Option<ResourceType> {
+        match t {
+            ResourceType::Cluster => Some(ResourceType::Endpoint),
+            ResourceType::Listener => Some(ResourceType::Route),
+            _ => None,
+        }
+    }
+}
+
+impl Protocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Out = DeltaReply;
+    type Resp = DeltaDiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Delta;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        Delta {
+            snapshot,
+            types: Default::default(),
+            last_nonce: 0,
+        }
+    }
+
+    fn on_request(&mut self, req: DeltaDiscoveryRequest, ctx: &StreamCtx) -> Vec<DeltaReply> {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            debug!(type_url = %req.type_url, "request for a type misaki does not serve");
+            return Vec::new();
+        };
+        let st = &mut self.types[t.index()];
+        if !req.response_nonce.is_empty() {
+            let latest = st.nonce.as_deref() == Some(req.response_nonce.as_str());
+            let version = if latest { st.version.as_deref() } else { None };
+            if let Some(err) = &req.error_detail {
+                ctx.nacked(t, version, &req.response_nonce, err);
+            } else if let Some(v) = version {
+                ctx.acked(t, v);
+            }
+        }
+
+        let first = !st.requested;
+        st.requested = true;
+        if first {
+            st.has = req.initial_resource_versions;
+            // Legacy wildcard: a first request that subscribes to nothing.
+            st.wildcard = req.resource_names_subscribe.is_empty() && t.is_full_state();
+        }
+        let mut force = BTreeSet::new();
+        for n in req.resource_names_subscribe {
+            if n == "*" {
+                st.wildcard = true;
+            } else {
+                // Explicit subscriptions are answered even if the client seems to hold
+                // the resource (it may have forgotten it) — except on the first request,
+                // where `initial_resource_versions` says exactly what it holds.
+                if !(first && st.has.contains_key(&n)) {
+                    force.insert(n.clone());
+                }
+                st.names.insert(n);
+            }
+        }
+        for n in req.resource_names_unsubscribe {
+            if n == "*" {
+                st.wildcard = false;
+            } else {
+                st.names.remove(&n);
+                if st.wildcard {
+                    // Still covered by the wildcard: the client cannot tell whether to
+                    // keep it, so say (resource or removal).
+                    force.insert(n);
+                }
+            }
+        }
+        // Unsubscribed resources need no removal message; just stop tracking them.
+        let (wildcard, names) = (st.wildcard, &st.names);
+        st.has.retain(|n, _| wildcard || names.contains(n));
+
+        let plan = self.plan(t, &force);
+        let sent = plan.items.clone();
+        let mut out = Vec::new();
+        out.extend(self.commit(t, plan, first, ctx));
+        if let Some(child) = Self::child(t) {
+            let force = self.warming(t, &sent);
+            if !force.is_empty() {
+                let p = self.plan(child, &force);
+                out.extend(self.commit(child, p, false, ctx));
+            }
+        }
+        out
+    }
+
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<DeltaReply> {
+        let old = std::mem::replace(&mut self.snapshot, snapshot);
+        let none = BTreeSet::new();
+        let plan_if_changed = |s: &Self, t: ResourceType, force: &BTreeSet<String>| {
+            if old.get(t).version == s.snapshot.get(t).version && force.is_empty() {
+                Plan::default()
+            } else {
+                s.plan(t, force)
+            }
+        };
+        let cds = plan_if_changed(self, ResourceType::Cluster, &none);
+        let eds_force = self.warming(ResourceType::Cluster, &cds.items);
+        let eds = plan_if_changed(self, ResourceType::Endpoint, &eds_force);
+        let lds = plan_if_changed(self, ResourceType::Listener, &none);
+        let rds_force = self.warming(ResourceType::Listener, &lds.items);
+        let rds = plan_if_changed(self, ResourceType::Route, &rds_force);
+
+        // Make-before-break: clusters (and their assignments) that went away are
+        // removed only after everything that may still point at them has moved.
+        let others_change = !eds.items.is_empty() || !lds.is_empty() || !rds.is_empty();
+        let make_before_break = !cds.removed.is_empty() && others_change;
+        let (cds, cds_removals, eds, eds_removals) = if make_before_break {
+            let (cds, cds_rm) = cds.split_removals();
+            let (eds, eds_rm) = eds.split_removals();
+            (cds, cds_rm, eds, eds_rm)
+        } else {
+            (cds, Plan::default(), eds, Plan::default())
+        };
+        let mut out = Vec::new();
+        for (t, p) in [
+            (ResourceType::Cluster, cds),
+            (ResourceType::Endpoint, eds),
+            (ResourceType::Listener, lds),
+            (ResourceType::Route, rds),
+            (ResourceType::Cluster, cds_removals),
+            (ResourceType::Endpoint, eds_removals),
+        ] {
+            out.extend(self.commit(t, p, false, ctx));
+        }
+        out
+    }
+
+    fn encode(out: DeltaReply) -> DeltaDiscoveryResponse {
+        out.into()
+    }
+}

@@ -1,0 +1,230 @@
+//! The ADS gRPC service and the server loop that hosts it.
+//!
+//! Invariants:
+//! - one [`XdsServer`] per process; its clones share the snapshot source, the stream
+//!   registry, the metrics and the drain signal;
+//! - [`XdsServer::drain`] ends every ADS stream (with `UNAVAILABLE`, so clients
+//!   reconnect); [`serve`] drains when its `shutdown` future completes, then gives
+//!   other services' connections [`ServeConfig::drain_grace`] before it returns;
+//! - the transport is tuned for vehicles on cellular links: HTTP/2 pings find dead
+//!   peers that TCP alone would hold open for many minutes.
+//!
+//! Other gRPC services share the ADS port through [`tonic::service::Routes`]:
+//!
+//! ```text
+//! let routes = tonic::service::Routes::new(FleetServiceServer::new(fleet));
+//! misaki_xds::serve(listener, &xds, routes, &ServeConfig::default(), shutdown).await?;
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::SnapshotSource;
+use crate::delta::Delta;
+use crate::metrics::Metrics;
+use crate::sotw::Sotw;
+use crate::status::StreamRegistry;
+use crate::stream::{self, ResponseStream, Shared};
+
+/// Largest request accepted. Requests are small, except EDS subscriptions of nodes
+/// with many clusters and NACKs quoting long errors.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// Largest response sent. A node's snapshot is tens of KiB; a reply this big means a
+/// compiler bug, and failing that stream loudly beats an OOM.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug)]
+struct Inner {
+    shared: Shared,
+    drain: watch::Sender<bool>,
+}
+
+/// misaki's ADS server (SotW and delta). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    inner: Arc<Inner>,
+}
+
+impl XdsServer {
+    /// A server that serves each node what `source` says, listing its streams in
+    /// `streams` (the admin API reads the same registry).
+    pub fn new(source: Arc<dyn SnapshotSource>, streams: StreamRegistry) -> Self {
+        let (drain, drain_rx) = watch::channel(false);
+        XdsServer {
+            inner: Arc::new(Inner {
+                shared: Shared {
+                    source,
+                    registry: streams,
+                    metrics: Metrics::default(),
+                    drain: drain_rx,
+                },
+                drain,
+            }),
+        }
+    }
+
+    /// The registry of live streams (for `/nodes`).
+    pub fn streams(&self) -> &StreamRegistry {
+        &self.inner.shared.registry
+    }
+
+    /// Register the `misaki_xds_*` metrics.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.inner.shared.metrics.register(registry);
+    }
+
+    /// The ADS service, with misaki's message size limits, for a tonic router.
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
+        AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// Routes holding only the ADS service; add more with `Routes::add_service`.
+    pub fn routes(&self) -> Routes {
+        Routes::new(self.service())
+    }
+
+    /// End every ADS stream, now and as soon as any new one starts. Idempotent.
+    pub fn drain(&self) {
+        self.inner.drain.send_replace(true);
+    }
+
+    fn shared(&self) -> Shared {
+        self.inner.shared.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(Response::new(stream::spawn::<Sotw>(
+            self.shared(),
+            request.into_inner(),
+        )))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(Response::new(stream::spawn::<Delta>(
+            self.shared(),
+            request.into_inner(),
+        )))
+    }
+}
+
+/// Transport settings for [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// HTTP/2 PING interval: finds a vehicle that dropped off the network without a
+    /// FIN (tunnels, dead zones) in well under a minute, yet costs a metered link
+    /// only a few bytes.
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keepalive: idle time before the first probe, probe interval, probe count.
+    pub tcp_keepalive: Duration,
+    pub tcp_keepalive_interval: Duration,
+    pub tcp_keepalive_retries: u32,
+    /// Flow-control windows: large enough that a full snapshot crosses a link with a
+    /// long RTT in one round trip instead of waiting for WINDOW_UPDATEs.
+    pub initial_stream_window: u32,
+    pub initial_connection_window: u32,
+    /// After shutdown, how long other services' connections may take to finish.
+    pub drain_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+            tcp_keepalive_interval: Duration::from_secs(15),
+            tcp_keepalive_retries: 4,
+            initial_stream_window: 1024 * 1024,
+            initial_connection_window: 4 * 1024 * 1024,
+            drain_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serve ADS plus every service in `routes` on `listener` until `shutdown` completes.
+///
+/// On shutdown the server stops accepting, drains every ADS stream, and returns once
+/// all connections have closed or [`ServeConfig::drain_grace`] has passed.
+pub async fn serve(
+    listener: TcpListener,
+    xds: &XdsServer,
+    routes: Routes,
+    config: &ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().ok();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(config.tcp_keepalive))
+        .with_keepalive_interval(Some(config.tcp_keepalive_interval))
+        .with_keepalive_retries(Some(config.tcp_keepalive_retries));
+    let routes = routes.add_service(xds.service());
+
+    let (fired_tx, fired_rx) = oneshot::channel::<()>();
+    let drainer = xds.clone();
+    let signal = async move {
+        shutdown.await;
+        info!("shutdown: draining xDS streams");
+        drainer.drain();
+        let _ = fired_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .initial_stream_window_size(config.initial_stream_window)
+        .initial_connection_window_size(config.initial_connection_window)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+    info!(?addr, "xDS server listening");
+
+    let grace = config.drain_grace;
+    let deadline = async move {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            // The server ended without a shutdown signal: the other branch has it.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        () = deadline => warn!(?grace, "drain grace elapsed; closing remaining connections"),
+    }
+    Ok(())
+}

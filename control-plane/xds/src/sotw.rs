@@ -1,0 +1,427 @@
+//! State-of-the-world ADS: the per-stream protocol state machine.
+//!
+//! Invariants (Envoy's `xds_protocol.rst` is the reference):
+//! - a request whose `response_nonce` is not the latest nonce this stream sent for its
+//!   type is stale and changes nothing; before the first response of a type, only an
+//!   empty nonce is current;
+//! - a request with `error_detail` is a NACK of the latest response of its type: it is
+//!   recorded and that exact `version_info` is never sent again for that type on this
+//!   stream; the stream waits for new content;
+//! - a reply carries every subscribed resource that exists, each name once (content is
+//!   built from a `BTreeMap`, so names are unique and sorted); for CDS/LDS this is the
+//!   required full state, for EDS/RDS it is simply the simplest correct choice;
+//! - a type is sent only when its content for this stream's subscription changed, or
+//!   the request subscribed to something new (newly requested names are answered even
+//!   if unchanged), or warming needs it (below); names that do not exist yet stay
+//!   subscribed and go out when they appear;
+//! - pushes go CDS → EDS → LDS → RDS; clusters that disappear while other types change
+//!   are removed last (make-before-break): CDS(old ∪ new), EDS, LDS, RDS, CDS(new);
+//! - warming: a CDS reply that adds or changes a cluster is followed by an EDS reply
+//!   even if the assignments did not change (Envoy keeps an updated cluster warming
+//!   until it gets one); likewise LDS → RDS;
+//! - `version_info` is the snapshot's type version when the reply is the type's whole
+//!   content, else that version plus a hash of the reply's (name, version) pairs, so a
+//!   version always identifies exactly one content and stays unique per server run.
+
+use std::collections::BTreeSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use misaki_compiler::snapshot::{Resource, ResourceType, Resources, Snapshot};
+use prost::Message;
+use tracing::debug;
+
+use crate::status::StreamKind;
+use crate::stream::{Protocol, StreamCtx};
+
+/// A response decided on but not yet materialised: bodies are cloned out of the
+/// shared `Arc<Resource>`s only when tonic pulls it for encoding.
+#[derive(Debug)]
+pub(crate) struct SotwReply {
+    t: ResourceType,
+    version: String,
+    nonce: String,
+    items: Vec<Arc<Resource>>,
+}
+
+impl From<SotwReply> for DiscoveryResponse {
+    fn from(r: SotwReply) -> Self {
+        DiscoveryResponse {
+            version_info: r.version,
+            resources: r.items.iter().map(|i| i.body.clone()).collect(),
+            type_url: r.t.type_url().to_string(),
+            nonce: r.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// The client has sent at least one request for this type.
+    requested: bool,
+    wildcard: bool,
+    /// The client has sent a non-empty `resource_names` at least once; from then on an
+    /// empty list means "nothing", not the legacy wildcard.
+    named_ever: bool,
+    names: BTreeSet<String>,
+    /// Latest nonce and version sent for this type.
+    nonce: Option<String>,
+    version: Option<String>,
+    /// What the client was last sent (sorted by name, unique). For EDS/RDS it is pruned
+    /// to the current content when resources go away, since the client needs no reply
+    /// for that.
+    sent: Vec<Arc<Resource>>,
+    /// The version the client rejected; never sent again on this stream.
+    nacked: Option<String>,
+}
+
+impl TypeState {
+    /// Apply a SotW `resource_names` list; returns whether it subscribed to anything
+    /// new (which must be answered even if unchanged).
+    fn subscribe(&mut self, t: ResourceType, names: Vec<String>) -> bool {
+        let legacy_wildcard = names.is_empty() && !self.named_ever && t.is_full_state();
+        self.named_ever |= !names.is_empty();
+        let star = names.iter().any(|n| n == "*");
+        let names: BTreeSet<String> = names.into_iter().filter(|n| n != "*").collect();
+        let wildcard = star || legacy_wildcard;
+        let grew = (wildcard && !self.wildcard) || names.iter().any(|n| !self.names.contains(n));
+        self.wildcard = wildcard;
+        self.names = names;
+        grew
+    }
+}
+
+/// A reply to send for one type, before nonce assignment.
+#[derive(Debug)]
+struct Plan {
+    t: ResourceType,
+    items: Vec<Arc<Resource>>,
+    version: String,
+    /// Adds or changes a resource relative to what the client was last sent.
+    touched: bool,
+}
+
+/// One SotW ADS stream's protocol state.
+#[derive(Debug)]
+pub(crate) struct Sotw {
+    snapshot: Arc<Snapshot>,
+    types: [TypeState; 4],
+    last_nonce: u64,
+}
+
+/// `(adds or changes, removes)` of `new` against `old`; both sorted by name.
+fn diff(new: &[Arc<Resource>], old: &[Arc<Resource>]) -> (bool, bool) {
+    let (mut touched, mut removed) = (false, false);
+    let (mut i, mut j) = (0, 0);
+    while i < new.len() || j < old.len() {
+        match (new.get(i), old.get(j)) {
+            (Some(n), Some(o)) => match n.name.cmp(&o.name) {
+                std::cmp::Ordering::Equal => {
+                    touched |= !Arc::ptr_eq(n, o) && n.version != o.version;
+                    i += 1;
+                    j += 1;
+                }
+                std::cmp::Ordering::Less => {
+                    touched = true;
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    removed = true;
+                    j += 1;
+                }
+            },
+            (Some(_), None) => {
+                touched = true;
+                i += 1;
+            }
+            (None, Some(_)) => {
+                removed = true;
+                j += 1;
+            }
+            (None, None) => unreachable!("loop condition"),
+        }
+        if touched && removed {
+            break;
+        }
+    }
+    (touched, removed)
+}
+
+/// The `version_info` for a reply (see the module invariants).
+fn reply_version(res: &Resources, items: &[Arc<Resource>], whole_type: bool) -> String {
+    if whole_type {
+        return res.version.clone();
+    }
+    let mut h = DefaultHasher::new();
+    for r in items {
+        r.name.hash(&mut h);
+        r.version.hash(&mut h);
+    }
+    format!("{}.{:016x}", res.version, h.finish())
+}
+
+impl Sotw {
+    /// Everything of type `t` this stream subscribes to and that exists, sorted.
+    fn content(&self, t: ResourceType) -> Vec<Arc<Resource>> {
+        let st = &self.types[t.index()];
+        let items = &self.snapshot.get(t).items;
+        if st.wildcard {
+            items.values().cloned().collect()
+        } else {
+            st.names
+                .iter()
+                .filter_map(|n| items.get(n).cloned())
+                .collect()
+        }
+    }
+
+    fn plan(&mut self, t: ResourceType, force: bool) -> Option<Plan> {
+        let items = self.content(t);
+        let whole = items.len() == self.snapshot.get(t).items.len();
+        self.plan_items(t, items, whole, force)
+    }
+
+    /// Decide whether `items` must go out for `t`. `whole_type` says `items` is exactly
+    /// the snapshot's content of `t`.
+    fn plan_items(
+        &mut self,
+        t: ResourceType,
+        items: Vec<Arc<Resource>>,
+        whole_type: bool,
+        force: bool,
+    ) -> Option<Plan> {
+        let st = &mut self.types[t.index()];
+        if !st.requested {
+            return None;
+        }
+        let (touched, removed) = diff(&items, &st.sent);
+        let changed = touched || (removed && t.is_full_state());
+        if !t.is_full_state() && (items.is_empty() || !(changed || force)) {
+            // EDS/RDS: a reply without resources tells the client nothing, and removals
+            // need no reply. Forget what went away so it is resent if it comes back.
+            if !touched {
+                st.sent = items;
+            }
+            return None;
+        }
+        if !changed && !force {
+            return None;
+        }
+        let version = reply_version(self.snapshot.get(t), &items, whole_type);
+        if st.nacked.as_deref() == Some(version.as_str()) {
+            debug!(
+                r#type = t.short(),
+                version, "not resending a version the client rejected"
+            );
+            return None;
+        }
+        Some(Plan {
+            t,
+            items,
+            version,
+            touched,
+        })
+    }
+
+    fn commit(&mut self, plan: Plan, ctx: &StreamCtx) -> SotwReply {
+        self.last_nonce += 1;
+        let nonce = self.last_nonce.to_string();
+        let bytes: usize = plan.items.iter().map(|r| r.body.encoded_len()).sum();
+        ctx.pushed(plan.t, &plan.version, bytes);
+        let st = &mut self.types[plan.t.index()];
+        st.nonce = Some(nonce.clone());
+        st.version = Some(plan.version.clone());
+        st.sent = plan.items.clone();
+        SotwReply {
+            t: plan.t,
+            version: plan.version,
+            nonce,
+            items: plan.items,
+        }
+    }
+
+    /// Send `plan` and, if it adds or changes CDS/LDS resources, the EDS/RDS reply that
+    /// warming waits for.
+    fn commit_with_warming(&mut self, plan: Plan, ctx: &StreamCtx, out: &mut Vec<SotwReply>) {
+        let child = match plan.t {
+            ResourceType::Cluster if plan.touched => Some(ResourceType::Endpoint),
+            ResourceType::Listener if plan.touched => Some(ResourceType::Route),
+            _ => None,
+        };
+        out.push(self.commit(plan, ctx));
+        if let Some(child) = child
+            && let Some(p) = self.plan(child, true)
+        {
+            out.push(self.commit(p, ctx));
+        }
+    }
+
+    fn unchanged(&self, old: &Snapshot, t: ResourceType) -> bool {
+        old.get(t).version == self.snapshot.get(t).version
+    }
+}
+
+impl Protocol for Sotw {
+    type Req = DiscoveryRequest;
+    type Out = SotwReply;
+    type Resp = DiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Sotw;
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        Sotw {
+            snapshot,
+            types: Default::default(),
+            last_nonce: 0,
+        }
+    }
+
+    fn on_request(&mut self, req: DiscoveryRequest, ctx: &StreamCtx) -> Vec<SotwReply> {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            debug!(type_url = %req.type_url, "request for a type misaki does not serve");
+            return Vec::new();
+        };
+        let st = &mut self.types[t.index()];
+        let fresh = match &st.nonce {
+            None => req.response_nonce.is_empty(),
+            Some(latest) => *latest == req.response_nonce,
+        };
+        if !fresh {
+            // A NACK of an older response is still worth recording (it is data), but
+            // the response it rejects has been superseded: nothing else changes.
+            if let Some(err) = &req.error_detail {
+                ctx.nacked(t, None, &req.response_nonce, err);
+            }
+            ctx.stale(t, &req.response_nonce);
+            return Vec::new();
+        }
+        if let Some(err) = &req.error_detail {
+            ctx.nacked(t, st.version.as_deref(), &req.response_nonce, err);
+            st.nacked = st.version.clone();
+        } else if st.nonce.is_some() {
+            ctx.acked(t, &req.version_info);
+        }
+        let first = !st.requested;
+        st.requested = true;
+        let grew = st.subscribe(t, req.resource_names) || first;
+        let mut out = Vec::new();
+        if let Some(p) = self.plan(t, grew) {
+            self.commit_with_warming(p, ctx, &mut out);
+        }
+        out
+    }
+
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<SotwReply> {
+        let old = std::mem::replace(&mut self.snapshot, snapshot);
+        let mut out = Vec::new();
+        let plan_if_changed = |s: &mut Self, t: ResourceType, force: bool| {
+            if s.unchanged(&old, t) && !force {
+                None
+            } else {
+                s.plan(t, force)
+            }
+        };
+
+        // Plan LDS/RDS/EDS first: whether anything besides CDS changes decides whether
+        // removed clusters must wait until the end.
+        let lds = plan_if_changed(self, ResourceType::Listener, false);
+        let rds = plan_if_changed(
+            self,
+            ResourceType::Route,
+            lds.as_ref().is_some_and(|p| p.touched),
+        );
+        let eds = plan_if_changed(self, ResourceType::Endpoint, false);
+
+        let cds_items = self.content(ResourceType::Cluster);
+        let removed: Vec<Arc<Resource>> = {
+            let st = &self.types[ResourceType::Cluster.index()];
+            st.sent
+                .iter()
+                .filter(|r| cds_items.binary_search_by(|c| c.name.cmp(&r.name)).is_err())
+                .cloned()
+                .collect()
+        };
+        let removes = !removed.is_empty();
+        let make_before_break = removes && (eds.is_some() || lds.is_some() || rds.is_some());
+        let whole = cds_items.len() == self.snapshot.get(ResourceType::Cluster).items.len();
+
+        let cds = if make_before_break {
+            // Old ∪ new: the clusters listeners and routes still point at stay until
+            // they have moved on.
+            let mut keep = cds_items.clone();
+            keep.extend(removed);
+            keep.sort_by(|a, b| a.name.cmp(&b.name));
+            self.plan_items(ResourceType::Cluster, keep, false, false)
+        } else if self.unchanged(&old, ResourceType::Cluster) && !removes {
+            None
+        } else {
+            self.plan_items(ResourceType::Cluster, cds_items.clone(), whole, false)
+        };
+        let cds_touched = cds.as_ref().is_some_and(|p| p.touched);
+        if let Some(p) = cds {
+            out.push(self.commit(p, ctx));
+        }
+        // Warming: a changed cluster waits for EDS even if its endpoints did not change.
+        let eds = if cds_touched {
+            self.plan(ResourceType::Endpoint, true)
+        } else {
+            eds
+        };
+        for p in [eds, lds, rds].into_iter().flatten() {
+            out.push(self.commit(p, ctx));
+        }
+        if make_before_break
+            && let Some(p) = self.plan_items(ResourceType::Cluster, cds_items, whole, false)
+        {
+            out.push(self.commit(p, ctx));
+        }
+        out
+    }
+
+    fn encode(out: SotwReply) -> DiscoveryResponse {
+        out.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(name: &str, version: &str) -> Arc<Resource> {
+        Arc::new(Resource {
+            name: name.into(),
+            version: version.into(),
+            body: Default::default(),
+        })
+    }
+
+    #[test]
+    fn diff_tells_additions_and_changes_apart_from_removals() {
+        let old = [r("a", "1"), r("b", "1")];
+        assert_eq!(diff(&old, &old), (false, false));
+        assert_eq!(diff(&[r("a", "1")], &old), (false, true));
+        assert_eq!(diff(&[r("a", "2"), r("b", "1")], &old), (true, false));
+        assert_eq!(diff(&[r("a", "1"), r("c", "1")], &old), (true, true));
+        assert_eq!(diff(&[], &[]), (false, false));
+    }
+
+    #[test]
+    fn legacy_wildcard_applies_only_until_a_name_is_requested() {
+        let mut st = TypeState::default();
+        assert!(st.subscribe(ResourceType::Cluster, vec![]));
+        assert!(st.wildcard);
+        assert!(st.subscribe(ResourceType::Cluster, vec!["a".into()]));
+        assert!(!st.wildcard);
+        assert!(!st.subscribe(ResourceType::Cluster, vec![]));
+        assert!(!st.wildcard && st.names.is_empty());
+        let mut eds = TypeState::default();
+        assert!(!eds.subscribe(ResourceType::Endpoint, vec![]));
+        assert!(!eds.wildcard);
+    }
+}

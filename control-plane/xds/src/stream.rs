@@ -1,0 +1,273 @@
+//! The per-stream task shared by both ADS variants.
+//!
+//! Invariants:
+//! - exactly one tokio task per stream owns that stream's protocol state; nothing else
+//!   touches it, so it needs no lock;
+//! - the task talks to the client through a small bounded channel: a slow client
+//!   blocks only its own task, and while it is blocked the snapshot `watch` keeps
+//!   only the newest value, so bursts coalesce and a fleet-wide change never waits on
+//!   any single stream;
+//! - responses hold `Any` bodies cloned from the snapshot's `Arc<Resource>` only at
+//!   encode time; the protocol state keeps `Arc`s, never copies of bodies;
+//! - the stream ends with `UNAVAILABLE` when the server drains, so a graceful
+//!   shutdown never waits on a long-lived stream (Envoy reconnects elsewhere).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use misaki_compiler::node::NodeInfo;
+use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Status, Streaming};
+use tracing::{Instrument, debug, field, info, info_span, warn};
+
+use crate::SnapshotSource;
+use crate::metrics::Metrics;
+use crate::status::{NackRecord, StreamHandle, StreamKind, StreamRegistry};
+
+/// Responses queued per stream before the stream's task waits for the client. Enough
+/// for one full push (CDS, EDS, LDS, RDS and a final CDS) without waiting.
+const STREAM_BUFFER: usize = 6;
+
+/// Everything a protocol state machine may record about its stream.
+#[derive(Debug)]
+pub(crate) struct StreamCtx {
+    pub node_id: String,
+    pub status: StreamHandle,
+    pub metrics: Metrics,
+}
+
+impl StreamCtx {
+    pub fn pushed(&self, t: ResourceType, version: &str, bytes: usize) {
+        let m = self.metrics.of(t);
+        m.pushes.inc();
+        m.push_bytes.inc_by(bytes as u64);
+        self.status.sent(t, version);
+        debug!(r#type = t.short(), version, bytes, "push");
+    }
+
+    pub fn acked(&self, t: ResourceType, version: &str) {
+        self.metrics.of(t).acks.inc();
+        self.status.acked(t, version);
+        debug!(r#type = t.short(), version, "ack");
+    }
+
+    /// NACKs are data: log them with everything an operator needs, count them, and keep
+    /// the last one per type for `/nodes`.
+    pub fn nacked(&self, t: ResourceType, version: Option<&str>, nonce: &str, err: &RpcStatus) {
+        self.metrics.of(t).nacks.inc();
+        warn!(
+            node = %self.node_id,
+            type_url = t.type_url(),
+            version = version.unwrap_or("(unknown: stale nonce)"),
+            nonce,
+            code = err.code,
+            error_detail = %err.message,
+            "client rejected xDS response (NACK)"
+        );
+        self.status.nacked(
+            t,
+            NackRecord {
+                version: version.map(str::to_string),
+                nonce: nonce.to_string(),
+                message: err.message.clone(),
+                at: SystemTime::now(),
+            },
+        );
+    }
+
+    pub fn stale(&self, t: ResourceType, nonce: &str) {
+        self.metrics.of(t).stale.inc();
+        debug!(r#type = t.short(), nonce, "stale nonce: request ignored");
+    }
+}
+
+/// One ADS variant's per-stream protocol state machine.
+///
+/// Both methods return the responses to send, in order. They are synchronous and do
+/// no I/O: the task around them does the waiting.
+pub(crate) trait Protocol: Sized + Send + 'static {
+    type Req: prost::Message + Default + Send + 'static;
+    /// A decided response that still shares its bodies with the snapshot.
+    type Out: Send + 'static;
+    /// The wire message, built from `Out` only when tonic pulls it for encoding.
+    type Resp: Send + 'static;
+    const KIND: StreamKind;
+
+    fn node(req: &Self::Req) -> Option<&Node>;
+    fn new(snapshot: Arc<Snapshot>) -> Self;
+    fn on_request(&mut self, req: Self::Req, ctx: &StreamCtx) -> Vec<Self::Out>;
+    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<Self::Out>;
+    fn encode(out: Self::Out) -> Self::Resp;
+}
+
+/// What a stream task needs from the server.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub source: Arc<dyn SnapshotSource>,
+    pub registry: StreamRegistry,
+    pub metrics: Metrics,
+    pub drain: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The response stream tonic sends from.
+pub type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send + 'static>>;
+
+/// Start the task for one stream and return the response stream tonic sends from.
+pub(crate) fn spawn<P: Protocol>(
+    shared: Shared,
+    requests: Streaming<P::Req>,
+) -> ResponseStream<P::Resp> {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
+    tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
+    // Bodies are copied out of the snapshot here, as tonic encodes, not while queued.
+    Box::pin(ReceiverStream::new(rx).map(|r| r.map(P::encode)))
+}
+
+/// Why a stream ended; logged once when it does.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error("client closed the stream")]
+    ClientClosed,
+    #[error("client went away (response channel closed)")]
+    ClientGone,
+    #[error("server is draining")]
+    Drained,
+    #[error("transport error: {0}")]
+    Transport(Status),
+    #[error("invalid node: {0}")]
+    Node(#[from] misaki_compiler::node::NodeError),
+}
+
+/// Wait for drain; if the drain sender is gone (server dropped), never.
+async fn drained(drain: &mut watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run<P: Protocol>(
+    shared: Shared,
+    requests: Streaming<P::Req>,
+    tx: mpsc::Sender<Result<P::Out, Status>>,
+) {
+    let Shared {
+        source,
+        registry,
+        metrics,
+        mut drain,
+    } = shared;
+    let gauge = metrics.streams(P::KIND).clone();
+    gauge.inc();
+    let end = serve::<P>(source, registry, metrics, &mut drain, requests, &tx).await;
+    gauge.dec();
+    match &end {
+        // try_send: a client too slow to have room for the final status must not hold
+        // up shutdown; dropping `tx` still ends its stream.
+        StreamEnd::Drained => {
+            let _ = tx.try_send(Err(Status::unavailable(
+                "misaki control plane is shutting down; reconnect",
+            )));
+        }
+        StreamEnd::Node(e) => {
+            let _ = tx.try_send(Err(Status::invalid_argument(e.to_string())));
+        }
+        StreamEnd::Transport(_) | StreamEnd::ClientClosed | StreamEnd::ClientGone => {}
+    }
+    match end {
+        StreamEnd::Node(e) => warn!(error = %e, "refused xDS stream"),
+        StreamEnd::Transport(e) => info!(error = %e, "xDS stream ended"),
+        e => info!(reason = %e, "xDS stream ended"),
+    }
+}
+
+async fn serve<P: Protocol>(
+    source: Arc<dyn SnapshotSource>,
+    registry: StreamRegistry,
+    metrics: Metrics,
+    drain: &mut watch::Receiver<bool>,
+    mut requests: Streaming<P::Req>,
+    tx: &mpsc::Sender<Result<P::Out, Status>>,
+) -> StreamEnd {
+    // The first request names the node; nothing can be served before it.
+    let first = tokio::select! {
+        biased;
+        _ = drained(drain) => return StreamEnd::Drained,
+        msg = requests.message() => match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => return StreamEnd::ClientClosed,
+            Err(s) => return StreamEnd::Transport(s),
+        },
+    };
+    let node = match NodeInfo::from_node(P::node(&first)) {
+        Ok(n) => n,
+        Err(e) => {
+            metrics.node_error();
+            return e.into();
+        }
+    };
+    tracing::Span::current().record("node", field::display(&node.id));
+    info!(role = node.role.as_str(), vehicle = ?node.vehicle_id, "xDS stream connected");
+
+    let mut snapshots = source.watch(&node);
+    let ctx = StreamCtx {
+        node_id: node.id.clone(),
+        status: registry.register(node, P::KIND),
+        metrics,
+    };
+    let mut state = P::new(snapshots.borrow_and_update().clone());
+    let mut source_open = true;
+    let mut pending = Some(first);
+
+    loop {
+        let out = if let Some(req) = pending.take() {
+            state.on_request(req, &ctx)
+        } else {
+            tokio::select! {
+                biased;
+                _ = drained(drain) => return StreamEnd::Drained,
+                msg = requests.message() => match msg {
+                    Ok(Some(r)) => state.on_request(r, &ctx),
+                    Ok(None) => return StreamEnd::ClientClosed,
+                    Err(s) => return StreamEnd::Transport(s),
+                },
+                changed = snapshots.changed(), if source_open => match changed {
+                    Ok(()) => {
+                        let snap = snapshots.borrow_and_update().clone();
+                        state.on_snapshot(snap, &ctx)
+                    }
+                    Err(_) => {
+                        // The source dropped this node's sender: keep serving the last
+                        // snapshot (requests still need answers) but stop polling it.
+                        debug!("snapshot source closed");
+                        source_open = false;
+                        Vec::new()
+                    }
+                },
+            }
+        };
+        for resp in out {
+            tokio::select! {
+                biased;
+                _ = drained(drain) => return StreamEnd::Drained,
+                sent = tx.send(Ok(resp)) => if sent.is_err() {
+                    return StreamEnd::ClientGone;
+                },
+            }
+        }
+    }
+}
