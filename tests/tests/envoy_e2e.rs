@@ -86,8 +86,10 @@ fn vehicle_sidecar_routes_live(bootstrap: &str) {
 
     // 1. A request through the vehicle sidecar reaches the upstream standing in for the
     //    cloud service, tagged with the service's traffic class.
-    let body = wait_for(Duration::from_secs(10), || get_body(p.outbound, "/maps/tile/1"))
-        .expect("request through the vehicle sidecar");
+    let body = wait_for(Duration::from_secs(10), || {
+        get_body(p.outbound, "/maps/tile/1")
+    })
+    .expect("request through the vehicle sidecar");
     assert_eq!(body.trim(), "A /maps/tile/1 class=standard");
     let body = get_body(p.outbound, "/telemetry/upload").expect("telemetry route");
     assert_eq!(body.trim(), "A /telemetry/upload class=bulk");
@@ -95,18 +97,29 @@ fn vehicle_sidecar_routes_live(bootstrap: &str) {
     let r = http::request(p.outbound, "GET", "/x", &[("host", "maps")], b"").expect("by host");
     assert_eq!(r.body.trim(), "A /x class=standard");
 
-    // 2. A valid edit changes routing live: maps moves to upstream B and a new prefix.
-    save(&policy_path, &policy(&p, b.port, a.port, "/maps/v2"));
+    // 2. A valid edit changes routing live: maps moves to upstream B and a new prefix,
+    //    and a new service appears (a new cluster: Envoy must warm it over EDS).
+    let weather = format!(
+        "  - {{ name: weather, location: edge, port: 8080, endpoints: [\"127.0.0.1:{}\"], routes: [\"/weather\"], class: critical }}\n",
+        b.port
+    );
+    save(&policy_path, &(policy(&p, b.port, a.port, "/maps/v2") + &weather));
     let moved = wait_for(Duration::from_secs(10), || {
         get_body(p.outbound, "/maps/v2/x").filter(|b| b.starts_with("B "))
     });
-    assert_eq!(moved.as_deref().map(str::trim), Some("B /maps/v2/x class=standard"));
+    assert_eq!(
+        moved.as_deref().map(str::trim),
+        Some("B /maps/v2/x class=standard")
+    );
     let acked = cp.admin_json("/nodes");
     let stream = &acked["streams"][0];
     assert_eq!(stream["node_id"], "car-1");
     for t in ["cds", "eds", "lds", "rds"] {
         let ty = &stream["types"][t];
-        assert_eq!(ty["last_acked_version"], ty["last_sent_version"], "{t} acked: {acked}");
+        assert_eq!(
+            ty["last_acked_version"], ty["last_sent_version"],
+            "{t} acked: {acked}"
+        );
         assert!(ty["last_nack"].is_null(), "{t} has a NACK: {acked}");
     }
     let good_version = cp.admin_json("/policy")["version"].clone();
@@ -120,12 +133,20 @@ fn vehicle_sidecar_routes_live(bootstrap: &str) {
         (!v["last_error"].is_null()).then_some(v)
     })
     .expect("the bad edit shows on /policy");
-    assert_eq!(rejected["version"], good_version, "version in force unchanged");
+    assert_eq!(
+        rejected["version"], good_version,
+        "version in force unchanged"
+    );
     let errors = rejected["last_error"]["errors"].to_string();
-    assert!(errors.contains("mesh.yaml") && errors.contains("services[0].class"), "{errors}");
+    assert!(
+        errors.contains("mesh.yaml") && errors.contains("services[0].class"),
+        "{errors}"
+    );
     assert!(cp.admin("/metrics").body.contains("misaki_policy_valid 0"));
     assert_eq!(
-        get_body(p.outbound, "/maps/v2/still").as_deref().map(str::trim),
+        get_body(p.outbound, "/maps/v2/still")
+            .as_deref()
+            .map(str::trim),
         Some("B /maps/v2/still class=standard")
     );
 
@@ -138,7 +159,10 @@ fn vehicle_sidecar_routes_live(bootstrap: &str) {
     let resynced = wait_for(Duration::from_secs(30), || {
         get_body(p.outbound, "/telemetry/x").filter(|b| b.starts_with("B "))
     });
-    assert_eq!(resynced.as_deref().map(str::trim), Some("B /telemetry/x class=bulk"));
+    assert_eq!(
+        resynced.as_deref().map(str::trim),
+        Some("B /telemetry/x class=bulk")
+    );
     assert_eq!(
         get_body(p.outbound, "/maps/y").as_deref().map(str::trim),
         Some("A /maps/y class=standard")
@@ -173,8 +197,10 @@ fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
     save(&policy_path, &policy(&p, a.port, t.port, "/maps"));
     let cp = ControlPlane::start(&policy_path, dir.path());
     let _envoy = Envoy::start("cloud-sidecar.yaml", "cloud-1", cp.xds_port, dir.path());
-    let body = wait_for(Duration::from_secs(10), || get_body(p.cloud, "/telemetry/batch"))
-        .expect("request through the cloud sidecar");
+    let body = wait_for(Duration::from_secs(10), || {
+        get_body(p.cloud, "/telemetry/batch")
+    })
+    .expect("request through the cloud sidecar");
     assert_eq!(body.trim(), "telemetry /telemetry/batch class=bulk");
     assert_eq!(
         get_body(p.cloud, "/maps/1").as_deref().map(str::trim),
