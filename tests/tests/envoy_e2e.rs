@@ -11,6 +11,7 @@ use misaki_e2e::http;
 use misaki_e2e::process::wait_for;
 use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port};
 
+#[derive(Clone, Copy)]
 struct Ports {
     outbound: u16,
     inbound: u16,
@@ -103,7 +104,10 @@ fn vehicle_sidecar_routes_live(bootstrap: &str) {
         "  - {{ name: weather, location: edge, port: 8080, endpoints: [\"127.0.0.1:{}\"], routes: [\"/weather\"], class: critical }}\n",
         b.port
     );
-    save(&policy_path, &(policy(&p, b.port, a.port, "/maps/v2") + &weather));
+    save(
+        &policy_path,
+        &(policy(&p, b.port, a.port, "/maps/v2") + &weather),
+    );
     let moved = wait_for(Duration::from_secs(10), || {
         get_body(p.outbound, "/maps/v2/x").filter(|b| b.starts_with("B "))
     });
@@ -208,4 +212,76 @@ fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
     );
     let nodes = cp.admin_json("/nodes");
     assert_eq!(nodes["streams"][0]["role"], "cloud");
+}
+
+/// Envoy rejects a listener it cannot bind (the port is held by a process without
+/// SO_REUSEPORT): the NACK is recorded with Envoy's error text, the rejected version is
+/// not pushed again, and the next good edit is taken and ACKed.
+#[test]
+fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Upstream::start("A");
+    let p = ports();
+    let policy_path = dir.path().join("mesh.yaml");
+    let vehicle_service = "  - { name: diag, location: vehicle, port: 18999, routes: [\"/diag\"], class: standard }\n";
+    save(&policy_path, &(policy(&p, a.port, a.port, "/maps") + vehicle_service));
+    let cp = ControlPlane::start(&policy_path, dir.path());
+    let _envoy = Envoy::start("vehicle-sidecar.yaml", "car-nack", cp.xds_port, dir.path());
+
+    // Hold a port without SO_REUSEPORT, then point the inbound listener at it.
+    let blocker = std::net::TcpListener::bind("0.0.0.0:0").expect("bind blocker");
+    let held = blocker.local_addr().expect("addr").port();
+    let bad = Ports {
+        inbound: held,
+        ..p
+    };
+    save(&policy_path, &(policy(&bad, a.port, a.port, "/maps") + vehicle_service));
+    let nacked = wait_for(Duration::from_secs(15), || {
+        let v = cp.admin_json("/nodes");
+        let nack = v["streams"][0]["types"]["lds"]["last_nack"].clone();
+        (!nack.is_null()).then_some(nack)
+    })
+    .expect("Envoy NACKed the listener it cannot bind");
+    let message = nack_text(&nacked);
+    assert!(message.contains(&held.to_string()), "NACK names the port: {nacked}");
+
+    // Not resent: the LDS push counter stays put while nothing changes.
+    let pushes = || lds_pushes(&cp.admin("/metrics").body);
+    let before = pushes();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pushes(), before, "the NACKed version was pushed again");
+    assert!(cp.admin("/metrics").body.contains("misaki_xds_nacks_total{type=\"lds\"} 1"));
+
+    // A fixed edit is pushed and ACKed.
+    let fixed = Ports {
+        inbound: free_port(),
+        ..p
+    };
+    save(&policy_path, &(policy(&fixed, a.port, a.port, "/maps") + vehicle_service));
+    let acked = wait_for(Duration::from_secs(15), || {
+        let v = cp.admin_json("/nodes");
+        let lds = &v["streams"][0]["types"]["lds"];
+        (lds["last_acked_version"] == lds["last_sent_version"]
+            && lds["last_acked_version"] != nacked["version"])
+            .then_some(())
+    });
+    assert!(acked.is_some(), "fixed edit ACKed: {}", cp.admin_json("/nodes"));
+    assert_eq!(
+        get_body(fixed.outbound, "/maps/ok").as_deref().map(str::trim),
+        Some("A /maps/ok class=standard")
+    );
+    drop(blocker);
+}
+
+fn nack_text(v: &serde_json::Value) -> String {
+    v["message"].as_str().unwrap_or_default().to_string()
+}
+
+fn lds_pushes(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("misaki_xds_pushes_total{type=\"lds\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
