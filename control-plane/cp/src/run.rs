@@ -74,14 +74,28 @@ pub async fn serve(
     let cache = SnapshotCache::new(Arc::new(policy), version_prefix());
     let policy_state = PolicyState::new(cache.clone(), source);
 
+    let fleet = misaki_fleet::Registry::new();
     let streams = StreamRegistry::new();
     let xds = XdsServer::new(Arc::new(cache.clone()), streams.clone());
     let mut registry = Registry::default();
     xds.register_metrics(&mut registry);
     policy_state.register_metrics(&mut registry);
+    fleet.register_metrics(&mut registry);
 
     let xds_listener = bind("xDS", args.xds_addr).await?;
     let admin_listener = bind("admin", args.admin_addr).await?;
+    let probe_socket = match args.probe_addr {
+        Some(addr) => Some(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    what: "probe echo",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -98,8 +112,14 @@ pub async fn serve(
         registry: Arc::new(registry),
         policy: policy_state.clone(),
         nodes: Arc::new(move || streams_json.to_json()),
-        fleet: Arc::new(|| serde_json::json!({"vehicles": []})),
-        vehicle: Arc::new(|_| None),
+        fleet: Arc::new({
+            let fleet = fleet.clone();
+            move || fleet.to_json()
+        }),
+        vehicle: Arc::new({
+            let fleet = fleet.clone();
+            move |id| fleet.vehicle_json(id)
+        }),
     };
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
@@ -113,9 +133,17 @@ pub async fn serve(
         None => None,
     };
 
+    if let Some(socket) = probe_socket {
+        tracing::info!(addr = ?socket.local_addr().ok(), "probe echo listening");
+        tokio::spawn(misaki_fleet::run_probe_echo(socket, stopped()));
+    }
+
+    let closing = fleet.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
+        // Vehicle report streams end with UNAVAILABLE so they reconnect elsewhere.
+        closing.close_streams();
         let _ = stop_tx.send(true);
     });
 
@@ -123,7 +151,10 @@ pub async fn serve(
     let result = misaki_xds::serve(
         xds_listener,
         &xds,
-        tonic::service::Routes::default(),
+        tonic::service::Routes::new(misaki_fleet::service(
+            fleet.clone(),
+            policy_state.subscribe(),
+        )),
         &ServeConfig::default(),
         stopped(),
     )
