@@ -271,7 +271,7 @@ impl Envoy {
 }
 
 /// An HTTP/1.1 upstream standing in for a service: answers every request with
-/// `<name> <path> class=<x-misaki-class>`.
+/// `<name> <path> class=<x-misaki-class>[ encoding=<content-encoding>][ body=<body>]`.
 #[derive(Debug)]
 pub struct Upstream {
     pub port: u16,
@@ -309,7 +309,9 @@ fn serve_one(mut conn: TcpStream, name: &str) {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
         let mut class = String::new();
+        let mut encoding = String::new();
         let mut len = 0usize;
+        let mut chunked = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -322,16 +324,34 @@ fn serve_one(mut conn: TcpStream, name: &str) {
             if let Some((k, v)) = h.split_once(':') {
                 match k.trim().to_ascii_lowercase().as_str() {
                     "x-misaki-class" => class = v.trim().to_string(),
+                    "content-encoding" => encoding = v.trim().to_string(),
                     "content-length" => len = v.trim().parse().unwrap_or(0),
+                    // Envoy's decompressor forwards the inflated body chunked.
+                    "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
                     _ => {}
                 }
             }
         }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
+        let body = if chunked {
+            match read_chunked(&mut reader) {
+                Some(b) => b,
+                None => return,
+            }
+        } else {
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            body
+        };
+        let mut text = format!("{name} {path} class={class}");
+        if !encoding.is_empty() {
+            text.push_str(&format!(" encoding={encoding}"));
         }
-        let text = format!("{name} {path} class={class}\n");
+        if !body.is_empty() {
+            text.push_str(&format!(" body={}", String::from_utf8_lossy(&body)));
+        }
+        text.push('\n');
         let resp = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
             text.len()
@@ -339,6 +359,26 @@ fn serve_one(mut conn: TcpStream, name: &str) {
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
+    }
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            let mut end = String::new();
+            reader.read_line(&mut end).ok()?;
+            return Some(body);
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).ok()?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
     }
 }
 

@@ -212,6 +212,33 @@ fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
     );
     let nodes = cp.admin_json("/nodes");
     assert_eq!(nodes["streams"][0]["role"], "cloud");
+
+    // Deferred traffic (class bulk) arrives zstd-compressed from edge-netd; the cloud
+    // sidecar's decompressor hands the service the plain body.
+    let plain = br#"{"vehicle":"car-1","speed_kmh":87.5,"battery":0.71}"#.repeat(20);
+    let packed = zstd::encode_all(&plain[..], 3).expect("zstd");
+    assert!(packed.len() < plain.len());
+    let r = http::request(
+        p.cloud,
+        "POST",
+        "/telemetry/batch",
+        &[
+            ("content-encoding", "zstd"),
+            ("content-type", "application/json"),
+        ],
+        &packed,
+    )
+    .expect("compressed POST");
+    assert_eq!(r.status, 200);
+    let expected = format!(
+        "telemetry /telemetry/batch class=bulk body={}",
+        String::from_utf8_lossy(&plain)
+    );
+    assert_eq!(
+        r.body.trim(),
+        expected,
+        "the service sees the plain body, no encoding header"
+    );
 }
 
 /// Envoy rejects a listener it cannot bind (the port is held by a process without
@@ -224,18 +251,21 @@ fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
     let p = ports();
     let policy_path = dir.path().join("mesh.yaml");
     let vehicle_service = "  - { name: diag, location: vehicle, port: 18999, routes: [\"/diag\"], class: standard }\n";
-    save(&policy_path, &(policy(&p, a.port, a.port, "/maps") + vehicle_service));
+    save(
+        &policy_path,
+        &(policy(&p, a.port, a.port, "/maps") + vehicle_service),
+    );
     let cp = ControlPlane::start(&policy_path, dir.path());
     let _envoy = Envoy::start("vehicle-sidecar.yaml", "car-nack", cp.xds_port, dir.path());
 
     // Hold a port without SO_REUSEPORT, then point the inbound listener at it.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").expect("bind blocker");
     let held = blocker.local_addr().expect("addr").port();
-    let bad = Ports {
-        inbound: held,
-        ..p
-    };
-    save(&policy_path, &(policy(&bad, a.port, a.port, "/maps") + vehicle_service));
+    let bad = Ports { inbound: held, ..p };
+    save(
+        &policy_path,
+        &(policy(&bad, a.port, a.port, "/maps") + vehicle_service),
+    );
     let nacked = wait_for(Duration::from_secs(15), || {
         let v = cp.admin_json("/nodes");
         let nack = v["streams"][0]["types"]["lds"]["last_nack"].clone();
@@ -243,21 +273,31 @@ fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
     })
     .expect("Envoy NACKed the listener it cannot bind");
     let message = nack_text(&nacked);
-    assert!(message.contains(&held.to_string()), "NACK names the port: {nacked}");
+    assert!(
+        message.contains(&held.to_string()),
+        "NACK names the port: {nacked}"
+    );
 
     // Not resent: the LDS push counter stays put while nothing changes.
     let pushes = || lds_pushes(&cp.admin("/metrics").body);
     let before = pushes();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(pushes(), before, "the NACKed version was pushed again");
-    assert!(cp.admin("/metrics").body.contains("misaki_xds_nacks_total{type=\"lds\"} 1"));
+    assert!(
+        cp.admin("/metrics")
+            .body
+            .contains("misaki_xds_nacks_total{type=\"lds\"} 1")
+    );
 
     // A fixed edit is pushed and ACKed.
     let fixed = Ports {
         inbound: free_port(),
         ..p
     };
-    save(&policy_path, &(policy(&fixed, a.port, a.port, "/maps") + vehicle_service));
+    save(
+        &policy_path,
+        &(policy(&fixed, a.port, a.port, "/maps") + vehicle_service),
+    );
     let acked = wait_for(Duration::from_secs(15), || {
         let v = cp.admin_json("/nodes");
         let lds = &v["streams"][0]["types"]["lds"];
@@ -265,9 +305,15 @@ fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
             && lds["last_acked_version"] != nacked["version"])
             .then_some(())
     });
-    assert!(acked.is_some(), "fixed edit ACKed: {}", cp.admin_json("/nodes"));
+    assert!(
+        acked.is_some(),
+        "fixed edit ACKed: {}",
+        cp.admin_json("/nodes")
+    );
     assert_eq!(
-        get_body(fixed.outbound, "/maps/ok").as_deref().map(str::trim),
+        get_body(fixed.outbound, "/maps/ok")
+            .as_deref()
+            .map(str::trim),
         Some("A /maps/ok class=standard")
     );
     drop(blocker);

@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     Http2ProtocolOptions, Locality, SocketAddress, SocketOption, address, config_source,
     socket_address, socket_option,
 };
+use envoy_types::pb::envoy::config::core::v3::{RuntimeFeatureFlag, TypedExtensionConfig};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -40,6 +41,10 @@ use envoy_types::pb::envoy::config::route::v3::{
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
     route_action, route_match,
 };
+use envoy_types::pb::envoy::extensions::compression::zstd::decompressor::v3::Zstd as ZstdDecompressor;
+use envoy_types::pb::envoy::extensions::filters::http::decompressor::v3::{
+    Decompressor, decompressor,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -47,7 +52,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
 use prost::{Message, Name};
 
@@ -196,6 +201,7 @@ fn vehicle(policy: &Policy) -> Output {
         VEHICLE_OUTBOUND,
         "127.0.0.1",
         m.vehicle_outbound_port,
+        Vec::new(),
     ));
     out.routes
         .push(route_config(VEHICLE_OUTBOUND, outbound_hosts));
@@ -204,6 +210,7 @@ fn vehicle(policy: &Policy) -> Output {
             VEHICLE_INBOUND,
             "0.0.0.0",
             m.vehicle_inbound_port,
+            Vec::new(),
         ));
         out.routes
             .push(route_config(VEHICLE_INBOUND, inbound_hosts));
@@ -223,10 +230,22 @@ fn cloud(policy: &Policy) -> Output {
         out.add_cluster(cluster.clone(), svc, class, true);
         hosts.push(virtual_host(svc, class, &cluster));
     }
+    // Deferred traffic arrives from edge-netd zstd-compressed; Envoy undoes it so the
+    // service sees a plain body.
+    let deferred = policy
+        .services
+        .values()
+        .any(|s| s.location != Location::Vehicle && policy.class_of(s).deferrable);
+    let filters = if deferred {
+        vec![zstd_request_decompressor()]
+    } else {
+        Vec::new()
+    };
     out.listeners.push(http_listener(
         CLOUD_INBOUND,
         "0.0.0.0",
         policy.mesh.cloud_inbound_port,
+        filters,
     ));
     out.routes.push(route_config(CLOUD_INBOUND, hosts));
     out
@@ -329,20 +348,22 @@ fn route(svc: &Service, class: &TrafficClass, cluster: &str, prefix: &str) -> Ro
     }
 }
 
-fn http_listener(name: &str, ip: &str, port: u16) -> Listener {
+/// An HTTP listener taking its routes over RDS; `filters` run before the router.
+fn http_listener(name: &str, ip: &str, port: u16, mut filters: Vec<HttpFilter>) -> Listener {
+    filters.push(HttpFilter {
+        name: "envoy.filters.http.router".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    });
     let hcm = HttpConnectionManager {
         stat_prefix: name.to_string(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: name.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(
-                any(&Router::default()),
-            )),
-            ..Default::default()
-        }],
+        http_filters: filters,
         ..Default::default()
     };
     Listener {
@@ -355,6 +376,32 @@ fn http_listener(name: &str, ip: &str, port: u16) -> Listener {
             }],
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// Envoy's decompressor filter with the zstd library, requests only: responses go
+/// back to the vehicle as the service sent them.
+fn zstd_request_decompressor() -> HttpFilter {
+    let cfg = Decompressor {
+        decompressor_library: Some(TypedExtensionConfig {
+            name: "zstd".to_string(),
+            typed_config: Some(any(&ZstdDecompressor::default())),
+        }),
+        response_direction_config: Some(decompressor::ResponseDirectionConfig {
+            common_config: Some(decompressor::CommonDirectionConfig {
+                enabled: Some(RuntimeFeatureFlag {
+                    default_value: Some(BoolValue { value: false }),
+                    runtime_key: "misaki.decompressor.response_enabled".to_string(),
+                }),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    };
+    HttpFilter {
+        name: "envoy.filters.http.decompressor".to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&cfg))),
         ..Default::default()
     }
 }

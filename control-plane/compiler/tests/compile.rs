@@ -272,3 +272,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cloud_listener_decompresses_zstd_requests_when_a_cloud_service_takes_deferred_traffic() {
+    let filters = |p: &Policy| -> Vec<String> {
+        let s = compile(p, &cloud(), "p-");
+        let listeners: Vec<Listener> = decode(&s, ResourceType::Listener);
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &listeners[0].filter_chains[0].filters[0].config_type
+        else {
+            panic!("no hcm")
+        };
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+        hcm.http_filters.into_iter().map(|f| f.name).collect()
+    };
+    assert_eq!(
+        filters(&quickstart()),
+        [
+            "envoy.filters.http.decompressor",
+            "envoy.filters.http.router"
+        ]
+    );
+    let no_deferral = QUICKSTART.replace("deferrable: true", "deferrable: false");
+    assert_ne!(no_deferral, QUICKSTART);
+    let p = misaki_policy::parse("m.yaml", &no_deferral).expect("valid");
+    assert_eq!(filters(&p), ["envoy.filters.http.router"]);
+}
