@@ -85,15 +85,17 @@ pub async fn serve(
     let xds_listener = bind("xDS", args.xds_addr).await?;
     let admin_listener = bind("admin", args.admin_addr).await?;
     let probe_socket = match args.probe_addr {
-        Some(addr) => Some(
-            tokio::net::UdpSocket::bind(addr)
-                .await
-                .map_err(|source| RunError::Bind {
-                    what: "probe echo",
-                    addr,
-                    source,
-                })?,
-        ),
+        Some(addr) => {
+            Some(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: "probe echo",
+                        addr,
+                        source,
+                    })?,
+            )
+        }
         None => None,
     };
 

@@ -1,1 +1,30 @@
-//! Fleet registry.
+//! Fleet registry: the control plane's digital twin of every vehicle, fed by the
+//! `misaki.fleet.v1.FleetService/Report` stream that each vehicle's edge-netd holds open.
+//!
+//! Invariants:
+//! - The registry holds the *latest* reported state per vehicle and nothing else: a
+//!   `LinkState` replaces the vehicle's links/selections/queues whole, a `LinkChange`
+//!   replaces the named records.
+//! - A vehicle is online while its stream is open and it sent something within
+//!   [`OFFLINE_AFTER_HEARTBEATS`] × its heartbeat interval. It goes offline when its
+//!   (newest) stream ends or that timeout passes; an older stream ending never marks
+//!   offline a vehicle that already reconnected.
+//! - Every state change is announced on [`Registry::subscribe`] with the vehicle's id,
+//!   so the compiler can recompute just that node.
+//! - No policy logic here: the policy is only converted to its wire form
+//!   ([`policy_update`]) and pushed.
+//!
+//! Code map: `registry` (state, JSON, metrics, events), `service` (gRPC server),
+//! `policy` (Policy → `PolicyUpdate`), `echo` (UDP probe responder).
+#![deny(rust_2018_idioms, unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+mod echo;
+mod policy;
+mod registry;
+mod service;
+
+pub use echo::run_probe_echo;
+pub use policy::{PolicyVersioned, policy_update};
+pub use registry::{FleetEvent, FleetEventKind, OFFLINE_AFTER_HEARTBEATS, Registry, RegistryError};
+pub use service::{FleetApi, service};

@@ -1,0 +1,482 @@
+//! The fleet registry: latest state per vehicle, liveness, change events, metrics.
+//!
+//! Invariants:
+//! - One [`VehicleRecord`] per vehicle id, created by its first `Hello` and kept
+//!   (offline) after it disconnects, so `/fleet` still shows the last known state.
+//! - `online` is true iff the vehicle's newest stream is open and not timed out;
+//!   `vehicles_online` gauge always equals the number of records with `online`.
+//! - Each mutation sends exactly one [`FleetEvent`] after the lock is released.
+//!
+//! Locking: one `std::sync::Mutex` around the map; critical sections are short and
+//! never await, so a blocking mutex is cheaper than an async one here.
+
+use misaki_proto::fleet_v1 as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+/// A vehicle is offline after this many heartbeat intervals without any message.
+pub const OFFLINE_AFTER_HEARTBEATS: u32 = 3;
+
+/// Capacity of the event channel; a subscriber that lags further gets
+/// `RecvError::Lagged` and must resync from the whole registry.
+const EVENT_CAPACITY: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("the first message of a stream must be Hello")]
+    HelloFirst,
+    #[error("Hello.vehicle_id is empty")]
+    EmptyVehicleId,
+    #[error("Hello.vehicle_id {0:?} is longer than 128 bytes")]
+    VehicleIdTooLong(usize),
+    #[error("vehicle {0:?} is not registered")]
+    UnknownVehicle(String),
+}
+
+/// Which vehicle changed and how. The compiler recomputes only that vehicle's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetEvent {
+    pub vehicle_id: Arc<str>,
+    pub kind: FleetEventKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetEventKind {
+    /// Connected (Hello) — possibly a reconnect.
+    Online,
+    /// Stream ended or heartbeat timeout.
+    Offline,
+    /// Links, selections, queues or power changed (snapshot or delta).
+    State,
+}
+
+#[derive(Debug, Clone)]
+struct VehicleRecord {
+    daemon_version: String,
+    policy_version: String,
+    heartbeat_interval: Duration,
+    online: bool,
+    /// Identifies the newest stream; an older stream's end must not mark us offline.
+    stream: u64,
+    connected_at: SystemTime,
+    last_seen: Instant,
+    last_observed_unix_ms: u64,
+    links: BTreeMap<String, pb::Link>,
+    selections: BTreeMap<String, pb::ClassSelection>,
+    queues: BTreeMap<String, pb::QueueStats>,
+    power: pb::PowerState,
+    link_changes: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Metrics {
+    online: Gauge,
+    reports: Family<KindLabel, Counter>,
+    link_changes: Counter,
+}
+
+#[derive(Debug)]
+struct Inner {
+    vehicles: Mutex<BTreeMap<Arc<str>, VehicleRecord>>,
+    next_stream: std::sync::atomic::AtomicU64,
+    events: broadcast::Sender<FleetEvent>,
+    metrics: Metrics,
+    closing: watch::Sender<bool>,
+}
+
+/// Shared handle to the fleet state. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (closing, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                vehicles: Mutex::new(BTreeMap::new()),
+                next_stream: 1.into(),
+                events,
+                metrics: Metrics::default(),
+                closing,
+            }),
+        }
+    }
+
+    /// Events naming the vehicle that changed. On `Lagged`, resync from [`Self::to_json`]
+    /// or treat every vehicle as changed.
+    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Register `misaki_fleet_vehicles_online`, `misaki_fleet_reports_total{kind}` and
+    /// `misaki_fleet_link_changes_total`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = &self.inner.metrics;
+        registry.register(
+            "misaki_fleet_vehicles_online",
+            "Vehicles with an open, live report stream",
+            m.online.clone(),
+        );
+        registry.register(
+            "misaki_fleet_reports",
+            "Reports received from vehicles, by kind",
+            m.reports.clone(),
+        );
+        registry.register(
+            "misaki_fleet_link_changes",
+            "Link records changed by LinkChange deltas",
+            m.link_changes.clone(),
+        );
+    }
+
+    /// End every open report stream (UNAVAILABLE, so vehicles reconnect elsewhere).
+    /// Call on control-plane shutdown so the gRPC server can drain.
+    pub fn close_streams(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.inner.closing.subscribe()
+    }
+
+    fn emit(&self, vehicle_id: Arc<str>, kind: FleetEventKind) {
+        // No subscriber is fine: nobody needs to hear about it.
+        let _ = self.inner.events.send(FleetEvent { vehicle_id, kind });
+    }
+
+    fn count(&self, kind: &'static str) {
+        self.inner
+            .metrics
+            .reports
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    fn recount_online(&self, vehicles: &BTreeMap<Arc<str>, VehicleRecord>) {
+        let n = vehicles.values().filter(|v| v.online).count();
+        self.inner
+            .metrics
+            .online
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A stream said Hello. Returns the vehicle's interned id and the stream token to
+    /// pass to later calls.
+    pub(crate) fn hello(&self, hello: &pb::Hello) -> Result<(Arc<str>, u64), RegistryError> {
+        if hello.vehicle_id.is_empty() {
+            return Err(RegistryError::EmptyVehicleId);
+        }
+        if hello.vehicle_id.len() > 128 {
+            return Err(RegistryError::VehicleIdTooLong(hello.vehicle_id.len()));
+        }
+        self.count("hello");
+        let stream = self
+            .inner
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let heartbeat_interval =
+            Duration::from_millis(u64::from(hello.heartbeat_interval_ms.clamp(100, 60_000)));
+        let id: Arc<str> = {
+            let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
+            let id = vehicles
+                .keys()
+                .find(|k| ***k == *hello.vehicle_id)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(hello.vehicle_id.as_str()));
+            let rec = vehicles.entry(id.clone()).or_insert_with(|| VehicleRecord {
+                daemon_version: String::new(),
+                policy_version: String::new(),
+                heartbeat_interval,
+                online: false,
+                stream,
+                connected_at: SystemTime::now(),
+                last_seen: Instant::now(),
+                last_observed_unix_ms: 0,
+                links: BTreeMap::new(),
+                selections: BTreeMap::new(),
+                queues: BTreeMap::new(),
+                power: pb::PowerState::Unspecified,
+                link_changes: 0,
+            });
+            rec.daemon_version = hello.daemon_version.clone();
+            rec.policy_version = hello.policy_version.clone();
+            rec.heartbeat_interval = heartbeat_interval;
+            rec.online = true;
+            rec.stream = stream;
+            rec.connected_at = SystemTime::now();
+            rec.last_seen = Instant::now();
+            self.recount_online(&vehicles);
+            id
+        };
+        self.emit(id.clone(), FleetEventKind::Online);
+        Ok((id, stream))
+    }
+
+    /// How long `vehicle` may stay silent before it is offline.
+    pub(crate) fn offline_after(&self, vehicle: &str) -> Duration {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles
+            .get(vehicle)
+            .map(|v| v.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+            .unwrap_or(Duration::from_secs(3))
+    }
+
+    /// Apply one non-Hello report. Returns false if it was a Hello (protocol error).
+    pub(crate) fn apply(&self, vehicle: &Arc<str>, report: &pb::VehicleReport) -> bool {
+        use pb::vehicle_report::Report;
+        let Some(r) = &report.report else {
+            // Unknown oneof variant from a newer vehicle: still proof of life.
+            self.touch(vehicle, report.observed_unix_ms);
+            return true;
+        };
+        let changed = {
+            let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
+            let Some(rec) = vehicles.get_mut(vehicle) else {
+                return true;
+            };
+            rec.last_seen = Instant::now();
+            rec.last_observed_unix_ms = report.observed_unix_ms;
+            match r {
+                Report::Hello(_) => return false,
+                Report::Heartbeat(_) => {
+                    self.count("heartbeat");
+                    false
+                }
+                Report::LinkState(s) => {
+                    self.count("link_state");
+                    rec.links = s
+                        .links
+                        .iter()
+                        .map(|l| (l.name.clone(), l.clone()))
+                        .collect();
+                    rec.selections = s
+                        .selections
+                        .iter()
+                        .map(|c| (c.class.clone(), c.clone()))
+                        .collect();
+                    rec.queues = s
+                        .queues
+                        .iter()
+                        .map(|q| (q.class.clone(), q.clone()))
+                        .collect();
+                    rec.power = s.power();
+                    rec.policy_version = s.policy_version.clone();
+                    true
+                }
+                Report::LinkChange(c) => {
+                    self.count("link_change");
+                    let n = u64::try_from(c.links.len() + c.removed_links.len()).unwrap_or(0);
+                    self.inner.metrics.link_changes.inc_by(n);
+                    rec.link_changes += n;
+                    for l in &c.links {
+                        rec.links.insert(l.name.clone(), l.clone());
+                    }
+                    for name in &c.removed_links {
+                        rec.links.remove(name);
+                    }
+                    for s in &c.selections {
+                        rec.selections.insert(s.class.clone(), s.clone());
+                    }
+                    for q in &c.queues {
+                        rec.queues.insert(q.class.clone(), q.clone());
+                    }
+                    if c.power.is_some() {
+                        rec.power = c.power();
+                    }
+                    true
+                }
+            }
+        };
+        if changed {
+            self.emit(vehicle.clone(), FleetEventKind::State);
+        }
+        true
+    }
+
+    fn touch(&self, vehicle: &str, observed_unix_ms: u64) {
+        let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
+        if let Some(rec) = vehicles.get_mut(vehicle) {
+            rec.last_seen = Instant::now();
+            rec.last_observed_unix_ms = observed_unix_ms;
+        }
+    }
+
+    /// The stream `stream` of `vehicle` ended (or timed out): offline, unless a newer
+    /// stream has taken over.
+    pub(crate) fn disconnected(&self, vehicle: &Arc<str>, stream: u64) {
+        let went_offline = {
+            let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
+            match vehicles.get_mut(vehicle) {
+                Some(rec) if rec.stream == stream && rec.online => {
+                    rec.online = false;
+                    self.recount_online(&vehicles);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if went_offline {
+            self.emit(vehicle.clone(), FleetEventKind::Offline);
+        }
+    }
+
+    /// Ids of the vehicles known, online or not.
+    pub fn vehicle_ids(&self) -> Vec<String> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// Whether the vehicle is online (`None`: never seen).
+    pub fn is_online(&self, vehicle: &str) -> Option<bool> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles.get(vehicle).map(|v| v.online)
+    }
+
+    /// The uplink the vehicle last reported for `class` (`Some("")`: none eligible).
+    pub fn selection(&self, vehicle: &str, class: &str) -> Option<String> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles
+            .get(vehicle)?
+            .selections
+            .get(class)
+            .map(|s| s.uplink.clone())
+    }
+
+    /// The whole fleet, for the admin route `GET /fleet`:
+    /// `{"online": n, "total": n, "vehicles": [<vehicle_json>...]}` sorted by id.
+    pub fn to_json(&self) -> Value {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        let list: Vec<Value> = vehicles.iter().map(|(id, v)| record_json(id, v)).collect();
+        json!({
+            "online": vehicles.values().filter(|v| v.online).count(),
+            "total": vehicles.len(),
+            "vehicles": list,
+        })
+    }
+
+    /// One vehicle, for `GET /fleet/{vehicle}`; `None` → 404.
+    pub fn vehicle_json(&self, vehicle: &str) -> Option<Value> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles
+            .get_key_value(vehicle)
+            .map(|(id, v)| record_json(id, v))
+    }
+}
+
+fn kind_str(k: i32) -> &'static str {
+    match pb::UplinkKind::try_from(k).unwrap_or(pb::UplinkKind::Unspecified) {
+        pb::UplinkKind::Unspecified => "unspecified",
+        pb::UplinkKind::Lte => "lte",
+        pb::UplinkKind::FiveG => "5g",
+        pb::UplinkKind::ThreeG => "3g",
+        pb::UplinkKind::Wifi => "wifi",
+        pb::UplinkKind::Dsrc => "dsrc",
+        pb::UplinkKind::Lpwa => "lpwa",
+    }
+}
+
+fn power_str(p: pb::PowerState) -> &'static str {
+    match p {
+        pb::PowerState::Unspecified => "unspecified",
+        pb::PowerState::On => "on",
+        pb::PowerState::Accessory => "accessory",
+        pb::PowerState::Low => "low",
+        pb::PowerState::ShuttingDown => "shutting_down",
+    }
+}
+
+fn record_json(id: &str, v: &VehicleRecord) -> Value {
+    let links: Vec<Value> = v
+        .links
+        .values()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "interface": l.interface,
+                "kind": kind_str(l.kind),
+                "up": l.up,
+                "carrier": l.carrier,
+                "reachable": l.reachable,
+                "rtt_us": l.rtt_us,
+                "loss_permille": l.loss_permille,
+                "jitter_us": l.jitter_us,
+                "throughput_bps": l.throughput_bps,
+                "metered": l.metered,
+                "cost": l.cost,
+            })
+        })
+        .collect();
+    let selections: serde_json::Map<String, Value> = v
+        .selections
+        .values()
+        .map(|s| {
+            let uplink = if s.uplink.is_empty() {
+                Value::Null
+            } else {
+                json!(s.uplink)
+            };
+            (
+                s.class.clone(),
+                json!({"uplink": uplink, "reason": s.reason}),
+            )
+        })
+        .collect();
+    let queues: serde_json::Map<String, Value> = v
+        .queues
+        .values()
+        .map(|q| {
+            (
+                q.class.clone(),
+                json!({
+                    "depth_messages": q.depth_messages,
+                    "depth_bytes": q.depth_bytes,
+                    "dropped_total": q.dropped_total,
+                    "expired_total": q.expired_total,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "vehicle_id": id,
+        "online": v.online,
+        "daemon_version": v.daemon_version,
+        "policy_version": v.policy_version,
+        "heartbeat_interval_ms": u64::try_from(v.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+        "connected_at_unix_ms": unix_ms(v.connected_at),
+        "last_seen_ms_ago": u64::try_from(v.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "last_observed_unix_ms": v.last_observed_unix_ms,
+        "power": power_str(v.power),
+        "links": links,
+        "selections": selections,
+        "queues": queues,
+        "link_changes": v.link_changes,
+    })
+}
