@@ -342,38 +342,58 @@ impl VehicleLab {
         }
     }
 
-    fn fleet_bin() -> PathBuf {
-        // The stand-in control plane: misaki-fleet's example server.
-        let exe = std::env::current_exe().expect("current exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps")
-            .join("examples/fleet_server");
-        assert!(
-            bin.exists(),
-            "{} is not built: run `cargo build -p misaki-fleet --example fleet_server` first",
-            bin.display()
-        );
-        bin
+    /// The fleet's mesh policy: uplinks wifi/lte/dsrc, classes critical, standard, bulk.
+    fn write_policy(&self) -> PathBuf {
+        let path = self.dir.path().join("mesh.yaml");
+        std::fs::write(
+            &path,
+            "version: 1\n\
+             uplinks:\n\
+             \x20 - { name: wifi, kind: wifi, cost: 1 }\n\
+             \x20 - { name: lte, kind: lte, metered: true, cost: 5 }\n\
+             \x20 - { name: dsrc, kind: dsrc, cost: 2 }\n\
+             classes:\n\
+             \x20 - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }\n\
+             \x20 - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }\n\
+             \x20 - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }\n",
+        )
+        .expect("write fleet policy");
+        path
     }
 
-    /// Start the fleet server (gRPC, probe echo, admin) in the cloud namespace.
+    /// Start the probe echo in the cloud namespace (once; it outlives fleet restarts).
+    fn start_echo(&mut self) {
+        if self.echo.is_some() {
+            return;
+        }
+        // A misaki-cp of its own (xDS/admin on the cloud namespace's loopback): killing
+        // the control plane under test must not look like every uplink went dark.
+        let policy = self.write_policy();
+        let mut cmd = self.cloud.command(&crate::target_bin("misaki-cp"));
+        cmd.arg("serve")
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--probe-addr", &format!("{CLOUD_ADDR}:{PROBE_PORT}")]);
+        let log = self.dir.path().join("echo.log");
+        self.echo = Some(Process::spawn("probe echo", &mut cmd, log));
+    }
+
+    /// Start the fleet server (gRPC, admin) and the probe echo in the cloud namespace.
     pub fn start_fleet(&mut self) {
-        let mut cmd = self.cloud.command(&Self::fleet_bin());
-        cmd.args([
-            "--grpc",
+        self.start_echo();
+        let policy = self.write_policy();
+        let mut cmd = self.cloud.command(&crate::target_bin("misaki-cp"));
+        cmd.arg("serve").arg("--policy").arg(&policy).args([
+            "--xds-addr",
             &format!("{CLOUD_ADDR}:{FLEET_GRPC_PORT}"),
-            "--probe",
-            &format!("{CLOUD_ADDR}:{PROBE_PORT}"),
-            "--admin",
+            "--admin-addr",
             &format!("{CLOUD_ADDR}:{FLEET_ADMIN_PORT}"),
         ]);
         let log = self.dir.path().join(format!(
             "fleet-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        self.fleet = Some(Process::spawn("fleet_server", &mut cmd, log));
+        self.fleet = Some(Process::spawn("misaki-cp", &mut cmd, log));
         let up = crate::process::wait_for(Duration::from_secs(20), || self.fleet_json("/fleet"));
         assert!(
             up.is_some(),

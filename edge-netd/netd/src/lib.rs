@@ -1,1 +1,183 @@
-//! edge-netd library.
+//! edge-netd: the per-vehicle network daemon. It measures every uplink, picks one
+//! per traffic class, and reports link state to the control plane.
+//!
+//! Invariants:
+//! - The selector is pure (`selector`): no I/O and no clock; everything with side
+//!   effects lives around it (`monitor`, `probe`, `reporter`, `api`).
+//! - One engine task owns all mutable link/selection state (`engine`); the others
+//!   read published snapshots or send it inputs.
+//! - The daemon works without the cloud: it starts from the stored policy (or the
+//!   built-in `default` class) and keeps selecting while the control plane is away.
+//!
+//! Code map: `config` (YAML) → `monitor` (netlink carrier events) + `probe` (UDP
+//! probes per interface) → `engine` (+ `selector`) → `reporter` (gRPC to the control
+//! plane) and `api` (local HTTP). `policy` converts and persists the received policy.
+#![deny(rust_2018_idioms, unsafe_code)]
+#![warn(missing_debug_implementations)]
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod monitor;
+pub mod policy;
+pub mod probe;
+pub mod reporter;
+pub mod selector;
+
+pub use config::{Config, ConfigError};
+pub use engine::{Engine, Input, Snapshot};
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Errors that stop the daemon at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on the local API address {addr}: {source}")]
+    ApiBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Run the daemon until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .map_err(|source| RunError::ApiBind {
+            addr: config.api,
+            source,
+        })?;
+
+    let stored = match policy::load(&config.state_dir) {
+        Ok(Some(p)) => {
+            tracing::info!(version = %p.version, "loaded stored policy");
+            p
+        }
+        Ok(None) => policy::VehiclePolicy::empty(),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the stored policy; starting with the default class");
+            policy::VehiclePolicy::empty()
+        }
+    };
+    let metrics = engine::Metrics::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let (engine, snapshots) = Engine::new(config.clone(), stored, metrics.clone());
+    let (input_tx, input_rx) = mpsc::channel::<Input>(1024);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Link monitor, restarted (re-dumping) if netlink fails.
+    let interfaces: Vec<String> = config.uplinks.iter().map(|u| u.interface.clone()).collect();
+    let (mon_tx, mut mon_rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = monitor::run_link_monitor(&interfaces, &mon_tx).await {
+                if matches!(e, monitor::MonitorError::Closed) {
+                    return;
+                }
+                tracing::error!(error = %e, "link monitor failed; restarting");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let tx = input_tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = mon_rx.recv().await {
+            if tx.send(Input::Monitor(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    // One prober per uplink.
+    let (probe_tx, mut probe_rx) = mpsc::channel(256);
+    for (i, u) in config.uplinks.iter().enumerate() {
+        let spec = probe::ProberSpec {
+            uplink: i,
+            interface: u.interface.clone(),
+            targets: u.probe_targets.clone(),
+            interval: config.probe.interval,
+            timeout: config.probe.timeout,
+        };
+        tokio::spawn(probe::run_prober(spec, probe_tx.clone()));
+    }
+    drop(probe_tx);
+    let tx = input_tx.clone();
+    tokio::spawn(async move {
+        while let Some(r) = probe_rx.recv().await {
+            if tx.send(Input::Probe(r)).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let connected = Arc::new(AtomicBool::new(false));
+    let reporter = tokio::spawn(reporter::run_reporter(
+        config.clone(),
+        snapshots.clone(),
+        input_tx.clone(),
+        metrics,
+        connected.clone(),
+        stopped(),
+    ));
+    let api = tokio::spawn(api::serve(
+        listener,
+        api::ApiState {
+            vehicle_id: config.vehicle_id.clone(),
+            snapshots: snapshots.clone(),
+            metrics: Arc::new(registry),
+            connected,
+        },
+        stopped(),
+    ));
+    tokio::spawn(notify_systemd(snapshots));
+    let engine = tokio::spawn(engine.run(input_rx, stopped()));
+    drop(input_tx);
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop_tx.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = reporter.await;
+        let _ = api.await;
+        let _ = engine.await;
+    })
+    .await;
+    Ok(())
+}
+
+/// READY=1 after the first selection; WATCHDOG=1 while the engine keeps publishing
+/// (its tick publishes at least whenever anything changes; a stuck engine stops it).
+async fn notify_systemd(mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    if snapshots.wait_for(|s| s.ready).await.is_err() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "sd_notify READY");
+    }
+    tracing::info!("first uplink selection made; ready");
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        if snapshots.has_changed().is_err() {
+            return;
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+}

@@ -1,0 +1,170 @@
+//! misaki: `misaki-cp serve` on a policy file, pushing over ADS (SotW or delta) to a
+//! real Envoy started from `envoy-configs/vehicle-sidecar*.yaml`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::Context;
+use misaki_e2e::process::{repo_root, wait_for};
+use misaki_e2e::{ControlPlane, Envoy, Process, Upstream, free_port, http};
+
+use crate::measure::{self, Plan, Sample, Sides};
+use crate::{logtime, rss};
+
+/// ADS flavour, i.e. which bootstrap the Envoy starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum Flavour {
+    Sotw,
+    Delta,
+}
+
+impl Flavour {
+    pub fn bootstrap(self) -> &'static str {
+        match self {
+            Flavour::Sotw => "vehicle-sidecar.yaml",
+            Flavour::Delta => "vehicle-sidecar-delta.yaml",
+        }
+    }
+}
+
+/// `misaki-cp serve` on fresh ephemeral ports. The harness's `ControlPlane::start`
+/// finds the binary relative to a test executable in `target/<profile>/deps/`; this
+/// benchmark is a plain binary in `target/<profile>/`, so it passes the path itself.
+pub fn start_cp(bin: &Path, policy: &Path, dir: &Path) -> anyhow::Result<ControlPlane> {
+    let (xds_port, admin_port) = (free_port(), free_port());
+    let proc = Process::spawn(
+        "misaki-cp",
+        Command::new(bin)
+            .arg("serve")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--xds-addr")
+            .arg(format!("127.0.0.1:{xds_port}"))
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("RUST_LOG", "info"),
+        dir.join(format!("misaki-cp-{xds_port}.log")),
+    );
+    let cp = ControlPlane {
+        proc,
+        xds_port,
+        admin_port,
+    };
+    let ready = wait_for(Duration::from_secs(20), || {
+        http::get(admin_port, "/readyz")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    anyhow::ensure!(
+        ready.is_some(),
+        "misaki-cp did not become ready:\n{}",
+        cp.proc.log_text()
+    );
+    Ok(cp)
+}
+
+/// The smallest policy with one cloud service, `maps`, on one upstream. The mesh
+/// ports are fresh ephemeral ones (the vehicle sidecar binds them).
+fn policy(outbound: u16, inbound: u16, cloud: u16, upstream: u16) -> String {
+    format!(
+        r#"version: 1
+mesh:
+  vehicle_outbound_port: {outbound}
+  vehicle_inbound_port: {inbound}
+  cloud_inbound_port: {cloud}
+uplinks:
+  - {{ name: wifi, kind: wifi, cost: 1 }}
+classes:
+  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi] }}
+services:
+  - name: maps
+    location: cloud
+    port: 8080
+    endpoints: ["127.0.0.1:{upstream}"]
+    routes: ["/maps"]
+    class: standard
+"#
+    )
+}
+
+/// Edit latency: every edit moves `maps` to the other upstream.
+pub fn edit_latency(
+    cp_bin: &Path,
+    flavour: Flavour,
+    plan: &Plan,
+    dir: &Path,
+) -> anyhow::Result<Vec<Sample>> {
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let (outbound, inbound, cloud) = (free_port(), free_port(), free_port());
+    let policy_path = dir.join("mesh.yaml");
+    measure::save(&policy_path, &policy(outbound, inbound, cloud, a.port))?;
+    let cp = start_cp(cp_bin, &policy_path, dir)?;
+    let _envoy = Envoy::start(flavour.bootstrap(), "bench-car", cp.xds_port, dir);
+    let mut samples = measure::run(
+        plan,
+        outbound,
+        "/maps/tile",
+        Sides {
+            a: a.port,
+            b: b.port,
+        },
+        |port| {
+            measure::save(&policy_path, &policy(outbound, inbound, cloud, port))
+                .context("save policy")
+        },
+    )?;
+    // Split each latency at the moment misaki-cp logged the new policy in force.
+    let applied = logtime::policy_in_force(&cp.proc.log_text());
+    let saves: Vec<_> = samples.iter().map(|s| s.saved_at).collect();
+    for (s, t) in samples
+        .iter_mut()
+        .zip(logtime::time_to_next(&saves, &applied))
+    {
+        s.cp_applied = t;
+    }
+    drop(cp);
+    Ok(samples)
+}
+
+/// The quickstart policy with its fixed mesh ports (15001, 15006, 15443) moved to
+/// fresh ephemeral ones, so this Envoy cannot share a port with anyone's.
+fn quickstart_on_fresh_ports() -> anyhow::Result<String> {
+    let path: PathBuf = repo_root().join("examples/quickstart/mesh.yaml");
+    let text = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let mut out = text.clone();
+    for key in [
+        "vehicle_outbound_port: 15001",
+        "vehicle_inbound_port: 15006",
+        "cloud_inbound_port: 15443",
+    ] {
+        anyhow::ensure!(out.contains(key), "quickstart has no `{key}`");
+        let (name, _) = key.split_once(':').expect("key: value");
+        out = out.replace(key, &format!("{name}: {}", free_port()));
+    }
+    Ok(out)
+}
+
+/// RSS of misaki-cp serving the quickstart policy to one Envoy, after `idle` with
+/// nothing changing.
+pub fn idle_rss_kib(
+    cp_bin: &Path,
+    flavour: Flavour,
+    idle: Duration,
+    dir: &Path,
+) -> anyhow::Result<u64> {
+    fs::create_dir_all(dir)?;
+    let policy_path = dir.join("quickstart.yaml");
+    fs::write(&policy_path, quickstart_on_fresh_ports()?)?;
+    let cp = start_cp(cp_bin, &policy_path, dir)?;
+    let envoy = Envoy::start(flavour.bootstrap(), "idle-car", cp.xds_port, dir);
+    // LIVE means Envoy has its config; also make sure the stream is the one counted.
+    let connected = wait_for(Duration::from_secs(10), || {
+        (envoy.stat("control_plane.connected_state") == Some(1)).then_some(())
+    });
+    anyhow::ensure!(connected.is_some(), "Envoy never connected to misaki-cp");
+    thread::sleep(idle);
+    rss::vm_rss_kib(cp.proc.pid()).context("read misaki-cp VmRSS")
+}

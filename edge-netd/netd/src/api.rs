@@ -1,0 +1,160 @@
+//! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`.
+//!
+//! Invariants: read-only; answers from the latest published [`Snapshot`], never
+//! blocking the engine. `/readyz` is 200 only once the first selection was made.
+
+use crate::engine::Snapshot;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the API reads.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub vehicle_id: String,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+    pub connected: Arc<AtomicBool>,
+}
+
+/// The `/links` document.
+pub fn links_json(vehicle_id: &str, s: &Snapshot, connected: bool) -> Value {
+    let links: Vec<Value> = s
+        .links
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "interface": l.interface,
+                "kind": l.kind.as_str(),
+                "exists": l.exists,
+                "up": l.up,
+                "carrier": l.carrier,
+                "reachable": l.reachable,
+                "rtt_us": l.rtt.map(|d| d.as_micros() as u64),
+                "jitter_us": l.jitter.as_micros() as u64,
+                "loss_percent": l.loss_percent,
+                "samples": l.samples,
+                "consecutive_lost": l.consecutive_lost,
+                "metered": l.metered,
+                "cost": l.cost,
+            })
+        })
+        .collect();
+    let selections: serde_json::Map<String, Value> = s
+        .selections
+        .iter()
+        .map(|c| {
+            (
+                c.class.clone(),
+                json!({
+                    "uplink": c.uplink,
+                    "reason": c.reason,
+                    "since_unix_ms": c.since_unix_ms,
+                    "switches": c.switches,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "vehicle_id": vehicle_id,
+        "ready": s.ready,
+        "policy_version": s.policy_version,
+        "control_plane_connected": connected,
+        "links": links,
+        "selections": selections,
+    })
+}
+
+fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (method, path) {
+        (&Method::GET, "/links") => {
+            let snap = state.snapshots.borrow().clone();
+            let doc = links_json(
+                &state.vehicle_id,
+                &snap,
+                state.connected.load(Ordering::Relaxed),
+            );
+            (StatusCode::OK, "application/json", doc.to_string())
+        }
+        (&Method::GET, "/metrics") => {
+            let mut s = String::new();
+            match prometheus_client::encoding::text::encode(&mut s, &state.metrics) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    s,
+                ),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        (&Method::GET, "/readyz") => {
+            if state.snapshots.borrow().ready {
+                (StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no uplink selection yet\n".into(),
+                )
+            }
+        }
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Serve the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = route(&state, req.method(), req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "api connection");
+            }
+        });
+    }
+}

@@ -1,0 +1,464 @@
+//! The engine: owns link state, probe windows, the policy and the [`Selector`];
+//! turns monitor/probe/policy inputs into selections and publishes a [`Snapshot`].
+//!
+//! Invariants:
+//! - Single owner: only the engine task mutates link state and selections; everyone
+//!   else reads [`Snapshot`]s from a `watch` channel.
+//! - No selection before the link monitor's initial dump (`Synced`), so the first
+//!   selection — and with it readiness — reflects real carrier state.
+//! - Carrier loss clears the link's probe window: samples from before the outage say
+//!   nothing about the link after it.
+//! - A received policy is validated, then persisted, then applied; an invalid one is
+//!   logged and counted, and the previous policy stays.
+
+use crate::config::{Config, UplinkConfig};
+use crate::monitor::{LinkStatus, MonitorEvent};
+use crate::policy::{self, VehiclePolicy};
+use crate::probe::{Outcome, ProbeResult, ProbeWindow};
+use crate::selector::{LinkHealth, Selector, Switch};
+use misaki_proto::fleet_v1 as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// Re-evaluation period without inputs (dwell timers expire between probes too).
+const TICK: Duration = Duration::from_millis(100);
+
+/// A loss rate over fewer probes than this is noise (1 lost of 2 is "50 %"), so
+/// `max_loss_percent` applies only from this many samples (or a full smaller window).
+const MIN_LOSS_SAMPLES: usize = 10;
+
+/// Inputs of the engine.
+#[derive(Debug)]
+pub enum Input {
+    Monitor(MonitorEvent),
+    Probe(ProbeResult),
+    Policy(pb::PolicyUpdate),
+}
+
+/// One uplink as published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkView {
+    pub name: String,
+    pub interface: String,
+    pub kind: crate::config::UplinkKind,
+    pub exists: bool,
+    pub up: bool,
+    pub carrier: bool,
+    pub reachable: bool,
+    pub rtt: Option<Duration>,
+    pub jitter: Duration,
+    pub loss_percent: f64,
+    pub samples: usize,
+    pub consecutive_lost: u32,
+    pub metered: bool,
+    pub cost: u32,
+}
+
+/// One class's selection as published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectionView {
+    pub class: String,
+    pub uplink: Option<String>,
+    pub reason: &'static str,
+    pub since_unix_ms: u64,
+    pub switches: u64,
+}
+
+/// Everything the API and the reporter need, immutable once published.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Snapshot {
+    /// At least one selection has been made.
+    pub ready: bool,
+    pub policy_version: String,
+    pub links: Vec<LinkView>,
+    pub selections: Vec<SelectionView>,
+}
+
+impl Snapshot {
+    pub fn selection(&self, class: &str) -> Option<&SelectionView> {
+        self.selections.iter().find(|s| s.class == class)
+    }
+
+    pub fn link(&self, name: &str) -> Option<&LinkView> {
+        self.links.iter().find(|l| l.name == name)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SwitchLabels {
+    class: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ProbeLabels {
+    uplink: String,
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UplinkLabel {
+    uplink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
+}
+
+/// The daemon's metrics (names follow `edge_netd_<name>_<unit>[_total]`).
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    pub(crate) switches: Family<SwitchLabels, Counter>,
+    pub(crate) probes: Family<ProbeLabels, Counter>,
+    pub(crate) carrier: Family<UplinkLabel, Gauge>,
+    pub(crate) rtt_us: Family<UplinkLabel, Gauge>,
+    pub(crate) loss_permille: Family<UplinkLabel, Gauge>,
+    pub(crate) policy_updates: Family<ResultLabel, Counter>,
+    pub(crate) reporter_connected: Gauge,
+    pub(crate) reporter_connects: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "edge_netd_selection_switches",
+            "Uplink switches, by class and reason",
+            self.switches.clone(),
+        );
+        r.register(
+            "edge_netd_probes",
+            "Link probes, by uplink and result",
+            self.probes.clone(),
+        );
+        r.register(
+            "edge_netd_link_carrier",
+            "1 when the uplink has carrier",
+            self.carrier.clone(),
+        );
+        r.register(
+            "edge_netd_link_rtt_microseconds",
+            "Mean probe RTT over the window",
+            self.rtt_us.clone(),
+        );
+        r.register(
+            "edge_netd_link_loss_permille",
+            "Probe loss over the window",
+            self.loss_permille.clone(),
+        );
+        r.register(
+            "edge_netd_policy_updates",
+            "Policy updates received, by result",
+            self.policy_updates.clone(),
+        );
+        r.register(
+            "edge_netd_reporter_connected",
+            "1 while the report stream is open",
+            self.reporter_connected.clone(),
+        );
+        r.register(
+            "edge_netd_reporter_connects",
+            "Report stream connection attempts, by result",
+            self.reporter_connects.clone(),
+        );
+    }
+}
+
+#[derive(Debug)]
+struct LinkRuntime {
+    cfg: UplinkConfig,
+    status: LinkStatus,
+    window: ProbeWindow,
+}
+
+/// The engine state. Drive it with [`Engine::run`].
+#[derive(Debug)]
+pub struct Engine {
+    config: Arc<Config>,
+    links: Vec<LinkRuntime>,
+    policy: VehiclePolicy,
+    selector: Selector,
+    synced: bool,
+    ready: bool,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    metrics: Metrics,
+}
+
+fn unix_ms_of(at: Instant) -> u64 {
+    let ago = Instant::now().saturating_duration_since(at);
+    SystemTime::now()
+        .checked_sub(ago)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// A new engine starting from `policy` (the stored one, or empty).
+    pub fn new(
+        config: Arc<Config>,
+        policy: VehiclePolicy,
+        metrics: Metrics,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let links = config
+            .uplinks
+            .iter()
+            .map(|u| LinkRuntime {
+                cfg: u.clone(),
+                status: LinkStatus {
+                    interface: u.interface.clone(),
+                    exists: false,
+                    up: false,
+                    carrier: false,
+                },
+                window: ProbeWindow::new(config.probe.window),
+            })
+            .collect();
+        let mut selector = Selector::new(config.selection.dwell);
+        selector.set_classes(policy.classes_with_default(&config.uplinks));
+        let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut e = Engine {
+            config,
+            links,
+            policy,
+            selector,
+            synced: false,
+            ready: false,
+            snapshot,
+            metrics,
+        };
+        e.publish();
+        (e, rx)
+    }
+
+    fn health(&self) -> BTreeMap<String, LinkHealth> {
+        let k = self.config.selection.blackhole_after;
+        let min_samples = self.config.probe.window.min(MIN_LOSS_SAMPLES);
+        self.links
+            .iter()
+            .map(|l| {
+                let s = l.window.stats();
+                let h = LinkHealth {
+                    cost: self.policy.cost(&l.cfg),
+                    carrier: l.status.carrier,
+                    reachable: l.window.consecutive_lost() < k,
+                    rtt: s.rtt,
+                    loss_percent: (s.samples >= min_samples).then_some(s.loss_percent),
+                };
+                (l.cfg.name.clone(), h)
+            })
+            .collect()
+    }
+
+    /// Apply one input (no evaluation).
+    pub fn handle(&mut self, input: Input) {
+        match input {
+            Input::Monitor(MonitorEvent::Synced) => self.synced = true,
+            Input::Monitor(MonitorEvent::Link(status)) => {
+                if let Some(l) = self
+                    .links
+                    .iter_mut()
+                    .find(|l| l.cfg.interface == status.interface)
+                {
+                    if l.status != status {
+                        tracing::info!(uplink = %l.cfg.name, interface = %status.interface, exists = status.exists, up = status.up, carrier = status.carrier, "link state");
+                    }
+                    if l.status.carrier && !status.carrier {
+                        l.window.clear();
+                    }
+                    self.metrics
+                        .carrier
+                        .get_or_create(&UplinkLabel {
+                            uplink: l.cfg.name.clone(),
+                        })
+                        .set(i64::from(status.carrier));
+                    l.status = status;
+                }
+            }
+            Input::Probe(p) => {
+                let Some(l) = self.links.get_mut(p.uplink) else {
+                    return;
+                };
+                let result = match p.outcome {
+                    Outcome::Answered(_) => "answered",
+                    Outcome::Lost => "lost",
+                };
+                self.metrics
+                    .probes
+                    .get_or_create(&ProbeLabels {
+                        uplink: l.cfg.name.clone(),
+                        result,
+                    })
+                    .inc();
+                // While there is no carrier, probes fail for a known reason; keep the
+                // window empty so the link starts fresh when carrier returns.
+                if l.status.carrier {
+                    l.window.push(p.outcome);
+                }
+                let s = l.window.stats();
+                let label = UplinkLabel {
+                    uplink: l.cfg.name.clone(),
+                };
+                self.metrics.rtt_us.get_or_create(&label).set(
+                    s.rtt
+                        .map_or(-1, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+                );
+                self.metrics
+                    .loss_permille
+                    .get_or_create(&label)
+                    .set((s.loss_percent * 10.0).round() as i64);
+            }
+            Input::Policy(wire) => self.apply_policy(wire),
+        }
+    }
+
+    fn apply_policy(&mut self, wire: pb::PolicyUpdate) {
+        if wire.version == self.policy.version {
+            return;
+        }
+        let version = wire.version.clone();
+        match VehiclePolicy::try_from(wire) {
+            Err(e) => {
+                self.metrics
+                    .policy_updates
+                    .get_or_create(&ResultLabel { result: "invalid" })
+                    .inc();
+                tracing::warn!(%version, error = %e, "rejected policy update; keeping the current policy");
+            }
+            Ok(p) => {
+                if let Some(wire) = &p.wire
+                    && let Err(e) = policy::store(&self.config.state_dir, wire)
+                {
+                    // Still apply it: it is valid; only the reboot copy is stale.
+                    tracing::error!(error = %e, "could not persist the policy");
+                }
+                self.metrics
+                    .policy_updates
+                    .get_or_create(&ResultLabel { result: "applied" })
+                    .inc();
+                tracing::info!(%version, classes = p.classes.len(), "applied policy");
+                self.selector
+                    .set_classes(p.classes_with_default(&self.config.uplinks));
+                self.policy = p;
+            }
+        }
+    }
+
+    /// Evaluate at `now` (after sync) and publish if anything changed.
+    pub fn evaluate(&mut self, now: Instant) -> Vec<Switch> {
+        let switches = if self.synced {
+            let health = self.health();
+            let sw = self.selector.evaluate(now.into_std(), &health);
+            self.ready = true;
+            for s in &sw {
+                self.metrics
+                    .switches
+                    .get_or_create(&SwitchLabels {
+                        class: s.class.clone(),
+                        reason: s.reason.as_str(),
+                    })
+                    .inc();
+                tracing::info!(
+                    class = %s.class,
+                    from = s.from.as_deref().unwrap_or("-"),
+                    to = s.to.as_deref().unwrap_or("-"),
+                    reason = s.reason.as_str(),
+                    "uplink selection switched"
+                );
+            }
+            sw
+        } else {
+            Vec::new()
+        };
+        self.publish();
+        switches
+    }
+
+    fn publish(&mut self) {
+        let k = self.config.selection.blackhole_after;
+        let links = self
+            .links
+            .iter()
+            .map(|l| {
+                let s = l.window.stats();
+                LinkView {
+                    name: l.cfg.name.clone(),
+                    interface: l.cfg.interface.clone(),
+                    kind: l.cfg.kind,
+                    exists: l.status.exists,
+                    up: l.status.up,
+                    carrier: l.status.carrier,
+                    reachable: l.status.carrier && l.window.consecutive_lost() < k,
+                    rtt: s.rtt,
+                    jitter: s.jitter,
+                    loss_percent: s.loss_percent,
+                    samples: s.samples,
+                    consecutive_lost: l.window.consecutive_lost(),
+                    metered: l.cfg.metered,
+                    cost: self.policy.cost(&l.cfg),
+                }
+            })
+            .collect();
+        let selections = self
+            .selector
+            .selections()
+            .filter_map(|(class, sel)| {
+                let sel = sel?;
+                Some(SelectionView {
+                    class: class.to_string(),
+                    uplink: sel.uplink.clone(),
+                    reason: sel.reason.as_str(),
+                    since_unix_ms: unix_ms_of(Instant::from_std(sel.since)),
+                    switches: sel.switches,
+                })
+            })
+            .collect();
+        let snap = Snapshot {
+            ready: self.ready,
+            policy_version: self.policy.version.clone(),
+            links,
+            selections,
+        };
+        self.snapshot.send_if_modified(|cur| {
+            if **cur == snap {
+                false
+            } else {
+                *cur = Arc::new(snap);
+                true
+            }
+        });
+    }
+
+    /// Run until `inputs` closes or `shutdown` completes.
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                input = inputs.recv() => {
+                    let Some(input) = input else { return };
+                    self.handle(input);
+                    // Drain what is already queued so a burst costs one evaluation.
+                    while let Ok(more) = inputs.try_recv() {
+                        self.handle(more);
+                    }
+                    self.evaluate(Instant::now());
+                }
+                _ = tick.tick() => { self.evaluate(Instant::now()); }
+            }
+        }
+    }
+}
