@@ -360,7 +360,7 @@ fn print_table(args: &Args, plan: &Plan, sov: &sovereign::Config, rows: &[Row], 
         println!();
         println!(
             "Where the time goes, {}: save → misaki-cp logs `policy in force` (inotify, the \
-             watcher's 5 ms quiet window, load + validate + compile): median {}, max {}; then → \
+             reload on rename, load + validate + compile): median {}, max {}; then → \
              first request on the new upstream (snapshot push over ADS, Envoy applies it, probe \
              resolution): median {}, max {}.",
             r.setup,

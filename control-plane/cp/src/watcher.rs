@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -28,10 +29,26 @@ pub enum WatchError {
     },
 }
 
-fn relevant(policy: &Path, is_dir: bool, event: &notify::Event) -> bool {
-    if matches!(event.kind, EventKind::Access(_)) {
-        return false;
+/// How soon an event lets us reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// The file is complete (renamed into place, or closed after writing).
+    Now,
+    /// The file may still be being written.
+    AfterQuiet,
+}
+
+fn urgency(kind: &EventKind) -> Option<Urgency> {
+    match kind {
+        // A created file is usually still empty; its writer's close follows.
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        | EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Urgency::Now),
+        EventKind::Access(_) => None,
+        _ => Some(Urgency::AfterQuiet),
     }
+}
+
+fn relevant(policy: &Path, is_dir: bool, event: &notify::Event) -> bool {
     event.paths.iter().any(|p| {
         if is_dir {
             matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
@@ -62,10 +79,11 @@ pub async fn run(
     let filter_path = path.clone();
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if relevant(&filter_path, is_dir, &ev) => {
-                let _ = tx.send(());
+            Ok(ev) => {
+                if let Some(u) = urgency(&ev.kind).filter(|_| relevant(&filter_path, is_dir, &ev)) {
+                    let _ = tx.send(u);
+                }
             }
-            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "policy watch error"),
         })
         .map_err(|source| WatchError::Notify {
@@ -82,16 +100,24 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let mut urgency = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            ev = rx.recv() => if ev.is_none() { return Ok(()) },
-        }
-        // Coalesce the rest of this save.
+            ev = rx.recv() => match ev {
+                Some(u) => u,
+                None => return Ok(()),
+            },
+        };
+        // An in-place write: wait until the writer has gone quiet (or says it is done).
         let deadline = tokio::time::Instant::now() + MAX_DELAY;
-        while let Ok(Some(())) =
-            tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET), rx.recv())
-                .await
-        {}
+        while urgency == Urgency::AfterQuiet {
+            let quiet = deadline.min(tokio::time::Instant::now() + QUIET);
+            match tokio::time::timeout_at(quiet, rx.recv()).await {
+                Ok(Some(u)) => urgency = u,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Whatever else is queued is part of this save.
+        while rx.try_recv().is_ok() {}
         let p = path.clone();
         let loaded = tokio::task::spawn_blocking(move || misaki_policy::load_path(&p))
             .await
