@@ -126,14 +126,10 @@ pub async fn serve(
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
 
-    let watch_task = match args.policy.clone() {
-        Some(path) => Some(tokio::spawn(watcher::run(
-            path,
-            policy_state.clone(),
-            stopped(),
-        ))),
-        None => None,
-    };
+    let watch_task = args
+        .policy
+        .clone()
+        .map(|path| tokio::spawn(watcher::run(path, policy_state.clone(), stopped())));
 
     if let Some(socket) = probe_socket {
         tracing::info!(addr = ?socket.local_addr().ok(), "probe echo listening");
