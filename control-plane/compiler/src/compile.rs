@@ -36,7 +36,9 @@ use envoy_types::pb::envoy::config::core::v3::{RuntimeFeatureFlag, TypedExtensio
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
     route_action, route_match,
@@ -80,10 +82,13 @@ pub fn inbound_cluster(svc: &str) -> String {
 /// Compile the snapshot for one node. `version_prefix` makes versions unique per
 /// server instance (see [`crate::snapshot`]).
 pub fn compile(policy: &Policy, node: &NodeInfo, version_prefix: &str) -> Snapshot {
-    let out = match node.role {
+    let mut out = match node.role {
         Role::Vehicle => vehicle(policy),
         Role::Cloud => cloud(policy),
     };
+    if node.proxyless {
+        out.add_api_listeners(policy, node.role);
+    }
     out.into_snapshot(version_prefix)
 }
 
@@ -116,6 +121,29 @@ impl Output {
             versioned(prefix, self.listeners, |l| &l.name),
             versioned(prefix, self.routes, |r| &r.name),
         )
+    }
+
+    /// Proxyless gRPC clients resolve `xds:///<service>` through a Listener named after
+    /// the service whose `api_listener` points at the role's route configuration; the
+    /// service's Host-matched virtual host (domain = service name) does the rest.
+    fn add_api_listeners(&mut self, policy: &Policy, role: Role) {
+        let route_config = match role {
+            Role::Vehicle => VEHICLE_OUTBOUND,
+            Role::Cloud => CLOUD_INBOUND,
+        };
+        for svc in policy.services.values() {
+            if role == Role::Cloud && svc.location == Location::Vehicle {
+                continue;
+            }
+            let hcm = hcm(route_config, Vec::new());
+            self.listeners.push(Listener {
+                name: svc.name.clone(),
+                api_listener: Some(ApiListener {
+                    api_listener: Some(any(&hcm)),
+                }),
+                ..Default::default()
+            });
+        }
     }
 
     /// Add a cluster for `svc`'s instances; EDS when possible.
@@ -348,8 +376,9 @@ fn route(svc: &Service, class: &TrafficClass, cluster: &str, prefix: &str) -> Ro
     }
 }
 
-/// An HTTP listener taking its routes over RDS; `filters` run before the router.
-fn http_listener(name: &str, ip: &str, port: u16, mut filters: Vec<HttpFilter>) -> Listener {
+/// An HTTP connection manager taking route configuration `name` over RDS; `filters`
+/// run before the router.
+fn hcm(name: &str, mut filters: Vec<HttpFilter>) -> HttpConnectionManager {
     filters.push(HttpFilter {
         name: "envoy.filters.http.router".to_string(),
         config_type: Some(http_filter::ConfigType::TypedConfig(
@@ -357,7 +386,7 @@ fn http_listener(name: &str, ip: &str, port: u16, mut filters: Vec<HttpFilter>) 
         )),
         ..Default::default()
     });
-    let hcm = HttpConnectionManager {
+    HttpConnectionManager {
         stat_prefix: name.to_string(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -365,7 +394,12 @@ fn http_listener(name: &str, ip: &str, port: u16, mut filters: Vec<HttpFilter>) 
         })),
         http_filters: filters,
         ..Default::default()
-    };
+    }
+}
+
+/// An HTTP listener whose routes are the route configuration of the same name.
+fn http_listener(name: &str, ip: &str, port: u16, filters: Vec<HttpFilter>) -> Listener {
+    let hcm = hcm(name, filters);
     Listener {
         name: name.to_string(),
         address: Some(socket(ip, port)),

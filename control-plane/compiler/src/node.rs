@@ -6,6 +6,11 @@
 //!   services the same way). Anything else is rejected.
 //! - vehicle id (role `vehicle` only): `node.metadata.vehicle_id` if set, else `node.id`.
 //!
+//! - proxyless: `node.user_agent_name` starts with `gRPC` (gRPC's xDS clients say
+//!   "gRPC Python", "gRPC Go", ...; Envoy says "envoy"). A proxyless client resolves
+//!   `xds:///<service>` by asking for a Listener of that name, so it gets an
+//!   `api_listener` per service on top of its role's resources.
+//!
 //! Metadata is a protobuf `Struct`; only string values are read.
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -33,6 +38,8 @@ pub struct NodeInfo {
     pub role: Role,
     /// Set for vehicle nodes.
     pub vehicle_id: Option<String>,
+    /// A proxyless gRPC client rather than an Envoy.
+    pub proxyless: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,6 +91,7 @@ impl NodeInfo {
             id: node.id.clone(),
             role,
             vehicle_id,
+            proxyless: node.user_agent_name.starts_with("gRPC"),
         })
     }
 }
@@ -126,6 +134,15 @@ mod tests {
         )))
         .unwrap();
         assert_eq!(n.vehicle_id.as_deref(), Some("VIN123"));
+    }
+
+    #[test]
+    fn grpc_user_agents_are_proxyless_and_envoy_is_not() {
+        let mut n = node("car-7", "vehicle", &[]);
+        n.user_agent_name = "gRPC Python".into();
+        assert!(NodeInfo::from_node(Some(&n)).unwrap().proxyless);
+        n.user_agent_name = "envoy".into();
+        assert!(!NodeInfo::from_node(Some(&n)).unwrap().proxyless);
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn vehicle() -> NodeInfo {
         id: "car-1".into(),
         role: Role::Vehicle,
         vehicle_id: Some("car-1".into()),
+        proxyless: false,
     }
 }
 
@@ -33,6 +34,7 @@ fn cloud() -> NodeInfo {
         id: "cloud-1".into(),
         role: Role::Cloud,
         vehicle_id: None,
+        proxyless: false,
     }
 }
 

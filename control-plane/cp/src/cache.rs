@@ -20,16 +20,21 @@ use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
 
 /// What a node's snapshot depends on besides the policy. Today the compiled output
-/// depends only on the role; when fleet state feeds the compiler (per-vehicle uplink
-/// choice) vehicles with differing state will get keys of their own.
+/// depends only on the role and whether the client is proxyless gRPC; when fleet
+/// state feeds the compiler (per-vehicle uplink choice) vehicles with differing state
+/// will get keys of their own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CompileKey {
     pub role: Role,
+    pub proxyless: bool,
 }
 
 impl CompileKey {
     pub fn of(node: &NodeInfo) -> Self {
-        CompileKey { role: node.role }
+        CompileKey {
+            role: node.role,
+            proxyless: node.proxyless,
+        }
     }
 
     /// A representative node for compiling this key.
@@ -38,6 +43,7 @@ impl CompileKey {
             id: String::new(),
             role: self.role,
             vehicle_id: None,
+            proxyless: self.proxyless,
         }
     }
 }

@@ -16,6 +16,7 @@ fn vehicle(id: &str) -> NodeInfo {
         id: id.into(),
         role: Role::Vehicle,
         vehicle_id: Some(id.into()),
+        proxyless: false,
     }
 }
 
@@ -24,6 +25,7 @@ fn cloud() -> NodeInfo {
         id: "c".into(),
         role: Role::Cloud,
         vehicle_id: None,
+        proxyless: false,
     }
 }
 

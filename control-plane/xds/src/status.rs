@@ -203,6 +203,7 @@ mod tests {
             id: "car-1".into(),
             role: Role::Vehicle,
             vehicle_id: Some("car-1".into()),
+            proxyless: false,
         }
     }
 

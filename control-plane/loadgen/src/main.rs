@@ -1,0 +1,294 @@
+//! `misaki-loadgen`: the control plane at fleet scale.
+//!
+//! - `bench`: for each (streams × connections × mode) start a fresh misaki-cp, connect
+//!   that many simulated vehicle sidecars (ADS, SotW or delta, behaving like Envoy),
+//!   and print one Markdown table: memory per stream, fleet-wide change latency, a new
+//!   vehicle's time to full config, CPU per phase.
+//! - `envoys`: the same edit-to-ACK measurement with real Envoy sidecars and with the
+//!   same number of simulated ones, to check the simulation against the real client.
+//! - `connect`: hold N simulated streams against a misaki-cp started by hand (for
+//!   profiling it under perf/heaptrack).
+//!
+//! Everything it starts is killed when it exits, on error and on SIGINT/SIGTERM too.
+//! `bench/fleet_scale.sh` builds it and misaki-cp in release and runs both tables.
+
+mod bench;
+mod client;
+mod envoys;
+mod fleet;
+mod policy;
+mod stats;
+mod sys;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::client::{ClientConfig, Mode};
+
+#[derive(Debug, Parser)]
+#[command(name = "misaki-loadgen", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Append the pid of every process started here to this file (for a wrapper
+    /// script's cleanup trap).
+    #[arg(long, global = true)]
+    pidfile: Option<PathBuf>,
+    /// Give up (and clean up) after this many seconds.
+    #[arg(long, global = true, default_value_t = 3600)]
+    deadline_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// misaki-cp binary (default: the one beside this binary).
+    #[arg(long)]
+    cp: Option<PathBuf>,
+    /// Where policies and logs go (default: a temp dir, removed at exit).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Cloud services added to the quickstart policy, for a realistic snapshot size.
+    #[arg(long, default_value_t = 20)]
+    extra_services: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Fleet-scale benchmark with simulated vehicles; prints a Markdown table.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        /// Stream counts, one row each.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
+        streams: Vec<usize>,
+        /// ADS variants.
+        #[arg(long, value_delimiter = ',', default_values_t = [Mode::Sotw, Mode::Delta])]
+        modes: Vec<Mode>,
+        /// HTTP/2 connections the streams share; 0 = one per stream (as Envoy).
+        #[arg(long, value_delimiter = ',', default_values_t = [64])]
+        conns: Vec<usize>,
+        /// Fleet-wide policy edits per row.
+        #[arg(long, default_value_t = 3)]
+        edits: usize,
+        /// New-vehicle trials per row.
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// Each simulated stream NACKs every K-th response it receives (0: never).
+        #[arg(long, default_value_t = 0)]
+        nack_every: u64,
+        /// Simulated streams NACK every response whose version contains this.
+        #[arg(long)]
+        nack_version: Option<String>,
+    },
+    /// Real Envoys vs. simulated clients: policy edit → all ACKed on /nodes.
+    Envoys {
+        #[command(flatten)]
+        common: Common,
+        /// Envoy binary (default: $MISAKI_ENVOY, else .venv/bin/envoy).
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// Vehicle bootstrap template.
+        #[arg(long, default_value = "envoy-configs/vehicle-sidecar.yaml")]
+        bootstrap: PathBuf,
+        /// Envoys (and simulated streams) per row.
+        #[arg(long, default_value_t = 16)]
+        count: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = [Mode::Sotw, Mode::Delta])]
+        modes: Vec<Mode>,
+        #[arg(long, default_value_t = 10)]
+        edits: usize,
+    },
+    /// Hold N simulated streams against a running misaki-cp (for profiling it).
+    Connect {
+        /// misaki-cp's xDS address.
+        #[arg(long)]
+        xds_addr: String,
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        #[arg(long, value_enum, default_value_t = Mode::Sotw)]
+        mode: Mode,
+        /// 0 = one connection per stream.
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        /// Seconds to hold the streams once all are ready (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        hold_secs: u64,
+        #[arg(long, default_value_t = 0)]
+        nack_every: u64,
+        #[arg(long)]
+        nack_version: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A directory for policies and logs: the one asked for (kept), or a temp dir.
+fn work_dir(out: Option<PathBuf>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match out {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            Ok((d, None))
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("misaki-loadgen-")
+                .tempdir()?;
+            Ok((t.path().to_path_buf(), Some(t)))
+        }
+    }
+}
+
+fn cp_bin(c: &Common) -> Result<PathBuf> {
+    let p = c.cp.clone().unwrap_or_else(bench::default_cp);
+    if !p.is_file() {
+        bail!(
+            "misaki-cp not found at {} (build it: cargo build --release -p misaki-control-plane, or pass --cp)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+async fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Bench {
+            common,
+            streams,
+            modes,
+            conns,
+            edits,
+            trials,
+            nack_every,
+            nack_version,
+        } => {
+            let cp = cp_bin(&common)?;
+            let (dir, _tmp) = work_dir(common.out_dir.clone())?;
+            let mut rows = Vec::new();
+            for &n in &streams {
+                for &c in &conns {
+                    for &mode in &modes {
+                        let spec = bench::RowSpec {
+                            mode,
+                            streams: n,
+                            conns: c,
+                            edits,
+                            trials,
+                            extra_services: common.extra_services,
+                            nack_every,
+                            nack_version: nack_version.clone(),
+                        };
+                        match bench::run_row(&cp, &dir, &spec).await {
+                            Ok(r) => rows.push(r),
+                            Err(e) => {
+                                // Print what was measured so far before failing.
+                                bench::print_table(&rows, edits, trials);
+                                return Err(e.context(format!(
+                                    "row {} streams={n} conns={c}",
+                                    mode.as_str()
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+            bench::print_table(&rows, edits, trials);
+            Ok(())
+        }
+        Cmd::Envoys {
+            common,
+            envoy,
+            bootstrap,
+            count,
+            modes,
+            edits,
+        } => {
+            let cp = cp_bin(&common)?;
+            let envoy = envoy
+                .or_else(|| std::env::var_os("MISAKI_ENVOY").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(".venv/bin/envoy"));
+            if !envoy.is_file() {
+                bail!(
+                    "Envoy not found at {} (scripts/setup.sh installs it; or set MISAKI_ENVOY)",
+                    envoy.display()
+                );
+            }
+            let (dir, _tmp) = work_dir(common.out_dir.clone())?;
+            let spec = envoys::EnvoySpec {
+                envoy,
+                bootstrap,
+                count,
+                edits,
+                extra_services: common.extra_services,
+            };
+            let rows = envoys::run(&cp, &dir, &spec, &modes).await?;
+            envoys::print_table(&rows, edits);
+            Ok(())
+        }
+        Cmd::Connect {
+            xds_addr,
+            streams,
+            mode,
+            conns,
+            hold_secs,
+            nack_every,
+            nack_version,
+        } => {
+            let cfg = Arc::new(ClientConfig {
+                mode,
+                nack_every,
+                nack_version,
+            });
+            let start = Instant::now();
+            let f = fleet::Fleet::connect(&xds_addr, cfg, streams, conns, "veh-").await?;
+            f.wait_ready(Duration::from_secs(600), || Ok(())).await?;
+            eprintln!(
+                "{streams} {mode} streams ready in {:.2}s",
+                start.elapsed().as_secs_f64()
+            );
+            if hold_secs == 0 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+            f.check_failed()
+        }
+    }
+}
+
+async fn signalled() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    sys::set_pidfile(cli.pidfile.clone());
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let deadline = Duration::from_secs(cli.deadline_secs);
+    // Dropping `run` (signal or deadline) drops every process guard it holds.
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = tokio::time::timeout(deadline, run(cli.command)) => {
+                r.with_context(|| format!("deadline of {deadline:?} reached"))?
+            }
+            s = signalled() => bail!("interrupted by {s}"),
+        }
+    });
+    // Stream tasks still hold connections; don't wait for them.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    if let Err(e) = result {
+        eprintln!("misaki-loadgen: {e:#}");
+        std::process::exit(1);
+    }
+}
