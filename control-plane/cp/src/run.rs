@@ -58,10 +58,24 @@ pub fn initial_policy(path: Option<&PathBuf>) -> Result<(Policy, String), Policy
     }
 }
 
+/// Accept-queue length. A fleet reconnecting after a control-plane restart arrives all
+/// at once; with the kernel's default (128 in tokio) thousands of SYNs overflow and
+/// wait out a 1 s retransmit.
+const LISTEN_BACKLOG: i32 = 4096;
+
 async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+    let err = |source| RunError::Bind { what, addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
 }
 
 /// Run until `shutdown` resolves, then drain.
