@@ -1,0 +1,336 @@
+//! Wiring: [`StoreForward::start`] spawns the forwarder; [`StoreForward::serve`] runs the
+//! ingest endpoint on a listener; [`StoreForward::admin_response`] answers the local API
+//! paths (`/status`, `/deadletters`) for whatever server mounts them.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use misaki_policy::Policy;
+use misaki_queue::Queue;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    config::{ConfigError, HttpVersion, SafConfig},
+    forward::{self, ClassState, HttpClient},
+    ingest::{self, json_response},
+    metrics::Metrics,
+    uplink::UplinkView,
+};
+
+/// Shared by the endpoint, the forwarder and the delivery tasks.
+pub(crate) struct Inner {
+    pub(crate) config: SafConfig,
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) policy: watch::Receiver<Arc<Policy>>,
+    pub(crate) uplinks: Arc<dyn UplinkView>,
+    pub(crate) metrics: Metrics,
+    /// Poked by every accepted message and finished delivery.
+    pub(crate) wake: Notify,
+    pub(crate) classes: Mutex<HashMap<String, ClassState>>,
+    pub(crate) clients: Mutex<HashMap<(Option<String>, HttpVersion), HttpClient>>,
+    pub(crate) stop: watch::Receiver<bool>,
+}
+
+/// A running store-and-forward: cheap to clone, one per daemon.
+#[derive(Clone)]
+pub struct StoreForward {
+    inner: Arc<Inner>,
+    forwarder: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for StoreForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreForward")
+            .field("queue", &self.inner.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreForward {
+    /// Validate `config` and start the forwarder on the current tokio runtime. It runs until
+    /// `shutdown` completes, then lets in-flight deliveries finish (up to
+    /// `config.shutdown_grace`) and flushes the acks; [`StoreForward::serve`] stops
+    /// accepting at the same moment.
+    pub fn start(
+        config: SafConfig,
+        queue: Arc<Queue>,
+        policy: watch::Receiver<Arc<Policy>>,
+        uplinks: Arc<dyn UplinkView>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            config,
+            queue,
+            policy,
+            uplinks,
+            metrics: Metrics::default(),
+            wake: Notify::new(),
+            classes: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            stop: stop_rx,
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+            // Keep the sender alive so receivers see `true`, not a closed channel.
+            stop_tx.closed().await;
+        });
+        let forwarder = tokio::spawn(forward::run(inner.clone()));
+        Ok(Self {
+            inner,
+            forwarder: Arc::new(Mutex::new(Some(forwarder))),
+        })
+    }
+
+    /// Resolves once the forwarder finished after shutdown (acks flushed).
+    pub async fn stopped(&self) {
+        let handle = self
+            .forwarder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle
+            && let Err(e) = h.await
+        {
+            warn!(error = %e, "forwarder task failed");
+        }
+    }
+
+    /// Register the endpoint's and forwarder's metrics (crate `metrics` naming rule).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.inner.metrics.register(registry);
+    }
+
+    /// Answer one ingest request (for embedding in another server).
+    pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        handle(&self.inner, req).await
+    }
+
+    /// Serve the ingest endpoint (HTTP/1.1 and h2c on the same port) on `listener` until
+    /// shutdown; open connections are then closed gracefully.
+    pub async fn serve(&self, listener: TcpListener) {
+        let handler = {
+            let inner = self.inner.clone();
+            move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(handle(&inner, req).await) }
+            }
+        };
+        serve_loop(listener, self.inner.stop.clone(), handler).await;
+    }
+
+    /// Serve `admin_response` (plus `/metrics` from this crate's metrics alone) on
+    /// `listener`; for the stand-in daemon and tests: edge-netd mounts `admin_response` in
+    /// its own local API instead.
+    pub async fn serve_admin(&self, listener: TcpListener) {
+        let mut registry = Registry::default();
+        self.register_metrics(&mut registry);
+        let registry = Arc::new(registry);
+        let this = self.clone();
+        let handler = move |req: Request<hyper::body::Incoming>| {
+            let this = this.clone();
+            let registry = registry.clone();
+            async move {
+                let resp = if req.uri().path() == "/metrics" {
+                    let mut text = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                    Response::builder()
+                        .header(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .body(Full::new(Bytes::from(text)))
+                        .expect("static response parts are valid")
+                } else {
+                    this.admin_response(req.method(), req.uri().path())
+                        .unwrap_or_else(|| {
+                            json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"}))
+                        })
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        };
+        serve_loop(listener, self.inner.stop.clone(), handler).await;
+    }
+
+    /// `GET /status` and `GET /deadletters` as JSON; `None` for any other path.
+    pub fn admin_response(&self, method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
+        if method != Method::GET {
+            return None;
+        }
+        match path {
+            "/status" => Some(json_response(StatusCode::OK, &self.status_json())),
+            "/deadletters" => Some(json_response(StatusCode::OK, &self.dead_letters_json())),
+            _ => None,
+        }
+    }
+
+    /// The dead-letter list, oldest first.
+    pub fn dead_letters_json(&self) -> Value {
+        let list: Vec<Value> = self
+            .inner
+            .queue
+            .dead_letters()
+            .into_iter()
+            .map(|d| {
+                json!({
+                    "id": d.id,
+                    "idempotency_key": d.idempotency_key,
+                    "class": d.class,
+                    "service": d.service,
+                    "method": d.method,
+                    "path": d.path,
+                    "status": d.status,
+                    "reason": d.reason,
+                    "at_unix_ms": d.at_ms,
+                })
+            })
+            .collect();
+        json!({ "dead_letters": list })
+    }
+
+    /// Counters, queue depth per class, and per class the uplink in use and retry state.
+    pub fn status_json(&self) -> Value {
+        let inner = &self.inner;
+        let q = inner.queue.stats();
+        let now = Instant::now();
+        let classes = inner
+            .classes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let depth: Vec<Value> = q
+            .depth
+            .iter()
+            .map(|d| {
+                let st = classes.get(&d.class).cloned().unwrap_or_default();
+                json!({
+                    "class": d.class,
+                    "rank": d.rank,
+                    "ready": d.ready,
+                    "in_flight": d.in_flight,
+                    "bytes": d.bytes,
+                    "uplink": inner.uplinks.usable(&d.class),
+                    "failures": st.failures,
+                    "retry_in_ms": st.retry_at.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                    "last_error": st.last_error,
+                })
+            })
+            .collect();
+        let t = &inner.metrics.totals;
+        let body = t.body_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let wire = t.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        json!({
+            "totals": t,
+            "compression_ratio": if wire > 0 { body as f64 / wire as f64 } else { 1.0 },
+            "in_flight": inner.metrics.in_flight.get(),
+            "queue": {
+                "messages": inner.queue.len(),
+                "accepted": q.accepted,
+                "delivered": q.delivered,
+                "expired": q.expired,
+                "evicted": q.evicted,
+                "dead_lettered": q.dead_lettered,
+                "nacked": q.nacked,
+                "corrupt_skipped": q.corrupt_skipped,
+                "torn_tail_bytes": q.torn_tail_bytes,
+                "write_errors": q.write_errors,
+                "live_bytes": q.live_bytes,
+                "budget_bytes": q.budget_bytes,
+                "disk_bytes": q.disk_bytes,
+            },
+            "classes": depth,
+        })
+    }
+}
+
+async fn handle(inner: &Inner, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match ingest::accept(inner, req).await {
+        Ok(r) => {
+            inner.metrics.on_accepted();
+            r
+        }
+        Err(e) => {
+            let status = e.status();
+            inner.metrics.on_rejected(status.as_u16());
+            debug!(error = %e, status = status.as_u16(), "ingest request refused");
+            json_response(
+                status,
+                &json!({"error": e.to_string(), "status": status.as_u16()}),
+            )
+        }
+    }
+}
+
+/// Accept loop: HTTP/1.1 and h2c (prior knowledge) on one port, until `stop`.
+async fn serve_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let (stream, _) = tokio::select! {
+            _ = stop.changed() => continue,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // The timer enables hyper's header-read timeout (slow clients can't hold a task).
+            builder.http1().timer(TokioTimer::new());
+            let conn =
+                builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(handler));
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = res {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone). Returns nothing, so no watch guard
+/// is held across later awaits.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
