@@ -39,6 +39,10 @@ pub const FLEET_GRPC_PORT: u16 = 50051;
 pub const PROBE_PORT: u16 = 7007;
 pub const FLEET_ADMIN_PORT: u16 = 8080;
 pub const NETD_API_PORT: u16 = 9470;
+/// Port of the lab policy's cloud services (a test's receiver listens there).
+pub const CLOUD_SERVICE_PORT: u16 = 18080;
+/// edge-netd's store-and-forward ingest in the vehicle namespace.
+pub const NETD_INGEST_PORT: u16 = 15080;
 
 /// The three uplinks: (policy name, vehicle interface, cloud peer, subnet octet, tbf rate).
 pub const UPLINKS: [(&str, &str, &str, u8, &str); 3] = [
@@ -174,6 +178,8 @@ pub struct NetdOptions {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub heartbeat: Duration,
+    /// YAML of a `store_forward:` section (without the key), indented by two spaces.
+    pub store_forward: Option<String>,
 }
 
 impl Default for NetdOptions {
@@ -183,6 +189,7 @@ impl Default for NetdOptions {
             probe_interval: Duration::from_millis(100),
             probe_timeout: Duration::from_millis(200),
             heartbeat: Duration::from_millis(500),
+            store_forward: None,
         }
     }
 }
@@ -342,7 +349,9 @@ impl VehicleLab {
         }
     }
 
-    /// The fleet's mesh policy: uplinks wifi/lte/dsrc, classes critical, standard, bulk.
+    /// The fleet's mesh policy: uplinks wifi/lte/dsrc, classes critical, standard, bulk;
+    /// services `telemetry` (bulk) and `maps` (standard) in the cloud at
+    /// [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`].
     fn write_policy(&self) -> PathBuf {
         let path = self.dir.path().join("mesh.yaml");
         std::fs::write(
@@ -355,7 +364,10 @@ impl VehicleLab {
              classes:\n\
              \x20 - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }\n\
              \x20 - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }\n\
-             \x20 - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }\n",
+             \x20 - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }\n\
+             services:\n\
+             \x20 - { name: telemetry, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/telemetry], class: bulk }\n\
+             \x20 - { name: maps, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/maps], class: standard }\n",
         )
         .expect("write fleet policy");
         path
@@ -443,13 +455,18 @@ impl VehicleLab {
              heartbeat_interval: {hb}\n\
              uplinks:\n{uplinks}\
              probe:\n  targets: [\"{CLOUD_ADDR}:{PROBE_PORT}\"]\n  interval: {pi}\n  timeout: {pt}\n\
-             selection:\n  blackhole_after: 3\n  dwell: {dwell}\n",
+             selection:\n  blackhole_after: 3\n  dwell: {dwell}\n{saf}",
             id = self.vehicle_id,
             state = self.dir.path().join("state").display(),
             hb = ms(opts.heartbeat),
             pi = ms(opts.probe_interval),
             pt = ms(opts.probe_timeout),
             dwell = ms(opts.dwell),
+            saf = opts
+                .store_forward
+                .as_ref()
+                .map(|s| format!("store_forward:\n{s}"))
+                .unwrap_or_default(),
         );
         let path = self.dir.path().join("edge-netd.yaml");
         std::fs::write(&path, config).expect("write config");

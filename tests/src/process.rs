@@ -155,6 +155,17 @@ impl ControlPlane {
     }
 
     pub fn start_on(policy: &Path, dir: &Path, xds_port: u16, admin_port: u16) -> ControlPlane {
+        Self::start_with(policy, dir, xds_port, admin_port, &[])
+    }
+
+    /// [`ControlPlane::start_on`] with extra `serve` arguments (e.g. `--probe-addr`).
+    pub fn start_with(
+        policy: &Path,
+        dir: &Path,
+        xds_port: u16,
+        admin_port: u16,
+        extra: &[&str],
+    ) -> ControlPlane {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let proc = Process::spawn(
@@ -167,6 +178,7 @@ impl ControlPlane {
                 .arg(format!("127.0.0.1:{xds_port}"))
                 .arg("--admin-addr")
                 .arg(format!("127.0.0.1:{admin_port}"))
+                .args(extra)
                 .env("RUST_LOG", "info"),
             dir.join(format!("misaki-cp-{n}.log")),
         );
@@ -271,11 +283,13 @@ impl Envoy {
 }
 
 /// An HTTP/1.1 upstream standing in for a service: answers every request with
-/// `<name> <path> class=<x-misaki-class>[ encoding=<content-encoding>][ body=<body>]`.
+/// `<name> <path> class=<x-misaki-class>[ key=<idempotency-key>][ encoding=<content-encoding>][ body=<body>]`
+/// and remembers each answer ([`Upstream::seen`]).
 #[derive(Debug)]
 pub struct Upstream {
     pub port: u16,
     stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Upstream {
@@ -284,6 +298,8 @@ impl Upstream {
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
         let name = name.to_string();
         thread::spawn(move || {
             for conn in listener.incoming() {
@@ -292,14 +308,23 @@ impl Upstream {
                 }
                 let Ok(conn) = conn else { continue };
                 let name = name.clone();
-                thread::spawn(move || serve_one(conn, &name));
+                let seen = seen2.clone();
+                thread::spawn(move || serve_one(conn, &name, &seen));
             }
         });
-        Upstream { port, stop }
+        Upstream { port, stop, seen }
+    }
+
+    /// Every answer given so far (one line per request, without the newline).
+    pub fn seen(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
-fn serve_one(mut conn: TcpStream, name: &str) {
+fn serve_one(mut conn: TcpStream, name: &str, seen: &std::sync::Mutex<Vec<String>>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
     loop {
@@ -310,6 +335,7 @@ fn serve_one(mut conn: TcpStream, name: &str) {
         let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
         let mut class = String::new();
         let mut encoding = String::new();
+        let mut key = String::new();
         let mut len = 0usize;
         let mut chunked = false;
         loop {
@@ -325,6 +351,7 @@ fn serve_one(mut conn: TcpStream, name: &str) {
                 match k.trim().to_ascii_lowercase().as_str() {
                     "x-misaki-class" => class = v.trim().to_string(),
                     "content-encoding" => encoding = v.trim().to_string(),
+                    "idempotency-key" => key = v.trim().to_string(),
                     "content-length" => len = v.trim().parse().unwrap_or(0),
                     // Envoy's decompressor forwards the inflated body chunked.
                     "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
@@ -345,12 +372,18 @@ fn serve_one(mut conn: TcpStream, name: &str) {
             body
         };
         let mut text = format!("{name} {path} class={class}");
+        if !key.is_empty() {
+            text.push_str(&format!(" key={key}"));
+        }
         if !encoding.is_empty() {
             text.push_str(&format!(" encoding={encoding}"));
         }
         if !body.is_empty() {
             text.push_str(&format!(" body={}", String::from_utf8_lossy(&body)));
         }
+        seen.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(text.clone());
         text.push('\n');
         let resp = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",

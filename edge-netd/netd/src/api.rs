@@ -1,4 +1,6 @@
-//! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`.
+//! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`, and
+//! with store-and-forward configured `GET /saf/status` (counters, queue depth per class,
+//! uplink and retry state per class) and `GET /saf/deadletters`.
 //!
 //! Invariants: read-only; answers from the latest published [`Snapshot`], never
 //! blocking the engine. `/readyz` is 200 only once the first selection was made.
@@ -20,6 +22,8 @@ pub struct ApiState {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     pub connected: Arc<AtomicBool>,
+    /// Store-and-forward, when configured (`/saf/...`).
+    pub saf: Option<misaki_saf::StoreForward>,
 }
 
 /// The `/links` document.
@@ -72,6 +76,24 @@ pub fn links_json(vehicle_id: &str, s: &Snapshot, connected: bool) -> Value {
 }
 
 fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if let Some(rest) = path.strip_prefix("/saf/") {
+        let rest = format!("/{rest}");
+        match &state.saf {
+            Some(saf) => {
+                if let Some(r) = saf.admin_response(method, &rest) {
+                    return r;
+                }
+            }
+            None if method == Method::GET => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "store_forward is not configured\n".into(),
+                );
+            }
+            None => {}
+        }
+    }
     let (status, ctype, body) = match (method, path) {
         (&Method::GET, "/links") => {
             let snap = state.snapshots.borrow().clone();
@@ -116,6 +138,10 @@ fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>>
             "GET only\n".into(),
         ),
     };
+    text(status, ctype, body)
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, ctype)

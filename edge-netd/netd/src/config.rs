@@ -3,10 +3,13 @@
 //! Invariants:
 //! - Unknown fields are errors (a typo must not silently fall back to a default).
 //! - A [`Config`] value is always valid: at least one uplink, unique uplink names and
-//!   interfaces, probe targets as `IP:port`, the local API on loopback, durations > 0.
+//!   interfaces, probe targets as `IP:port`, the local API and the store-and-forward
+//!   ingest on loopback, durations > 0, sizes > 0 with `max_body` ≤ `budget`,
+//!   destination URLs `http://host:port[/base]`.
 //! - Every error names the field (`uplinks[1].interface`) and why.
 //!
-//! Durations are written `150ms`, `5s`, `2m` (an integer and a unit).
+//! Durations are written `150ms`, `5s`, `2m` (an integer and a unit); sizes `65536`,
+//! `64KiB`, `8MiB`, `1GiB` (binary units; `KB`/`MB`/`GB` are decimal).
 
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -71,6 +74,145 @@ struct RawConfig {
     probe: RawProbe,
     #[serde(default)]
     selection: Option<RawSelection>,
+    #[serde(default)]
+    store_forward: Option<RawStoreForward>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStoreForward {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    queue_dir: Option<PathBuf>,
+    #[serde(default)]
+    budget: Option<String>,
+    #[serde(default)]
+    max_body: Option<String>,
+    cloud_url: String,
+    #[serde(default)]
+    http_version: Option<HttpVersionName>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    #[serde(default)]
+    destinations: Option<std::collections::BTreeMap<String, RawDestination>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    url: String,
+    #[serde(default)]
+    http_version: Option<HttpVersionName>,
+}
+
+/// How the forwarder talks to a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersionName {
+    /// HTTP/2 cleartext with prior knowledge (h2c): the cloud Envoy speaks it.
+    Http2,
+    Http1,
+}
+
+impl HttpVersionName {
+    fn saf(self) -> misaki_saf::HttpVersion {
+        match self {
+            HttpVersionName::Http2 => misaki_saf::HttpVersion::Http2,
+            HttpVersionName::Http1 => misaki_saf::HttpVersion::Http1,
+        }
+    }
+}
+
+/// Where one service's deferred messages go instead of `cloud_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationConfig {
+    pub url: String,
+    pub http_version: HttpVersionName,
+}
+
+/// The optional `store_forward:` section: the durable ingest endpoint and forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreForwardConfig {
+    /// Loopback address apps send deferrable requests to.
+    pub listen: SocketAddr,
+    /// Queue directory (default `<state_dir>/queue`); one edge-netd per directory.
+    pub queue_dir: PathBuf,
+    /// Bytes of queued messages kept at most; lower classes are evicted first.
+    pub budget_bytes: u64,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// The cloud sidecar's `cloud_inbound` listener, `http://host:port`.
+    pub cloud_url: String,
+    pub http_version: HttpVersionName,
+    /// Deliveries in flight at once.
+    pub max_in_flight: usize,
+    /// Per-service destinations overriding `cloud_url`.
+    pub destinations: std::collections::BTreeMap<String, DestinationConfig>,
+}
+
+pub const DEFAULT_SAF_LISTEN: &str = "127.0.0.1:15080";
+pub const DEFAULT_SAF_BUDGET: u64 = 512 << 20;
+pub const DEFAULT_SAF_MAX_BODY: usize = 8 << 20;
+pub const DEFAULT_SAF_MAX_IN_FLIGHT: usize = 64;
+
+impl StoreForwardConfig {
+    /// The store-and-forward runtime settings (timeouts and backoff at their defaults).
+    pub fn saf_config(&self) -> misaki_saf::SafConfig {
+        misaki_saf::SafConfig {
+            destinations: self
+                .destinations
+                .iter()
+                .map(|(n, d)| {
+                    (
+                        n.clone(),
+                        misaki_saf::DestinationConfig::new(&d.url, d.http_version.saf()),
+                    )
+                })
+                .collect(),
+            default_destination: Some(misaki_saf::DestinationConfig::new(
+                &self.cloud_url,
+                self.http_version.saf(),
+            )),
+            max_body_bytes: self.max_body_bytes,
+            max_in_flight: self.max_in_flight,
+            ..misaki_saf::SafConfig::default()
+        }
+    }
+
+    /// The queue settings (segment size, shares and group commit at their defaults).
+    pub fn queue_config(&self) -> misaki_queue::QueueConfig {
+        let mut q = misaki_queue::QueueConfig::new(&self.queue_dir);
+        q.budget_bytes = self.budget_bytes;
+        q.max_body_bytes = self.max_body_bytes;
+        q
+    }
+}
+
+/// Parse `65536`, `64KiB`, `8MiB`, `1GiB`, `500MB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not an integer optionally followed by a unit"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +295,8 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     pub probe: ProbeConfig,
     pub selection: SelectionConfig,
+    /// Store-and-forward; off when the section is absent.
+    pub store_forward: Option<StoreForwardConfig>,
 }
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
@@ -374,7 +518,121 @@ impl Config {
                 probe_targets,
             });
         }
+        let store_forward = match &raw.store_forward {
+            None => None,
+            Some(sf) => {
+                let listen = addr(
+                    "store_forward.listen",
+                    sf.listen.as_deref().unwrap_or(DEFAULT_SAF_LISTEN),
+                )?;
+                if !listen.ip().is_loopback() {
+                    return Err(invalid(
+                        "store_forward.listen",
+                        format!(
+                            "{listen} is not a loopback address: the ingest endpoint has no authentication"
+                        ),
+                    ));
+                }
+                if listen == api {
+                    return Err(invalid(
+                        "store_forward.listen",
+                        format!("{listen} is also the local API's address"),
+                    ));
+                }
+                let size = |field: &str, v: Option<&String>, default: u64| match v {
+                    None => Ok(default),
+                    Some(s) => match parse_size(s) {
+                        Ok(0) => Err(invalid(field, "must be greater than 0".into())),
+                        Ok(n) => Ok(n),
+                        Err(m) => Err(invalid(field, m)),
+                    },
+                };
+                let budget_bytes = size(
+                    "store_forward.budget",
+                    sf.budget.as_ref(),
+                    DEFAULT_SAF_BUDGET,
+                )?;
+                let max_body = size(
+                    "store_forward.max_body",
+                    sf.max_body.as_ref(),
+                    DEFAULT_SAF_MAX_BODY as u64,
+                )?;
+                if max_body > budget_bytes {
+                    return Err(invalid(
+                        "store_forward.max_body",
+                        format!("{max_body} bytes is more than the budget ({budget_bytes} bytes)"),
+                    ));
+                }
+                // The queue stores a body length as u32.
+                if max_body > u64::from(u32::MAX) {
+                    return Err(invalid(
+                        "store_forward.max_body",
+                        format!("{max_body} bytes is over 4 GiB"),
+                    ));
+                }
+                let queue_dir = match &sf.queue_dir {
+                    Some(d) if d.as_os_str().is_empty() => {
+                        return Err(invalid(
+                            "store_forward.queue_dir",
+                            "must not be empty".into(),
+                        ));
+                    }
+                    Some(d) => d.clone(),
+                    None => raw.state_dir.join("queue"),
+                };
+                let max_in_flight = match sf.max_in_flight {
+                    None => DEFAULT_SAF_MAX_IN_FLIGHT,
+                    Some(n @ 1..=4096) => n as usize,
+                    Some(n) => {
+                        return Err(invalid(
+                            "store_forward.max_in_flight",
+                            format!("{n} is not in 1..=4096"),
+                        ));
+                    }
+                };
+                let mut destinations = std::collections::BTreeMap::new();
+                for (name, d) in sf.destinations.iter().flatten() {
+                    destinations.insert(
+                        name.clone(),
+                        DestinationConfig {
+                            url: d.url.clone(),
+                            http_version: d.http_version.unwrap_or(HttpVersionName::Http2),
+                        },
+                    );
+                }
+                let c = StoreForwardConfig {
+                    listen,
+                    queue_dir,
+                    budget_bytes,
+                    max_body_bytes: max_body as usize,
+                    cloud_url: sf.cloud_url.clone(),
+                    http_version: sf.http_version.unwrap_or(HttpVersionName::Http2),
+                    max_in_flight,
+                    destinations,
+                };
+                // Name the field of a bad URL: check each one on its own.
+                let check = |field: String, url: &str| {
+                    let one = misaki_saf::SafConfig {
+                        default_destination: Some(misaki_saf::DestinationConfig::new(
+                            url,
+                            misaki_saf::HttpVersion::Http2,
+                        )),
+                        ..misaki_saf::SafConfig::default()
+                    };
+                    one.validate().map_err(|e| invalid(&field, e.to_string()))
+                };
+                check("store_forward.cloud_url".into(), &c.cloud_url)?;
+                for (name, d) in &c.destinations {
+                    check(format!("store_forward.destinations.{name}.url"), &d.url)?;
+                }
+                c.saf_config()
+                    .validate()
+                    .map_err(|e| invalid("store_forward", e.to_string()))?;
+                Some(c)
+            }
+        };
         Ok(Config {
+            store_forward,
             vehicle_id: raw.vehicle_id,
             control_plane,
             api,
@@ -488,6 +746,92 @@ selection:
         }
     }
 
+    const SAF: &str = "store_forward:\n  cloud_url: http://198.18.0.1:15443\n  budget: 64MiB\n  max_body: 1MiB\n  destinations:\n    logs: { url: \"http://198.18.0.7:8080/base\", http_version: http1 }\n";
+
+    #[test]
+    fn store_forward_is_off_by_default_and_parses_with_defaults() {
+        assert!(
+            Config::parse("t.yaml", GOOD)
+                .unwrap()
+                .store_forward
+                .is_none()
+        );
+        let c = Config::parse("t.yaml", &format!("{GOOD}{SAF}")).unwrap();
+        let sf = c.store_forward.unwrap();
+        assert_eq!(sf.listen, DEFAULT_SAF_LISTEN.parse().unwrap());
+        assert_eq!(sf.queue_dir, Path::new("/var/lib/misaki/edge-netd/queue"));
+        assert_eq!(sf.budget_bytes, 64 << 20);
+        assert_eq!(sf.max_body_bytes, 1 << 20);
+        assert_eq!(sf.http_version, HttpVersionName::Http2);
+        assert_eq!(sf.max_in_flight, DEFAULT_SAF_MAX_IN_FLIGHT);
+        assert_eq!(sf.destinations["logs"].http_version, HttpVersionName::Http1);
+        let saf = sf.saf_config();
+        saf.validate().unwrap();
+        assert_eq!(saf.destinations.len(), 1);
+        assert_eq!(sf.queue_config().budget_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn invalid_store_forward_settings_name_the_field() {
+        let g = format!("{GOOD}{SAF}");
+        let cases = [
+            (
+                g.replace(
+                    "cloud_url: http://198.18.0.1:15443",
+                    "cloud_url: https://x:1",
+                ),
+                "store_forward.cloud_url",
+            ),
+            (
+                g.replace("budget: 64MiB", "budget: 64 parsecs"),
+                "store_forward.budget",
+            ),
+            (
+                g.replace("budget: 64MiB", "budget: 0"),
+                "store_forward.budget",
+            ),
+            (
+                g.replace("max_body: 1MiB", "max_body: 1GiB"),
+                "store_forward.max_body",
+            ),
+            (
+                g.replace("budget: 64MiB", "budget: 64MiB\n  listen: 0.0.0.0:15080"),
+                "store_forward.listen",
+            ),
+            (
+                g.replace("budget: 64MiB", "budget: 64MiB\n  listen: 127.0.0.1:9470"),
+                "store_forward.listen",
+            ),
+            (
+                g.replace("\"http://198.18.0.7:8080/base\"", "\"ftp://x\""),
+                "store_forward.destinations.logs.url",
+            ),
+            (
+                g.replace("budget: 64MiB", "budget: 64MiB\n  max_in_flight: 0"),
+                "store_forward.max_in_flight",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = err(&text);
+            assert!(e.contains(&format!("t.yaml: {field}: ")), "{field}: {e}");
+        }
+        let e = err(&g.replace("budget: 64MiB", "budget: 64MiB\n  colour: red"));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(&format!("{GOOD}store_forward:\n  budget: 1MiB\n"));
+        assert!(e.contains("cloud_url"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("5 TiB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
+
     #[test]
     fn unknown_uplink_kind_is_rejected() {
         let e = err(&GOOD.replace("kind: lte", "kind: carrier-pigeon"));
@@ -512,5 +856,9 @@ mod example_file {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/edge-netd.yaml");
         let c = super::Config::load(&path).unwrap();
         assert_eq!(c.uplinks.len(), 3);
+        assert!(
+            c.store_forward.is_some(),
+            "the example documents store_forward"
+        );
     }
 }

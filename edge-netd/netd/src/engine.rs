@@ -9,7 +9,9 @@
 //! - Carrier loss clears the link's probe window: samples from before the outage say
 //!   nothing about the link after it.
 //! - A received policy is validated, then persisted, then applied; an invalid one is
-//!   logged and counted, and the previous policy stays.
+//!   logged and counted, and the previous policy stays. Applying it also publishes its
+//!   mesh form ([`Engine::mesh_policy`]) for store-and-forward; the stored policy is
+//!   published at construction, so the receiver never waits for the cloud.
 
 use crate::config::{Config, UplinkConfig};
 use crate::monitor::{LinkStatus, MonitorEvent};
@@ -188,6 +190,7 @@ pub struct Engine {
     synced: bool,
     ready: bool,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    mesh: watch::Sender<Arc<misaki_policy::Policy>>,
     metrics: Metrics,
 }
 
@@ -224,6 +227,7 @@ impl Engine {
         let mut selector = Selector::new(config.selection.dwell);
         selector.set_classes(policy.classes_with_default(&config.uplinks));
         let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mesh = watch::Sender::new(policy.mesh.clone());
         let mut e = Engine {
             config,
             links,
@@ -232,10 +236,17 @@ impl Engine {
             synced: false,
             ready: false,
             snapshot,
+            mesh,
             metrics,
         };
         e.publish();
         (e, rx)
+    }
+
+    /// The mesh policy in force (services, classes, uplinks), replaced whenever a new
+    /// policy is applied; starts with the one the engine was built with.
+    pub fn mesh_policy(&self) -> watch::Receiver<Arc<misaki_policy::Policy>> {
+        self.mesh.subscribe()
     }
 
     fn health(&self) -> BTreeMap<String, LinkHealth> {
@@ -346,6 +357,7 @@ impl Engine {
                 tracing::info!(%version, classes = p.classes.len(), "applied policy");
                 self.selector
                     .set_classes(p.classes_with_default(&self.config.uplinks));
+                self.mesh.send_replace(p.mesh.clone());
                 self.policy = p;
             }
         }

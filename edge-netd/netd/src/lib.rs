@@ -1,5 +1,7 @@
 //! edge-netd: the per-vehicle network daemon. It measures every uplink, picks one
-//! per traffic class, and reports link state to the control plane.
+//! per traffic class, reports link state to the control plane, and (with a
+//! `store_forward:` section) queues deferrable requests durably and forwards them over
+//! the uplink their class may use (crate `misaki-saf`).
 //!
 //! Invariants:
 //! - The selector is pure (`selector`): no I/O and no clock; everything with side
@@ -7,11 +9,17 @@
 //! - One engine task owns all mutable link/selection state (`engine`); the others
 //!   read published snapshots or send it inputs.
 //! - The daemon works without the cloud: it starts from the stored policy (or the
-//!   built-in `default` class) and keeps selecting while the control plane is away.
+//!   built-in `default` class) and keeps selecting — and accepting and forwarding
+//!   deferred traffic — while the control plane is away.
+//! - Store-and-forward sends a class only over the uplink the engine selected for it,
+//!   bound to that uplink's interface (`store_forward`). A queue directory that cannot
+//!   be opened (e.g. locked by another edge-netd) stops the start-up.
 //!
 //! Code map: `config` (YAML) → `monitor` (netlink carrier events) + `probe` (UDP
 //! probes per interface) → `engine` (+ `selector`) → `reporter` (gRPC to the control
 //! plane) and `api` (local HTTP). `policy` converts and persists the received policy.
+//! `store_forward` adapts the engine's selection for `misaki-saf` (ingest endpoint,
+//! durable queue, forwarder), which `run` starts when configured.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -23,6 +31,7 @@ pub mod policy;
 pub mod probe;
 pub mod reporter;
 pub mod selector;
+pub mod store_forward;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Engine, Input, Snapshot};
@@ -40,6 +49,15 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on the store-and-forward address {addr}: {source}")]
+    SafBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store-and-forward queue: {0}")]
+    Queue(#[from] misaki_queue::OpenError),
+    #[error("store-and-forward: {0}")]
+    Saf(#[from] misaki_saf::ConfigError),
 }
 
 /// Run the daemon until `shutdown` completes.
@@ -76,6 +94,45 @@ pub async fn run(
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Store-and-forward: queue (blocking open: lock + recovery), ingest listener,
+    // forwarder following the engine's selection and policy.
+    let saf = match &config.store_forward {
+        None => None,
+        Some(sf) => {
+            let ingest = tokio::net::TcpListener::bind(sf.listen)
+                .await
+                .map_err(|source| RunError::SafBind {
+                    addr: sf.listen,
+                    source,
+                })?;
+            let qcfg = sf.queue_config();
+            let queue = tokio::task::spawn_blocking(move || misaki_queue::Queue::open(qcfg))
+                .await
+                .map_err(|e| {
+                    RunError::Queue(misaki_queue::OpenError::Io {
+                        path: sf.queue_dir.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })??;
+            tracing::info!(dir = %sf.queue_dir.display(), messages = queue.len(), "store-and-forward queue open");
+            let uplinks = store_forward::SelectionUplinks::new(snapshots.clone());
+            let saf = misaki_saf::StoreForward::start(
+                sf.saf_config(),
+                Arc::new(queue),
+                engine.mesh_policy(),
+                uplinks,
+                stopped(),
+            )?;
+            saf.register_metrics(&mut registry);
+            tokio::spawn({
+                let saf = saf.clone();
+                async move { saf.serve(ingest).await }
+            });
+            tracing::info!(listen = %sf.listen, "store-and-forward ingest listening");
+            Some(saf)
         }
     };
 
@@ -131,6 +188,7 @@ pub async fn run(
         input_tx.clone(),
         metrics,
         connected.clone(),
+        saf.clone(),
         stopped(),
     ));
     let api = tokio::spawn(api::serve(
@@ -140,6 +198,7 @@ pub async fn run(
             snapshots: snapshots.clone(),
             metrics: Arc::new(registry),
             connected,
+            saf: saf.clone(),
         },
         stopped(),
     ));
@@ -156,6 +215,21 @@ pub async fn run(
         let _ = engine.await;
     })
     .await;
+    if let Some(saf) = saf {
+        // In-flight deliveries get their grace period, then the acks are flushed.
+        let grace = config
+            .store_forward
+            .as_ref()
+            .map_or(Duration::ZERO, |sf| sf.saf_config().shutdown_grace);
+        if tokio::time::timeout(grace + Duration::from_secs(5), saf.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "store-and-forward did not stop in time; unacked messages will be resent"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -13,6 +13,9 @@
 //! - Reconnects back off exponentially with jitter (200 ms doubling to 5 s, each
 //!   delay drawn from [d/2, d]); a stream whose Hello was acknowledged resets it.
 //! - Received policies go to the engine, which validates, persists and applies them.
+//! - With store-and-forward, the full `LinkState` carries the queue depth per class, and
+//!   changed queue stats ride along at most once per heartbeat interval (like
+//!   measurement drift; a drained class is sent once with depth 0).
 
 use crate::config::{Config, UplinkKind};
 use crate::engine::{Input, LinkView, Metrics, ResultLabel, Snapshot};
@@ -116,6 +119,7 @@ pub async fn run_reporter(
     engine: mpsc::Sender<Input>,
     metrics: Metrics,
     connected: Arc<AtomicBool>,
+    saf: Option<misaki_saf::StoreForward>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -137,7 +141,12 @@ pub async fn run_reporter(
         let mut acked = false;
         let result = tokio::select! {
             _ = &mut shutdown => return,
-            r = one_stream(&config, interface.as_deref(), &mut snapshots, &engine, &metrics, &connected, &mut acked) => r,
+            r = one_stream(
+                StreamDeps { config: &config, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref() },
+                interface.as_deref(),
+                &mut snapshots,
+                &mut acked,
+            ) => r,
         };
         connected.store(false, Ordering::Relaxed);
         metrics.reporter_connected.set(0);
@@ -160,15 +169,32 @@ pub async fn run_reporter(
     }
 }
 
+/// What one stream reads and updates besides the snapshots.
+struct StreamDeps<'a> {
+    config: &'a Config,
+    engine: &'a mpsc::Sender<Input>,
+    metrics: &'a Metrics,
+    connected: &'a AtomicBool,
+    saf: Option<&'a misaki_saf::StoreForward>,
+}
+
 async fn one_stream(
-    config: &Config,
+    deps: StreamDeps<'_>,
     interface: Option<&str>,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
-    engine: &mpsc::Sender<Input>,
-    metrics: &Metrics,
-    connected: &AtomicBool,
     acked: &mut bool,
 ) -> Result<(), StreamError> {
+    let StreamDeps {
+        config,
+        engine,
+        metrics,
+        connected,
+        saf,
+    } = deps;
+    let queues = |previous: &[pb::QueueStats]| {
+        saf.map(|s| crate::store_forward::queue_stats(s, previous))
+            .unwrap_or_default()
+    };
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -214,10 +240,11 @@ async fn one_stream(
         heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
             .unwrap_or(u32::MAX),
     };
+    let mut sent_queues = queues(&[]);
     let full = pb::LinkState {
         links: snap.links.iter().map(link_pb).collect(),
         selections: selections_pb(&snap),
-        queues: Vec::new(),
+        queues: sent_queues.clone(),
         power: pb::PowerState::On as i32,
         policy_version: snap.policy_version.clone(),
     };
@@ -291,7 +318,14 @@ async fn one_stream(
                     .filter(|l| sent.link(&l.name).is_some_and(|old| measurement_drifted(old, l)))
                     .map(link_pb)
                     .collect();
-                let report = if drifted.is_empty() {
+                let now_queues = queues(&sent_queues);
+                let changed_queues: Vec<pb::QueueStats> = now_queues
+                    .iter()
+                    .filter(|q| !sent_queues.contains(q))
+                    .cloned()
+                    .collect();
+                sent_queues = now_queues;
+                let report = if drifted.is_empty() && changed_queues.is_empty() {
                     pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {})
                 } else {
                     let mut next = (*sent).clone();
@@ -302,7 +336,7 @@ async fn one_stream(
                             }
                     }
                     sent = Arc::new(next);
-                    pb::vehicle_report::Report::LinkChange(pb::LinkChange { links: drifted, ..Default::default() })
+                    pb::vehicle_report::Report::LinkChange(pb::LinkChange { links: drifted, queues: changed_queues, ..Default::default() })
                 };
                 if tx.send(msg(report)).await.is_err() {
                     return Err(StreamError::Closed);

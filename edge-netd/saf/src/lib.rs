@@ -59,6 +59,6 @@ pub use crate::{
     config::{ConfigError, DestinationConfig, HttpVersion, SafConfig},
     ingest::{IngestError, class_rank},
     metrics::Totals,
-    runtime::StoreForward,
+    runtime::{ClassReport, StoreForward},
     uplink::{StaticUplinks, UplinkChoice, UplinkView, zstd_level},
 };

@@ -45,6 +45,11 @@ fn class(c: &str) -> Labels {
 }
 
 impl Metrics {
+    /// Messages of `c` dead-lettered since start.
+    pub(crate) fn dead_lettered_of(&self, c: &str) -> u64 {
+        self.dead_lettered.get_or_create(&class(c)).get()
+    }
+
     pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "misaki_saf_accepted",

@@ -47,6 +47,17 @@ pub(crate) struct Inner {
     pub(crate) stop: watch::Receiver<bool>,
 }
 
+/// One class's line of [`StoreForward::class_report`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassReport {
+    pub class: String,
+    /// Ready + in flight.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Dead-lettered since start.
+    pub dead_lettered: u64,
+}
+
 /// A running store-and-forward: cheap to clone, one per daemon.
 #[derive(Clone)]
 pub struct StoreForward {
@@ -181,6 +192,35 @@ impl StoreForward {
             "/deadletters" => Some(json_response(StatusCode::OK, &self.dead_letters_json())),
             _ => None,
         }
+    }
+
+    /// Per class with messages queued (ready or in flight): depth and what was dropped
+    /// since start. `dead_lettered` is per class; the queue counts expiry and eviction only
+    /// in total, so those are in [`StoreForward::dropped_totals`].
+    pub fn class_report(&self) -> Vec<ClassReport> {
+        self.inner
+            .queue
+            .stats()
+            .depth
+            .into_iter()
+            .map(|d| ClassReport {
+                dead_lettered: self.inner.metrics.dead_lettered_of(&d.class),
+                class: d.class,
+                messages: d.ready + d.in_flight,
+                bytes: d.bytes,
+            })
+            .collect()
+    }
+
+    /// Messages of `class` dead-lettered since start (for classes no longer queued).
+    pub fn dead_lettered_of(&self, class: &str) -> u64 {
+        self.inner.metrics.dead_lettered_of(class)
+    }
+
+    /// Whole-queue drop counters since the queue directory was opened: (expired, evicted).
+    pub fn dropped_totals(&self) -> (u64, u64) {
+        let q = self.inner.queue.stats();
+        (q.expired, q.evicted)
     }
 
     /// The dead-letter list, oldest first.

@@ -1,6 +1,8 @@
 //! `saf-daemon`: the store-and-forward alone (ingest + queue + forwarder) with hand-driven
-//! uplinks. A stand-in for edge-netd in the crash test and the benchmark; edge-netd embeds
-//! the same [`StoreForward`] with its real uplink selector.
+//! uplinks, for the benchmark (bench/store_forward.sh): it can accept without forwarding
+//! and switch uplinks on request, which the real daemon cannot. edge-netd embeds the same
+//! [`StoreForward`] with its real uplink selector; the kill -9 test runs edge-netd
+//! (tests/tests/store_forward.rs).
 //!
 //! Prints `saf-daemon ingest=<addr> admin=<addr>` on stdout once both listeners are bound.
 //! Admin: `GET /status`, `GET /deadletters`, `GET /metrics`, and (stand-in only)
