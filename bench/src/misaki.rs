@@ -3,13 +3,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
 use anyhow::Context;
 use misaki_e2e::process::{repo_root, wait_for};
-use misaki_e2e::{ControlPlane, Envoy, Process, Upstream, free_port, http};
+use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port};
 
 use crate::measure::{self, Plan, Sample, Sides};
 use crate::{logtime, rss};
@@ -30,40 +29,10 @@ impl Flavour {
     }
 }
 
-/// `misaki-cp serve` on fresh ephemeral ports. The harness's `ControlPlane::start`
-/// finds the binary relative to a test executable in `target/<profile>/deps/`; this
-/// benchmark is a plain binary in `target/<profile>/`, so it passes the path itself.
+/// `misaki-cp serve` (the binary at `bin`) on fresh ephemeral ports.
 pub fn start_cp(bin: &Path, policy: &Path, dir: &Path) -> anyhow::Result<ControlPlane> {
-    let (xds_port, admin_port) = (free_port(), free_port());
-    let proc = Process::spawn(
-        "misaki-cp",
-        Command::new(bin)
-            .arg("serve")
-            .arg("--policy")
-            .arg(policy)
-            .arg("--xds-addr")
-            .arg(format!("127.0.0.1:{xds_port}"))
-            .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{admin_port}"))
-            .env("RUST_LOG", "info"),
-        dir.join(format!("misaki-cp-{xds_port}.log")),
-    );
-    let cp = ControlPlane {
-        proc,
-        xds_port,
-        admin_port,
-    };
-    let ready = wait_for(Duration::from_secs(20), || {
-        http::get(admin_port, "/readyz")
-            .ok()
-            .filter(|r| r.status == 200)
-    });
-    anyhow::ensure!(
-        ready.is_some(),
-        "misaki-cp did not become ready:\n{}",
-        cp.proc.log_text()
-    );
-    Ok(cp)
+    ControlPlane::try_start_bin(bin, policy, dir, free_port(), free_port(), &[])
+        .map_err(anyhow::Error::msg)
 }
 
 /// The smallest policy with one cloud service, `maps`, on one upstream. The mesh

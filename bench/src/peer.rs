@@ -2,13 +2,9 @@
 //! the one listener and one cluster they serve (the same shape misaki gives `maps`:
 //! a listener routing every path to one cluster with one static endpoint).
 
-use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use misaki_e2e::process::{envoy_bin, wait_for};
-use misaki_e2e::{Envoy, Process, free_port, http};
+use misaki_e2e::{Envoy, free_port};
 
 /// The cluster both peers flip between upstream A and B.
 pub const CLUSTER: &str = "svc";
@@ -21,33 +17,7 @@ pub fn start_envoy(
     admin_port: u16,
     dir: &Path,
 ) -> anyhow::Result<Envoy> {
-    let path = dir.join(format!("{name}-bootstrap.yaml"));
-    fs::write(&path, bootstrap)?;
-    let proc = Process::spawn(
-        "envoy",
-        Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&path)
-            .arg("--disable-hot-restart")
-            .args(["-l", "info", "--concurrency", "1"]),
-        dir.join(format!("envoy-{name}.log")),
-    );
-    let mut e = Envoy { proc, admin_port };
-    let live = wait_for(Duration::from_secs(30), || {
-        if e.proc.try_wait().is_some() {
-            return Some(false);
-        }
-        http::get(admin_port, "/ready")
-            .ok()
-            .filter(|r| r.status == 200)
-            .map(|_| true)
-    });
-    anyhow::ensure!(
-        live == Some(true),
-        "Envoy ({name}) did not go LIVE:\n{}",
-        e.proc.log_text()
-    );
-    Ok(e)
+    Envoy::try_start_config(name, bootstrap, admin_port, dir).map_err(anyhow::Error::msg)
 }
 
 /// A fresh admin port for a peer's Envoy.

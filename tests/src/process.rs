@@ -20,21 +20,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A binary of this workspace, built into the same target dir as the running test.
+/// A binary of this workspace, built into the same target dir as the running
+/// executable: beside it (a benchmark in `target/<profile>/`) or one level up (a test
+/// in `target/<profile>/deps/`).
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    let here = exe.parent().expect("executable has a directory");
+    let candidates = [Some(here), here.parent()];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+                exe.display()
+            )
+        })
 }
 
 /// The real Envoy: `$MISAKI_ENVOY`, else `.venv/bin/envoy` (scripts/setup.sh installs it
@@ -166,11 +169,42 @@ impl ControlPlane {
         admin_port: u16,
         extra: &[&str],
     ) -> ControlPlane {
+        Self::try_start_with(policy, dir, xds_port, admin_port, extra)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start and wait for `/readyz`; the error carries misaki-cp's log.
+    pub fn try_start_with(
+        policy: &Path,
+        dir: &Path,
+        xds_port: u16,
+        admin_port: u16,
+        extra: &[&str],
+    ) -> Result<ControlPlane, String> {
+        Self::try_start_bin(
+            &target_bin("misaki-cp"),
+            policy,
+            dir,
+            xds_port,
+            admin_port,
+            extra,
+        )
+    }
+
+    /// [`ControlPlane::try_start_with`] for a given misaki-cp binary.
+    pub fn try_start_bin(
+        bin: &Path,
+        policy: &Path,
+        dir: &Path,
+        xds_port: u16,
+        admin_port: u16,
+        extra: &[&str],
+    ) -> Result<ControlPlane, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let proc = Process::spawn(
             "misaki-cp",
-            Command::new(target_bin("misaki-cp"))
+            Command::new(bin)
                 .arg("serve")
                 .arg("--policy")
                 .arg(policy)
@@ -192,12 +226,13 @@ impl ControlPlane {
                 .ok()
                 .filter(|r| r.status == 200)
         });
-        assert!(
-            ready.is_some(),
-            "misaki-cp did not become ready:\n{}",
-            cp.proc.log_text()
-        );
-        cp
+        match ready {
+            Some(_) => Ok(cp),
+            None => Err(format!(
+                "misaki-cp did not become ready:\n{}",
+                cp.proc.log_text()
+            )),
+        }
     }
 
     pub fn admin(&self, path: &str) -> http::Reply {
@@ -241,8 +276,19 @@ impl Envoy {
             cfg.push_str(&l);
             cfg.push('\n');
         }
-        let path = dir.join(format!("{node_id}.yaml"));
-        fs::write(&path, cfg).expect("write bootstrap");
+        Self::try_start_config(node_id, &cfg, admin_port, dir).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start Envoy on the bootstrap text `cfg` (whose admin listens on `admin_port`)
+    /// and wait until it is LIVE; the error carries Envoy's log.
+    pub fn try_start_config(
+        name: &str,
+        cfg: &str,
+        admin_port: u16,
+        dir: &Path,
+    ) -> Result<Envoy, String> {
+        let path = dir.join(format!("{name}.yaml"));
+        fs::write(&path, cfg).map_err(|e| format!("write {}: {e}", path.display()))?;
         let proc = Process::spawn(
             "envoy",
             Command::new(envoy_bin())
@@ -250,7 +296,7 @@ impl Envoy {
                 .arg(&path)
                 .arg("--disable-hot-restart")
                 .args(["-l", "info", "--concurrency", "1"]),
-            dir.join(format!("envoy-{node_id}.log")),
+            dir.join(format!("envoy-{name}.log")),
         );
         let mut e = Envoy { proc, admin_port };
         // /ready is 200 once the server is LIVE: initial CDS and LDS have arrived.
@@ -263,13 +309,14 @@ impl Envoy {
                 .filter(|r| r.status == 200)
                 .map(|_| true)
         });
-        assert_eq!(
-            live,
-            Some(true),
-            "Envoy did not go LIVE:\n{}",
-            e.proc.log_text()
-        );
-        e
+        if live == Some(true) {
+            Ok(e)
+        } else {
+            Err(format!(
+                "Envoy ({name}) did not go LIVE:\n{}",
+                e.proc.log_text()
+            ))
+        }
     }
 
     /// A counter or gauge from Envoy's admin `/stats`.
