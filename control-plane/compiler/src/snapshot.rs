@@ -6,9 +6,14 @@
 //!   restarted server (new prefix) never reuses a version;
 //! - resources are `Arc`-shared: nodes that compile to identical resources hold the
 //!   same allocation (fleet-scale memory, issue 5);
-//! - a type's SotW `version` is a hash over its resources' (name, version) pairs.
+//! - a type's SotW `version` is a hash over its resources' (name, version) pairs;
+//! - names and versions are [`SharedStr`]s: an xDS stream that remembers what it
+//!   sent or what its client holds shares them with the snapshot instead of copying.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use envoy_types::pb::google::protobuf::Any;
@@ -69,22 +74,148 @@ impl ResourceType {
     }
 }
 
+/// An immutable string that clones by reference count (an `Arc<str>`).
+///
+/// Reads like a `&str` (it derefs to one) and compares with `str` and `String` both
+/// ways, so code written against `String` fields mostly compiles unchanged.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedStr(Arc<str>);
+
+impl SharedStr {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SharedStr {
+    fn default() -> Self {
+        SharedStr(Arc::from(""))
+    }
+}
+
+impl Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for SharedStr {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        SharedStr(s.into())
+    }
+}
+
+impl From<&String> for SharedStr {
+    fn from(s: &String) -> Self {
+        SharedStr(s.as_str().into())
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr(s.into())
+    }
+}
+
+impl From<Arc<str>> for SharedStr {
+    fn from(s: Arc<str>) -> Self {
+        SharedStr(s)
+    }
+}
+
+impl From<SharedStr> for String {
+    fn from(s: SharedStr) -> Self {
+        s.0.as_ref().to_owned()
+    }
+}
+
+impl From<SharedStr> for Arc<str> {
+    fn from(s: SharedStr) -> Self {
+        s.0
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for SharedStr {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<SharedStr> for str {
+    fn eq(&self, other: &SharedStr) -> bool {
+        *self == *other.0
+    }
+}
+
+impl PartialEq<SharedStr> for &str {
+    fn eq(&self, other: &SharedStr) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<SharedStr> for String {
+    fn eq(&self, other: &SharedStr) -> bool {
+        **self == *other.0
+    }
+}
+
 /// One named, versioned, encoded resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
-    pub name: String,
-    pub version: String,
+    pub name: SharedStr,
+    pub version: SharedStr,
     pub body: Any,
 }
 
 impl Resource {
     /// Build a resource; its version is `{prefix}{content hash}`.
-    pub fn new<M: Message + prost::Name>(prefix: &str, name: impl Into<String>, msg: &M) -> Self {
+    pub fn new<M: Message + prost::Name>(
+        prefix: &str,
+        name: impl Into<SharedStr>,
+        msg: &M,
+    ) -> Self {
         let bytes = msg.encode_to_vec();
         let version = format!("{prefix}{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
         Resource {
             name: name.into(),
-            version,
+            version: version.into(),
             body: Any {
                 type_url: M::type_url(),
                 value: bytes,
@@ -97,14 +228,14 @@ impl Resource {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
     /// SotW `version_info` for this type: derived from the resources' versions.
-    pub version: String,
+    pub version: SharedStr,
     pub items: BTreeMap<String, Arc<Resource>>,
 }
 
 impl Resources {
     pub fn from_items(prefix: &str, items: impl IntoIterator<Item = Arc<Resource>>) -> Self {
         let items: BTreeMap<String, Arc<Resource>> =
-            items.into_iter().map(|r| (r.name.clone(), r)).collect();
+            items.into_iter().map(|r| (r.name.to_string(), r)).collect();
         let mut h = Xxh3::new();
         for (name, r) in &items {
             h.update(name.as_bytes());
@@ -113,7 +244,7 @@ impl Resources {
             h.update(&[0]);
         }
         Resources {
-            version: format!("{prefix}{:016x}", h.digest()),
+            version: format!("{prefix}{:016x}", h.digest()).into(),
             items,
         }
     }
@@ -159,6 +290,22 @@ mod tests {
         assert_eq!(r1.version, r2.version);
         assert_ne!(r1.version, r3.version);
         assert_eq!(r1.body.type_url, ResourceType::Cluster.type_url());
+    }
+
+    #[test]
+    fn shared_str_reads_and_compares_like_a_string() {
+        let s = SharedStr::from("abc");
+        let t = s.clone();
+        assert!(
+            std::ptr::eq(s.as_str(), t.as_str()),
+            "clones share the text"
+        );
+        assert_eq!(s, "abc");
+        assert_eq!(s, "abc".to_string());
+        assert_eq!("abc".to_string(), s);
+        assert_eq!(format!("{s} {s:?}"), "abc \"abc\"");
+        assert!(s.starts_with("ab"));
+        assert_eq!(String::from(s), "abc");
     }
 
     #[test]

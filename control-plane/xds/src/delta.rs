@@ -20,8 +20,12 @@
 //!   response, when other types change in the same push (make-before-break);
 //! - warming: added or changed clusters are followed by their EDS assignments, and
 //!   added or changed listeners by the subscribed routes, even if unchanged.
+//!
+//! Names and versions the state keeps are [`SharedStr`]s taken from the snapshot's
+//! resources whenever the snapshot has them, so 10,000 streams tracking the same
+//! resources share one copy of each name and version.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -29,7 +33,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
-use misaki_compiler::snapshot::{Resource, ResourceType, Snapshot};
+use misaki_compiler::snapshot::{Resource, ResourceType, SharedStr, Snapshot};
 use prost::Message;
 use tracing::debug;
 
@@ -40,28 +44,28 @@ use crate::stream::{Protocol, StreamCtx};
 #[derive(Debug)]
 pub(crate) struct DeltaReply {
     t: ResourceType,
-    system_version: String,
+    system_version: SharedStr,
     nonce: String,
     items: Vec<Arc<Resource>>,
-    removed: Vec<String>,
+    removed: Vec<SharedStr>,
 }
 
 impl From<DeltaReply> for DeltaDiscoveryResponse {
     fn from(r: DeltaReply) -> Self {
         DeltaDiscoveryResponse {
-            system_version_info: r.system_version,
+            system_version_info: r.system_version.into(),
             resources: r
                 .items
                 .iter()
                 .map(|i| WireResource {
-                    name: i.name.clone(),
-                    version: i.version.clone(),
+                    name: i.name.to_string(),
+                    version: i.version.to_string(),
                     resource: Some(i.body.clone()),
                     ..Default::default()
                 })
                 .collect(),
             type_url: r.t.type_url().to_string(),
-            removed_resources: r.removed,
+            removed_resources: r.removed.into_iter().map(String::from).collect(),
             nonce: r.nonce,
             ..Default::default()
         }
@@ -72,11 +76,11 @@ impl From<DeltaReply> for DeltaDiscoveryResponse {
 struct TypeState {
     requested: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: BTreeSet<SharedStr>,
     /// What the client holds: name → version.
-    has: HashMap<String, String>,
+    has: HashMap<SharedStr, SharedStr>,
     nonce: Option<String>,
-    version: Option<String>,
+    version: Option<SharedStr>,
 }
 
 impl TypeState {
@@ -89,7 +93,7 @@ impl TypeState {
 #[derive(Debug, Default)]
 struct Plan {
     items: Vec<Arc<Resource>>,
-    removed: Vec<String>,
+    removed: Vec<SharedStr>,
 }
 
 impl Plan {
@@ -122,19 +126,28 @@ pub(crate) struct Delta {
 
 /// The EDS name a cluster asks for: its `eds_cluster_config.service_name`, else its
 /// own name. Decoded only for clusters that just changed.
-fn eds_name(cluster: &Resource) -> String {
+fn eds_name(cluster: &Resource) -> SharedStr {
     Cluster::decode(cluster.body.value.as_slice())
         .ok()
         .and_then(|c| c.eds_cluster_config)
         .map(|e| e.service_name)
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| cluster.name.clone())
+        .map_or_else(|| cluster.name.clone(), SharedStr::from)
+}
+
+/// `name` as a [`SharedStr`], shared with the snapshot's resource of that name if
+/// there is one.
+fn intern(items: &BTreeMap<String, Arc<Resource>>, name: String) -> SharedStr {
+    match items.get(&name) {
+        Some(r) => r.name.clone(),
+        None => name.into(),
+    }
 }
 
 impl Delta {
     /// What to send for `t`; `force` names are sent (or reported missing) even if the
     /// client already holds them. Reads state only.
-    fn plan(&self, t: ResourceType, force: &BTreeSet<String>) -> Plan {
+    fn plan(&self, t: ResourceType, force: &BTreeSet<SharedStr>) -> Plan {
         let st = &self.types[t.index()];
         let mut plan = Plan::default();
         if !st.requested {
@@ -151,15 +164,18 @@ impl Delta {
         } else {
             st.names
                 .iter()
-                .filter_map(|n| items.get(n))
+                .filter_map(|n| items.get(n.as_str()))
                 .for_each(&mut consider);
         }
-        let mut removed: BTreeSet<&String> =
-            st.has.keys().filter(|n| !items.contains_key(*n)).collect();
+        let mut removed: BTreeSet<&SharedStr> = st
+            .has
+            .keys()
+            .filter(|n| !items.contains_key(n.as_str()))
+            .collect();
         removed.extend(
             force
                 .iter()
-                .filter(|n| st.subscribed(n) && !items.contains_key(*n)),
+                .filter(|n| st.subscribed(n) && !items.contains_key(n.as_str())),
         );
         plan.removed = removed.into_iter().cloned().collect();
         plan
@@ -199,8 +215,8 @@ impl Delta {
     }
 
     /// Names of `child` that warming requires after `parent_items` were sent.
-    fn warming(&self, parent: ResourceType, parent_items: &[Arc<Resource>]) -> BTreeSet<String> {
-        let (child, names): (ResourceType, BTreeSet<String>) = match parent {
+    fn warming(&self, parent: ResourceType, parent_items: &[Arc<Resource>]) -> BTreeSet<SharedStr> {
+        let (child, names): (ResourceType, BTreeSet<SharedStr>) = match parent {
             _ if parent_items.is_empty() => return BTreeSet::new(),
             ResourceType::Cluster => (
                 ResourceType::Endpoint,
@@ -213,8 +229,8 @@ impl Delta {
                 self.snapshot
                     .get(ResourceType::Route)
                     .items
-                    .keys()
-                    .cloned()
+                    .values()
+                    .map(|r| r.name.clone())
                     .collect(),
             ),
             _ => return BTreeSet::new(),
@@ -223,7 +239,7 @@ impl Delta {
         let items = &self.snapshot.get(child).items;
         names
             .into_iter()
-            .filter(|n| st.subscribed(n) && items.contains_key(n))
+            .filter(|n| st.subscribed(n) && items.contains_key(n.as_str()))
             .collect()
     }
 
@@ -262,9 +278,9 @@ impl Protocol for Delta {
         let st = &mut self.types[t.index()];
         if !req.response_nonce.is_empty() {
             let latest = st.nonce.as_deref() == Some(req.response_nonce.as_str());
-            let version = if latest { st.version.as_deref() } else { None };
+            let version = if latest { st.version.as_ref() } else { None };
             if let Some(err) = &req.error_detail {
-                ctx.nacked(t, version, &req.response_nonce, err);
+                ctx.nacked(t, version.map(|v| v.as_str()), &req.response_nonce, err);
             } else if let Some(v) = version {
                 ctx.acked(t, v);
             }
@@ -272,8 +288,17 @@ impl Protocol for Delta {
 
         let first = !st.requested;
         st.requested = true;
+        let items = &self.snapshot.get(t).items;
         if first {
-            st.has = req.initial_resource_versions;
+            st.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(n, v)| match items.get(&n) {
+                    Some(r) if r.version == v => (r.name.clone(), r.version.clone()),
+                    Some(r) => (r.name.clone(), v.into()),
+                    None => (n.into(), v.into()),
+                })
+                .collect();
             // Legacy wildcard: a first request that subscribes to nothing.
             st.wildcard = req.resource_names_subscribe.is_empty() && t.is_full_state();
         }
@@ -285,6 +310,7 @@ impl Protocol for Delta {
                 // Explicit subscriptions are answered even if the client seems to hold
                 // the resource (it may have forgotten it) — except on the first request,
                 // where `initial_resource_versions` says exactly what it holds.
+                let n = intern(items, n);
                 if !(first && st.has.contains_key(&n)) {
                     force.insert(n.clone());
                 }
@@ -295,11 +321,11 @@ impl Protocol for Delta {
             if n == "*" {
                 st.wildcard = false;
             } else {
-                st.names.remove(&n);
+                st.names.remove(n.as_str());
                 if st.wildcard {
                     // Still covered by the wildcard: the client cannot tell whether to
                     // keep it, so say (resource or removal).
-                    force.insert(n);
+                    force.insert(intern(items, n));
                 }
             }
         }
@@ -324,7 +350,7 @@ impl Protocol for Delta {
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<DeltaReply> {
         let old = std::mem::replace(&mut self.snapshot, snapshot);
         let none = BTreeSet::new();
-        let plan_if_changed = |s: &Self, t: ResourceType, force: &BTreeSet<String>| {
+        let plan_if_changed = |s: &Self, t: ResourceType, force: &BTreeSet<SharedStr>| {
             if old.get(t).version == s.snapshot.get(t).version && force.is_empty() {
                 Plan::default()
             } else {

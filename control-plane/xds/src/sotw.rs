@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use misaki_compiler::snapshot::{Resource, ResourceType, Resources, Snapshot};
+use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use prost::Message;
 use tracing::debug;
 
@@ -41,7 +41,7 @@ use crate::stream::{Protocol, StreamCtx};
 #[derive(Debug)]
 pub(crate) struct SotwReply {
     t: ResourceType,
-    version: String,
+    version: SharedStr,
     nonce: String,
     items: Vec<Arc<Resource>>,
 }
@@ -49,7 +49,7 @@ pub(crate) struct SotwReply {
 impl From<SotwReply> for DiscoveryResponse {
     fn from(r: SotwReply) -> Self {
         DiscoveryResponse {
-            version_info: r.version,
+            version_info: r.version.into(),
             resources: r.items.iter().map(|i| i.body.clone()).collect(),
             type_url: r.t.type_url().to_string(),
             nonce: r.nonce,
@@ -69,13 +69,13 @@ struct TypeState {
     names: BTreeSet<String>,
     /// Latest nonce and version sent for this type.
     nonce: Option<String>,
-    version: Option<String>,
+    version: Option<SharedStr>,
     /// What the client was last sent (sorted by name, unique). For EDS/RDS it is pruned
     /// to the current content when resources go away, since the client needs no reply
     /// for that.
     sent: Vec<Arc<Resource>>,
     /// The version the client rejected; never sent again on this stream.
-    nacked: Option<String>,
+    nacked: Option<SharedStr>,
 }
 
 impl TypeState {
@@ -99,7 +99,7 @@ impl TypeState {
 struct Plan {
     t: ResourceType,
     items: Vec<Arc<Resource>>,
-    version: String,
+    version: SharedStr,
     /// Adds or changes a resource relative to what the client was last sent.
     touched: bool,
 }
@@ -151,7 +151,7 @@ fn diff(new: &[Arc<Resource>], old: &[Arc<Resource>]) -> (bool, bool) {
 }
 
 /// The `version_info` for a reply (see the module invariants).
-fn reply_version(res: &Resources, items: &[Arc<Resource>], whole_type: bool) -> String {
+fn reply_version(res: &Resources, items: &[Arc<Resource>], whole_type: bool) -> SharedStr {
     if whole_type {
         return res.version.clone();
     }
@@ -160,7 +160,7 @@ fn reply_version(res: &Resources, items: &[Arc<Resource>], whole_type: bool) -> 
         r.name.hash(&mut h);
         r.version.hash(&mut h);
     }
-    format!("{}.{:016x}", res.version, h.finish())
+    format!("{}.{:016x}", res.version, h.finish()).into()
 }
 
 impl Sotw {
@@ -214,7 +214,8 @@ impl Sotw {
         if st.nacked.as_deref() == Some(version.as_str()) {
             debug!(
                 r#type = t.short(),
-                version, "not resending a version the client rejected"
+                version = version.as_str(),
+                "not resending a version the client rejected"
             );
             return None;
         }
@@ -305,7 +306,12 @@ impl Protocol for Sotw {
             ctx.nacked(t, st.version.as_deref(), &req.response_nonce, err);
             st.nacked = st.version.clone();
         } else if st.nonce.is_some() {
-            ctx.acked(t, &req.version_info);
+            // The ACK names the latest version sent (its nonce is current): share it.
+            let version = match &st.version {
+                Some(v) if *v == req.version_info => v.clone(),
+                _ => SharedStr::from(req.version_info.as_str()),
+            };
+            ctx.acked(t, &version);
         }
         let first = !st.requested;
         st.requested = true;
@@ -337,6 +343,26 @@ impl Protocol for Sotw {
             lds.as_ref().is_some_and(|p| p.touched),
         );
         let eds = plan_if_changed(self, ResourceType::Endpoint, false);
+
+        // Nothing to decide for CDS when the client already holds exactly the current
+        // clusters: it subscribes to all of them and its last CDS reply was the whole
+        // type at this very version (`version_info` is the bare type version only for
+        // whole-type replies). Then nothing went away and nothing changed, so no CDS
+        // reply and no make-before-break; skip building and diffing the content, which
+        // a fleet-wide change would otherwise do for every stream. A stream that never
+        // asked for CDS gets none either.
+        let cds_st = &self.types[ResourceType::Cluster.index()];
+        let cds_settled = !cds_st.requested
+            || (cds_st.wildcard
+                && self.unchanged(&old, ResourceType::Cluster)
+                && cds_st.version.as_deref()
+                    == Some(self.snapshot.get(ResourceType::Cluster).version.as_str()));
+        if cds_settled {
+            for p in [eds, lds, rds].into_iter().flatten() {
+                out.push(self.commit(p, ctx));
+            }
+            return out;
+        }
 
         let cds_items = self.content(ResourceType::Cluster);
         let removed: Vec<Arc<Resource>> = {

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use misaki_compiler::node::NodeInfo;
-use misaki_compiler::snapshot::ResourceType;
+use misaki_compiler::snapshot::{ResourceType, SharedStr};
 use serde_json::{Value, json};
 
 /// Which ADS variant a stream speaks.
@@ -47,11 +47,12 @@ pub struct NackRecord {
     pub at: SystemTime,
 }
 
-/// What one stream has sent and heard back for one resource type.
+/// What one stream has sent and heard back for one resource type. Versions are
+/// shared with the snapshot (or the stream's state), not copied per stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TypeStatus {
-    pub last_sent: Option<String>,
-    pub last_acked: Option<String>,
+    pub last_sent: Option<SharedStr>,
+    pub last_acked: Option<SharedStr>,
     pub last_nack: Option<NackRecord>,
 }
 
@@ -144,8 +145,8 @@ fn status_json(s: &StreamStatus) -> Value {
             t.short().to_string(),
             json!({
                 "type_url": t.type_url(),
-                "last_sent_version": ts.last_sent,
-                "last_acked_version": ts.last_acked,
+                "last_sent_version": ts.last_sent.as_deref(),
+                "last_acked_version": ts.last_acked.as_deref(),
                 "last_nack": ts.last_nack.as_ref().map(|n| json!({
                     "version": n.version,
                     "nonce": n.nonce,
@@ -174,12 +175,12 @@ pub struct StreamHandle {
 }
 
 impl StreamHandle {
-    pub(crate) fn sent(&self, t: ResourceType, version: &str) {
-        lock(&self.entry).types[t.index()].last_sent = Some(version.to_string());
+    pub(crate) fn sent(&self, t: ResourceType, version: &SharedStr) {
+        lock(&self.entry).types[t.index()].last_sent = Some(version.clone());
     }
 
-    pub(crate) fn acked(&self, t: ResourceType, version: &str) {
-        lock(&self.entry).types[t.index()].last_acked = Some(version.to_string());
+    pub(crate) fn acked(&self, t: ResourceType, version: &SharedStr) {
+        lock(&self.entry).types[t.index()].last_acked = Some(version.clone());
     }
 
     pub(crate) fn nacked(&self, t: ResourceType, nack: NackRecord) {
@@ -211,8 +212,8 @@ mod tests {
     fn entry_lives_exactly_as_long_as_its_handle() {
         let reg = StreamRegistry::new();
         let h = reg.register(node(), StreamKind::Delta);
-        h.sent(ResourceType::Cluster, "v1");
-        h.acked(ResourceType::Cluster, "v1");
+        h.sent(ResourceType::Cluster, &"v1".into());
+        h.acked(ResourceType::Cluster, &"v1".into());
         let j = reg.to_json();
         assert_eq!(j["streams"][0]["kind"], "delta");
         assert_eq!(j["streams"][0]["types"]["cds"]["last_acked_version"], "v1");

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use misaki_compiler::node::NodeInfo;
-use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use misaki_compiler::snapshot::{ResourceType, SharedStr, Snapshot};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -34,6 +34,11 @@ use crate::status::{NackRecord, StreamHandle, StreamKind, StreamRegistry};
 /// for one full push (CDS, EDS, LDS, RDS and a final CDS) without waiting.
 const STREAM_BUFFER: usize = 6;
 
+/// What the per-stream channel carries. Boxed: tokio's channel allocates its slots
+/// 32 at a time whatever its capacity, so a pointer-sized item keeps that block at a
+/// few hundred bytes per stream instead of 32 whole replies (`Status` is a box too).
+type Queued<P> = Result<Box<<P as Protocol>::Out>, Status>;
+
 /// Everything a protocol state machine may record about its stream.
 #[derive(Debug)]
 pub(crate) struct StreamCtx {
@@ -43,18 +48,23 @@ pub(crate) struct StreamCtx {
 }
 
 impl StreamCtx {
-    pub fn pushed(&self, t: ResourceType, version: &str, bytes: usize) {
+    pub fn pushed(&self, t: ResourceType, version: &SharedStr, bytes: usize) {
         let m = self.metrics.of(t);
         m.pushes.inc();
         m.push_bytes.inc_by(bytes as u64);
         self.status.sent(t, version);
-        debug!(r#type = t.short(), version, bytes, "push");
+        debug!(
+            r#type = t.short(),
+            version = version.as_str(),
+            bytes,
+            "push"
+        );
     }
 
-    pub fn acked(&self, t: ResourceType, version: &str) {
+    pub fn acked(&self, t: ResourceType, version: &SharedStr) {
         self.metrics.of(t).acks.inc();
         self.status.acked(t, version);
-        debug!(r#type = t.short(), version, "ack");
+        debug!(r#type = t.short(), version = version.as_str(), "ack");
     }
 
     /// NACKs are data: log them with everything an operator needs, count them, and keep
@@ -135,7 +145,7 @@ pub(crate) fn spawn<P: Protocol>(
     let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
     tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
     // Bodies are copied out of the snapshot here, as tonic encodes, not while queued.
-    Box::pin(ReceiverStream::new(rx).map(|r| r.map(P::encode)))
+    Box::pin(ReceiverStream::new(rx).map(|r: Queued<P>| r.map(|out| P::encode(*out))))
 }
 
 /// Why a stream ended; logged once when it does.
@@ -163,7 +173,7 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
 async fn run<P: Protocol>(
     shared: Shared,
     requests: Streaming<P::Req>,
-    tx: mpsc::Sender<Result<P::Out, Status>>,
+    tx: mpsc::Sender<Queued<P>>,
 ) {
     let Shared {
         source,
@@ -201,7 +211,7 @@ async fn serve<P: Protocol>(
     metrics: Metrics,
     drain: &mut watch::Receiver<bool>,
     mut requests: Streaming<P::Req>,
-    tx: &mpsc::Sender<Result<P::Out, Status>>,
+    tx: &mpsc::Sender<Queued<P>>,
 ) -> StreamEnd {
     // The first request names the node; nothing can be served before it.
     let first = tokio::select! {
@@ -264,7 +274,7 @@ async fn serve<P: Protocol>(
             tokio::select! {
                 biased;
                 _ = drained(drain) => return StreamEnd::Drained,
-                sent = tx.send(Ok(resp)) => if sent.is_err() {
+                sent = tx.send(Ok(Box::new(resp))) => if sent.is_err() {
                     return StreamEnd::ClientGone;
                 },
             }
