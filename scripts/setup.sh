@@ -11,6 +11,7 @@ command -v tc >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v iptables >/dev/null || need_apt+=(iptables)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v sysctl >/dev/null || need_apt+=(procps)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
