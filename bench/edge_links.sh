@@ -21,10 +21,11 @@ cd "$(dirname "$0")/.."
 for t in ip tc nft curl jq python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 
 if [ -z "${SKIP_BUILD:-}" ]; then   # SKIP_BUILD=1: use the release binaries already built
-  cargo build --release -q -p misaki-edge-netd --bin edge-netd
+  # edge-netd as vehicles get it: the `vehicle` profile (size-optimised, LTO, stripped).
+  cargo build --profile vehicle -q -p misaki-edge-netd --bin edge-netd
   cargo build --release -q -p misaki-control-plane --bin misaki-cp
 fi
-NETD=target/release/edge-netd
+NETD=target/vehicle/edge-netd
 CP=target/release/misaki-cp
 
 V=bv-$$; C=bc-$$; DIR=$(mktemp -d)
