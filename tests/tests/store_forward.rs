@@ -459,6 +459,13 @@ fn deferred_request_goes_through_edge_netd_and_the_real_cloud_envoy_to_the_servi
     assert_eq!(st["classes"][0]["uplink"]["name"], "wifi", "{st}");
     assert_eq!(st["classes"][0]["uplink"]["interface"], "lo", "{st}");
     assert!(v.api_json("/saf/deadletters").is_some());
+    let metrics = http::get(v.api, "/metrics").expect("/metrics").body;
+    for line in [
+        "misaki_saf_queue_depth_messages{class=\"bulk\"} 1",
+        "misaki_saf_queue_dropped_total{class=\"bulk\",reason=\"expired\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in /metrics:\n{metrics}");
+    }
 
     // The cloud sidecar comes up: the message is delivered through Envoy's zstd
     // decompressor, plain, with its key; the queue drains and the registry sees it.

@@ -99,9 +99,8 @@ impl UplinkView for SelectionUplinks {
 
 /// The queue part of a report: one entry per class queued now, and a zero entry for each
 /// class in `previous` that is no longer queued (a `LinkChange` replaces per class, so a
-/// drained class must be reported as empty, not left out). `dropped_total` is the
-/// class's dead letters; `expired_total` stays 0 until the queue counts expiry per
-/// class (the whole-queue counts are on `/saf/status` and in the metrics).
+/// drained class must be reported as empty, not left out). `dropped_total` counts every
+/// drop of the class (expired, evicted, dead-lettered); `expired_total` the expiries.
 pub fn queue_stats(saf: &StoreForward, previous: &[pb::QueueStats]) -> Vec<pb::QueueStats> {
     let mut out: BTreeMap<String, pb::QueueStats> = BTreeMap::new();
     for p in previous {
@@ -121,8 +120,8 @@ pub fn queue_stats(saf: &StoreForward, previous: &[pb::QueueStats]) -> Vec<pb::Q
                 class: c.class,
                 depth_messages: c.messages,
                 depth_bytes: c.bytes,
-                dropped_total: c.dead_lettered,
-                expired_total: 0,
+                dropped_total: c.expired + c.evicted + c.dead_lettered,
+                expired_total: c.expired,
             },
         );
     }

@@ -72,6 +72,10 @@ pub struct ClassDepth {
     pub ready: u64,
     pub in_flight: u64,
     pub bytes: u64,
+    /// Drops of this class since open.
+    pub expired: u64,
+    pub evicted: u64,
+    pub dead_lettered: u64,
 }
 
 /// Counters since open (monotonic) and gauges (current).
@@ -451,6 +455,9 @@ impl Queue {
                     ready: c.ready.len() as u64,
                     in_flight: c.in_flight,
                     bytes: c.ready_bytes + c.in_flight_bytes,
+                    expired: c.expired,
+                    evicted: c.evicted,
+                    dead_lettered: c.dead_lettered,
                 })
                 .collect(),
         }

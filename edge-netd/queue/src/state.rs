@@ -46,6 +46,10 @@ pub(crate) struct ClassQueue {
     pub(crate) in_flight_bytes: u64,
     /// Share-scheduler credit, in percent of a pick (see the crate doc, "Scheduling").
     pub(crate) credit: u32,
+    /// Drops of this class since open (kept when the class drains, for reports).
+    pub(crate) expired: u64,
+    pub(crate) evicted: u64,
+    pub(crate) dead_lettered: u64,
 }
 
 /// A message handed to the forwarder and not yet acked or nacked.
@@ -136,6 +140,9 @@ impl State {
                         in_flight: 0,
                         in_flight_bytes: 0,
                         credit: 0,
+                        expired: 0,
+                        evicted: 0,
+                        dead_lettered: 0,
                     },
                 );
                 i
@@ -156,8 +163,15 @@ impl State {
 
     /// A live record leaves the queue for good: account for it and log the ack.
     /// The caller already removed it from its ready/in-flight container.
-    fn release(&mut self, entry: &Entry, kind: AckKind) {
+    fn release(&mut self, class: usize, entry: &Entry, kind: AckKind) {
         self.live_bytes -= u64::from(entry.len);
+        let cq = &mut self.classes[class];
+        match kind {
+            AckKind::Expired => cq.expired += 1,
+            AckKind::Evicted => cq.evicted += 1,
+            AckKind::DeadLettered => cq.dead_lettered += 1,
+            _ => {}
+        }
         if let Some(seg) = self.segments.get_mut(&entry.seg) {
             seg.live -= 1;
             seg.acked.push(entry.id);
@@ -190,14 +204,14 @@ impl State {
             .is_some_and(|(_, e)| e.expired(now))
         {
             let e = self.pop_ready(i).expect("non-empty");
-            self.release(&e, AckKind::Expired);
+            self.release(i, &e, AckKind::Expired);
         }
     }
 
     /// Sweep every ready message for expiry; returns how many were dropped.
     pub(crate) fn expire_all(&mut self, now: u64) -> usize {
         let mut dropped = Vec::new();
-        for c in &mut self.classes {
+        for (i, c) in self.classes.iter_mut().enumerate() {
             let ids: Vec<u64> = c
                 .ready
                 .values()
@@ -207,11 +221,11 @@ impl State {
             for id in ids {
                 let e = c.ready.remove(&id).expect("present");
                 c.ready_bytes -= u64::from(e.len);
-                dropped.push(e);
+                dropped.push((i, e));
             }
         }
-        for e in &dropped {
-            self.release(e, AckKind::Expired);
+        for (i, e) in &dropped {
+            self.release(*i, e, AckKind::Expired);
         }
         dropped.len()
     }
@@ -291,8 +305,8 @@ impl State {
     }
 
     pub(crate) fn finish(&mut self, id: u64, kind: AckKind) -> Option<InFlight> {
-        let (_, f) = self.take_in_flight(id)?;
-        self.release(&f.entry, kind);
+        let (i, f) = self.take_in_flight(id)?;
+        self.release(i, &f.entry, kind);
         Some(f)
     }
 
@@ -336,7 +350,7 @@ impl State {
             while freed < over {
                 let Some(e) = self.pop_ready(i) else { break };
                 freed += u64::from(e.len);
-                self.release(&e, AckKind::Evicted);
+                self.release(i, &e, AckKind::Evicted);
             }
         }
         Ok(())

@@ -133,3 +133,61 @@ impl Metrics {
         self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// The queue's own counters and gauges, read from `Queue::stats` at each scrape so they
+/// can never drift from the queue: depth and bytes per class, and every drop (expiry,
+/// eviction, dead letter) per class.
+#[derive(Debug)]
+pub(crate) struct QueueCollector(pub(crate) std::sync::Arc<misaki_queue::Queue>);
+
+impl prometheus_client::collector::Collector for QueueCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let stats = self.0.stats();
+        let gauge = |n: u64| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+
+        let g = gauge(0);
+        let mut fam = encoder.encode_descriptor(
+            "misaki_saf_queue_depth_messages",
+            "Messages queued (ready + in flight) by class",
+            None,
+            g.metric_type(),
+        )?;
+        for d in &stats.depth {
+            gauge(d.ready + d.in_flight).encode(fam.encode_family(&class(&d.class))?)?;
+        }
+        let mut fam = encoder.encode_descriptor(
+            "misaki_saf_queue_depth_bytes",
+            "Bytes queued on disk by class",
+            None,
+            g.metric_type(),
+        )?;
+        for d in &stats.depth {
+            gauge(d.bytes).encode(fam.encode_family(&class(&d.class))?)?;
+        }
+        let c = ConstCounter::new(0u64);
+        let mut fam = encoder.encode_descriptor(
+            "misaki_saf_queue_dropped",
+            "Messages dropped from the queue by class and reason (expired, evicted, dead_lettered)",
+            None,
+            c.metric_type(),
+        )?;
+        for d in &stats.depth {
+            for (reason, n) in [
+                ("expired", d.expired),
+                ("evicted", d.evicted),
+                ("dead_lettered", d.dead_lettered),
+            ] {
+                let mut labels = class(&d.class);
+                labels.push(("reason".to_string(), reason.to_string()));
+                ConstCounter::new(n).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -54,7 +54,9 @@ pub struct ClassReport {
     /// Ready + in flight.
     pub messages: u64,
     pub bytes: u64,
-    /// Dead-lettered since start.
+    /// Dropped since the queue was opened: expired, evicted, dead-lettered.
+    pub expired: u64,
+    pub evicted: u64,
     pub dead_lettered: u64,
 }
 
@@ -128,6 +130,9 @@ impl StoreForward {
     /// Register the endpoint's and forwarder's metrics (crate `metrics` naming rule).
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.inner.metrics.register(registry);
+        registry.register_collector(Box::new(crate::metrics::QueueCollector(
+            self.inner.queue.clone(),
+        )));
     }
 
     /// Answer one ingest request (for embedding in another server).
@@ -204,10 +209,12 @@ impl StoreForward {
             .depth
             .into_iter()
             .map(|d| ClassReport {
-                dead_lettered: self.inner.metrics.dead_lettered_of(&d.class),
                 class: d.class,
                 messages: d.ready + d.in_flight,
                 bytes: d.bytes,
+                expired: d.expired,
+                evicted: d.evicted,
+                dead_lettered: d.dead_lettered,
             })
             .collect()
     }

@@ -45,6 +45,18 @@ async fn eviction_takes_the_oldest_lowest_priority_first_and_never_higher_priori
     let high2 = q.enqueue(msg("high", 0, &body)).await.unwrap().id;
 
     assert_eq!(q.stats().evicted, 3);
+    // Counted per class too (the fleet report shows drops by class).
+    let evicted_of = |class: &str| {
+        q.stats()
+            .depth
+            .iter()
+            .find(|d| d.class == class)
+            .map(|d| d.evicted)
+    };
+    assert_eq!(
+        (evicted_of("bulk"), evicted_of("norm"), evicted_of("high")),
+        (Some(2), Some(1), Some(0))
+    );
     let left = ids(&drain(&q));
     assert_eq!(left, vec![high, high2, norm2, norm3, norm4]);
     assert!(!left.contains(&bulk1) && !left.contains(&bulk2) && !left.contains(&norm1));
