@@ -16,6 +16,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
@@ -197,11 +198,19 @@ impl PartialEq<SharedStr> for String {
 }
 
 /// One named, versioned, encoded resource.
+///
+/// Besides the decoded-form `body`, a resource keeps its wire form: the encoded
+/// `google.protobuf.Any`, exactly what goes into a `DiscoveryResponse.resources` element
+/// or a delta `Resource.resource`. It is computed once, here, and shared (`Bytes`) by
+/// every stream that sends the resource, so a fleet-wide change encodes each resource
+/// once instead of once per stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub name: SharedStr,
     pub version: SharedStr,
     pub body: Any,
+    /// `body` encoded; always equal to `body.encode_to_vec()`.
+    wire: Bytes,
 }
 
 impl Resource {
@@ -213,14 +222,30 @@ impl Resource {
     ) -> Self {
         let bytes = msg.encode_to_vec();
         let version = format!("{prefix}{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
-        Resource {
-            name: name.into(),
-            version: version.into(),
-            body: Any {
+        Self::from_any(
+            name,
+            version,
+            Any {
                 type_url: M::type_url(),
                 value: bytes,
             },
+        )
+    }
+
+    /// A resource with an explicit version and an already-encoded body.
+    pub fn from_any(name: impl Into<SharedStr>, version: impl Into<SharedStr>, body: Any) -> Self {
+        let wire = Bytes::from(body.encode_to_vec());
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            body,
+            wire,
         }
+    }
+
+    /// The encoded `google.protobuf.Any` (type URL and value), shared by reference count.
+    pub fn wire(&self) -> &Bytes {
+        &self.wire
     }
 }
 
@@ -290,6 +315,7 @@ mod tests {
         assert_eq!(r1.version, r2.version);
         assert_ne!(r1.version, r3.version);
         assert_eq!(r1.body.type_url, ResourceType::Cluster.type_url());
+        assert_eq!(r1.wire().as_ref(), r1.body.encode_to_vec().as_slice());
     }
 
     #[test]

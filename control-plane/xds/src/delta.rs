@@ -35,12 +35,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use misaki_compiler::snapshot::{Resource, ResourceType, SharedStr, Snapshot};
 use prost::Message;
+use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
 use crate::stream::{Protocol, StreamCtx};
+use crate::wire::{WireMessage, field_len, put_field, put_header, put_str, str_len};
 
-/// A delta response decided on but not yet materialised (see [`crate::sotw::SotwReply`]).
+/// A delta response decided on but not yet encoded (see [`crate::sotw::SotwReply`]).
 #[derive(Debug)]
 pub(crate) struct DeltaReply {
     t: ResourceType,
@@ -50,6 +52,59 @@ pub(crate) struct DeltaReply {
     removed: Vec<SharedStr>,
 }
 
+/// `DeltaDiscoveryResponse` field numbers misaki sets.
+const SYSTEM_VERSION_INFO: u32 = 1;
+const RESOURCES: u32 = 2;
+const TYPE_URL: u32 = 4;
+const NONCE: u32 = 5;
+const REMOVED_RESOURCES: u32 = 6;
+/// `Resource` (the per-resource wrapper) field numbers misaki sets.
+const RESOURCE_VERSION: u32 = 1;
+const RESOURCE_BODY: u32 = 2;
+const RESOURCE_NAME: u32 = 3;
+
+/// Length of one resource's `Resource` wrapper (without its own key and length).
+fn wrapper_len(r: &Resource) -> usize {
+    str_len(RESOURCE_VERSION, &r.version)
+        + field_len(RESOURCE_BODY, r.wire().len())
+        + str_len(RESOURCE_NAME, &r.name)
+}
+
+impl WireMessage for DeltaReply {
+    fn encoded_len(&self) -> usize {
+        str_len(SYSTEM_VERSION_INFO, &self.system_version)
+            + self
+                .items
+                .iter()
+                .map(|i| field_len(RESOURCES, wrapper_len(i)))
+                .sum::<usize>()
+            + str_len(TYPE_URL, self.t.type_url())
+            + str_len(NONCE, &self.nonce)
+            + self
+                .removed
+                .iter()
+                .map(|n| field_len(REMOVED_RESOURCES, n.len()))
+                .sum::<usize>()
+    }
+
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        put_str(SYSTEM_VERSION_INFO, &self.system_version, buf);
+        for i in &self.items {
+            put_header(RESOURCES, wrapper_len(i), buf);
+            put_str(RESOURCE_VERSION, &i.version, buf);
+            put_field(RESOURCE_BODY, i.wire(), buf);
+            put_str(RESOURCE_NAME, &i.name, buf);
+        }
+        put_str(TYPE_URL, self.t.type_url(), buf);
+        put_str(NONCE, &self.nonce, buf);
+        for n in &self.removed {
+            put_field(REMOVED_RESOURCES, n.as_bytes(), buf);
+        }
+    }
+}
+
+/// The message [`DeltaReply`]'s encoding stands for (the generated service's path, and
+/// the reference the hand encoding is tested against).
 impl From<DeltaReply> for DeltaDiscoveryResponse {
     fn from(r: DeltaReply) -> Self {
         DeltaDiscoveryResponse {
@@ -194,7 +249,7 @@ impl Delta {
         self.last_nonce += 1;
         let nonce = self.last_nonce.to_string();
         let system_version = self.snapshot.get(t).version.clone();
-        let bytes: usize = plan.items.iter().map(|r| r.body.encoded_len()).sum();
+        let bytes: usize = plan.items.iter().map(|r| r.wire().len()).sum();
         ctx.pushed(t, &system_version, bytes);
         let st = &mut self.types[t.index()];
         for r in &plan.items {
@@ -391,5 +446,81 @@ impl Protocol for Delta {
 
     fn encode(out: DeltaReply) -> DeltaDiscoveryResponse {
         out.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::google::protobuf::Any;
+
+    fn route(name: &str) -> Arc<Resource> {
+        let rc = RouteConfiguration {
+            name: name.into(),
+            ..Default::default()
+        };
+        Arc::new(Resource::new("v-", name, &rc))
+    }
+
+    /// The hand encoding is byte-for-byte prost's encoding of the struct the reference
+    /// conversion builds, and decodes back to that struct.
+    fn check(reply: DeltaReply) {
+        let bytes = reply.encode_to_vec();
+        assert_eq!(bytes.len(), reply.encoded_len());
+        let expected = DeltaDiscoveryResponse::from(reply);
+        assert_eq!(bytes, expected.encode_to_vec());
+        assert_eq!(
+            DeltaDiscoveryResponse::decode(bytes.as_slice()).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn hand_encoded_reply_is_the_delta_discovery_response() {
+        let big = Arc::new(Resource::from_any(
+            "big",
+            "v-big",
+            Any {
+                type_url: ResourceType::Route.type_url().into(),
+                value: vec![7; 7400],
+            },
+        ));
+        let empty = Arc::new(Resource::from_any("", "", Any::default()));
+        for (t, version, nonce, items, removed) in [
+            (
+                ResourceType::Route,
+                "v-1",
+                "1",
+                vec![route("a"), big],
+                vec![],
+            ),
+            // Removals only, including an empty name (a repeated string keeps it).
+            (
+                ResourceType::Cluster,
+                "v-2",
+                "2",
+                vec![],
+                vec!["gone", "", "x"],
+            ),
+            (
+                ResourceType::Listener,
+                "v-3",
+                "3",
+                vec![route("l")],
+                vec!["old"],
+            ),
+            // Nothing at all (an `always` reply to a first request).
+            (ResourceType::Endpoint, "v-4", "4", vec![], vec![]),
+            (ResourceType::Endpoint, "", "", vec![empty], vec![]),
+        ] {
+            check(DeltaReply {
+                t,
+                system_version: version.into(),
+                nonce: nonce.into(),
+                items,
+                removed: removed.into_iter().map(SharedStr::from).collect(),
+            });
+        }
     }
 }

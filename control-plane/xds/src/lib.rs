@@ -6,8 +6,9 @@
 //! Invariants:
 //! - one tokio task per stream owns that stream's protocol state (`sotw`, `delta`);
 //!   the state machines are synchronous and do no I/O, the task does the waiting;
-//! - snapshots are shared (`Arc`), and so are resource bodies: a stream holds `Arc`s
-//!   and copies a body only while tonic encodes it;
+//! - snapshots are shared (`Arc`), and so are resource bodies: a stream holds `Arc`s,
+//!   and each resource is encoded once (its wire form is part of the snapshot): the
+//!   ADS codec writes a response's own fields and appends the shared bytes (`wire`);
 //! - a slow stream only slows itself: each stream has a small bounded queue and the
 //!   snapshot `watch` coalesces changes while the stream is busy;
 //! - the rules Envoy's `xds_protocol.rst` sets (nonces, ACK/NACK, wildcard, warming,
@@ -16,7 +17,8 @@
 //! - every stream ends when the server drains.
 //!
 //! Code map: `server` (the tonic service, [`serve`], transport settings) → `stream`
-//! (the per-stream task) → `sotw` / `delta` (protocol state) ; `status` (the `/nodes`
+//! (the per-stream task) → `sotw` / `delta` (protocol state) → `wire` (hand encoding of
+//! responses around pre-encoded resources); `status` (the `/nodes`
 //! registry) and `metrics` (Prometheus) are fed by the stream task.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
@@ -27,6 +29,7 @@ mod server;
 mod sotw;
 mod status;
 mod stream;
+mod wire;
 
 use std::sync::Arc;
 

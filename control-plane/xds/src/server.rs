@@ -38,15 +38,16 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic_prost::ProstDecoder;
 use tracing::{info, warn};
 
 use crate::SnapshotSource;
-use crate::delta::Delta;
+use crate::delta::{Delta, DeltaReply};
 use crate::metrics::Metrics;
-use crate::sotw::Sotw;
+use crate::sotw::{Sotw, SotwReply};
 use crate::status::StreamRegistry;
 use crate::stream::{self, ResponseStream, Shared};
+use crate::wire::{WireEncoder, WireMessage};
 
 /// Largest request accepted. Requests are small, except EDS subscriptions of nodes
 /// with many clusters and NACKs quoting long errors.
@@ -154,21 +155,22 @@ const DECODE_BUFFER: usize = 1024;
 /// 4 KiB start measured ~3 KiB/stream worse after a few fleet-wide changes.
 const ENCODE_BUFFER: usize = 8 * 1024;
 
-/// Prost encoding with misaki's per-stream buffer sizes.
+/// misaki's per-stream buffer sizes; requests decode with prost, responses are
+/// hand-encoded around each resource's shared pre-encoded bytes ([`WireMessage`]).
 struct AdsCodec<T, U>(PhantomData<fn(T) -> U>);
 
 impl<T, U> Codec for AdsCodec<T, U>
 where
-    T: prost::Message + Send + 'static,
+    T: WireMessage + Send + 'static,
     U: prost::Message + Default + Send + 'static,
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = WireEncoder<T>;
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(ENCODE_BUFFER, 32 * 1024))
+        WireEncoder::new(BufferSettings::new(ENCODE_BUFFER, 32 * 1024))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -179,8 +181,10 @@ where
 /// The ADS gRPC service (`envoy.service.discovery.v3.AggregatedDiscoveryService`).
 ///
 /// Written out instead of envoy-types' generated server, which hard-codes tonic's
-/// default codec buffers (8 KiB each way per stream). Same paths, same message size
-/// limits, no compression (as before).
+/// default codec buffers (8 KiB each way per stream) and prost-encodes every response
+/// whole: this one writes each response's own fields and appends the resources'
+/// pre-encoded bytes, shared by every stream. Same paths, same message size limits,
+/// no compression (as before).
 #[derive(Debug, Clone)]
 pub struct AdsService {
     server: XdsServer,
@@ -198,12 +202,12 @@ impl NamedService for AdsService {
 struct SotwMethod(XdsServer);
 
 impl StreamingService<DiscoveryRequest> for SotwMethod {
-    type Response = DiscoveryResponse;
-    type ResponseStream = ResponseStream<DiscoveryResponse>;
+    type Response = SotwReply;
+    type ResponseStream = ResponseStream<SotwReply>;
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        std::future::ready(Ok(Response::new(stream::spawn::<Sotw>(
+        std::future::ready(Ok(Response::new(stream::spawn_replies::<Sotw>(
             self.0.shared(),
             request.into_inner(),
         ))))
@@ -213,12 +217,12 @@ impl StreamingService<DiscoveryRequest> for SotwMethod {
 struct DeltaMethod(XdsServer);
 
 impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream = ResponseStream<DeltaDiscoveryResponse>;
+    type Response = DeltaReply;
+    type ResponseStream = ResponseStream<DeltaReply>;
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        std::future::ready(Ok(Response::new(stream::spawn::<Delta>(
+        std::future::ready(Ok(Response::new(stream::spawn_replies::<Delta>(
             self.0.shared(),
             request.into_inner(),
         ))))
@@ -227,7 +231,7 @@ impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
 
 fn grpc<T, U>() -> Grpc<AdsCodec<T, U>>
 where
-    T: prost::Message + Send + 'static,
+    T: WireMessage + Send + 'static,
     U: prost::Message + Default + Send + 'static,
 {
     Grpc::new(AdsCodec(PhantomData))

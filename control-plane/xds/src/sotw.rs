@@ -30,14 +30,15 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
-use prost::Message;
+use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
 use crate::stream::{Protocol, StreamCtx};
+use crate::wire::{WireMessage, field_len, put_field, put_str, str_len};
 
-/// A response decided on but not yet materialised: bodies are cloned out of the
-/// shared `Arc<Resource>`s only when tonic pulls it for encoding.
+/// A response decided on but not yet encoded. The server writes it with
+/// [`WireMessage`]: its own fields, plus each resource's shared pre-encoded bytes.
 #[derive(Debug)]
 pub(crate) struct SotwReply {
     t: ResourceType,
@@ -46,6 +47,36 @@ pub(crate) struct SotwReply {
     items: Vec<Arc<Resource>>,
 }
 
+/// `DiscoveryResponse` field numbers misaki sets.
+const VERSION_INFO: u32 = 1;
+const RESOURCES: u32 = 2;
+const TYPE_URL: u32 = 4;
+const NONCE: u32 = 5;
+
+impl WireMessage for SotwReply {
+    fn encoded_len(&self) -> usize {
+        str_len(VERSION_INFO, &self.version)
+            + self
+                .items
+                .iter()
+                .map(|i| field_len(RESOURCES, i.wire().len()))
+                .sum::<usize>()
+            + str_len(TYPE_URL, self.t.type_url())
+            + str_len(NONCE, &self.nonce)
+    }
+
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        put_str(VERSION_INFO, &self.version, buf);
+        for i in &self.items {
+            put_field(RESOURCES, i.wire(), buf);
+        }
+        put_str(TYPE_URL, self.t.type_url(), buf);
+        put_str(NONCE, &self.nonce, buf);
+    }
+}
+
+/// The message [`SotwReply`]'s encoding stands for (the generated service's path, and
+/// the reference the hand encoding is tested against).
 impl From<SotwReply> for DiscoveryResponse {
     fn from(r: SotwReply) -> Self {
         DiscoveryResponse {
@@ -230,7 +261,7 @@ impl Sotw {
     fn commit(&mut self, plan: Plan, ctx: &StreamCtx) -> SotwReply {
         self.last_nonce += 1;
         let nonce = self.last_nonce.to_string();
-        let bytes: usize = plan.items.iter().map(|r| r.body.encoded_len()).sum();
+        let bytes: usize = plan.items.iter().map(|r| r.wire().len()).sum();
         ctx.pushed(plan.t, &plan.version, bytes);
         let st = &mut self.types[plan.t.index()];
         st.nonce = Some(nonce.clone());
@@ -419,12 +450,70 @@ impl Protocol for Sotw {
 mod tests {
     use super::*;
 
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use prost::Message;
+
     fn r(name: &str, version: &str) -> Arc<Resource> {
-        Arc::new(Resource {
+        Arc::new(Resource::from_any(name, version, Default::default()))
+    }
+
+    fn cluster(name: &str) -> Arc<Resource> {
+        let c = Cluster {
             name: name.into(),
-            version: version.into(),
-            body: Default::default(),
-        })
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        Arc::new(Resource::new("v-", name, &c))
+    }
+
+    /// The hand encoding is byte-for-byte prost's encoding of the struct the reference
+    /// conversion builds, and decodes back to that struct.
+    fn check(reply: SotwReply) {
+        let bytes = reply.encode_to_vec();
+        assert_eq!(bytes.len(), reply.encoded_len());
+        let expected = DiscoveryResponse::from(reply);
+        assert_eq!(bytes, expected.encode_to_vec());
+        assert_eq!(
+            DiscoveryResponse::decode(bytes.as_slice()).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn hand_encoded_reply_is_the_discovery_response() {
+        // A body big enough that its length prefix takes two varint bytes.
+        let big = Arc::new(Resource::from_any(
+            "big",
+            "v-big",
+            envoy_types::pb::google::protobuf::Any {
+                type_url: ResourceType::Route.type_url().into(),
+                value: vec![7; 7400],
+            },
+        ));
+        for (t, version, nonce, items) in [
+            (
+                ResourceType::Cluster,
+                "v-1",
+                "1",
+                vec![cluster("a"), cluster("b")],
+            ),
+            (ResourceType::Route, "v-2.00ff", "17", vec![big.clone()]),
+            // Full-state type with nothing left: an empty reply.
+            (ResourceType::Listener, "v-3", "2", vec![]),
+            (ResourceType::Endpoint, "", "", vec![]),
+            // A resource with an empty body still goes out as an (empty) element.
+            (ResourceType::Endpoint, "v-4", "3", vec![r("e", "1"), big]),
+        ] {
+            check(SotwReply {
+                t,
+                version: version.into(),
+                nonce: nonce.into(),
+                items,
+            });
+        }
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //!   blocks only its own task, and while it is blocked the snapshot `watch` keeps
 //!   only the newest value, so bursts coalesce and a fleet-wide change never waits on
 //!   any single stream;
-//! - responses hold `Any` bodies cloned from the snapshot's `Arc<Resource>` only at
-//!   encode time; the protocol state keeps `Arc`s, never copies of bodies;
+//! - responses hold the snapshot's `Arc<Resource>`s until tonic encodes them, and the
+//!   encoder appends each resource's shared pre-encoded bytes: no stream copies a body
+//!   into an `Any` or encodes a resource itself;
 //! - the stream ends with `UNAVAILABLE` when the server drains, so a graceful
 //!   shutdown never waits on a long-lived stream (Envoy reconnects elsewhere).
 
@@ -29,6 +30,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 use crate::SnapshotSource;
 use crate::metrics::Metrics;
 use crate::status::{NackRecord, StreamHandle, StreamKind, StreamRegistry};
+use crate::wire::WireMessage;
 
 /// Responses queued per stream before the stream's task waits for the client. Enough
 /// for one full push (CDS, EDS, LDS, RDS and a final CDS) without waiting.
@@ -103,9 +105,10 @@ impl StreamCtx {
 /// no I/O: the task around them does the waiting.
 pub(crate) trait Protocol: Sized + Send + 'static {
     type Req: prost::Message + Default + Send + 'static;
-    /// A decided response that still shares its bodies with the snapshot.
-    type Out: Send + 'static;
-    /// The wire message, built from `Out` only when tonic pulls it for encoding.
+    /// A decided response that still shares its bodies with the snapshot; the ADS
+    /// service's codec encodes it directly ([`WireMessage`]).
+    type Out: WireMessage + Send + 'static;
+    /// The equivalent generated message, for the generated service trait.
     type Resp: Send + 'static;
     const KIND: StreamKind;
 
@@ -136,16 +139,25 @@ impl std::fmt::Debug for Shared {
 /// The response stream tonic sends from.
 pub type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send + 'static>>;
 
-/// Start the task for one stream and return the response stream tonic sends from.
+/// Start the task for one stream and return the stream of decided responses the ADS
+/// service's codec encodes (with the shared pre-encoded resource bytes).
+pub(crate) fn spawn_replies<P: Protocol>(
+    shared: Shared,
+    requests: Streaming<P::Req>,
+) -> ResponseStream<P::Out> {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
+    tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
+    Box::pin(ReceiverStream::new(rx).map(|r: Queued<P>| r.map(|out| *out)))
+}
+
+/// [`spawn_replies`] for the generated service trait: each response is materialised as
+/// the generated message (bodies copied) as tonic pulls it.
 pub(crate) fn spawn<P: Protocol>(
     shared: Shared,
     requests: Streaming<P::Req>,
 ) -> ResponseStream<P::Resp> {
-    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
-    tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
-    // Bodies are copied out of the snapshot here, as tonic encodes, not while queued.
-    Box::pin(ReceiverStream::new(rx).map(|r: Queued<P>| r.map(|out| P::encode(*out))))
+    Box::pin(spawn_replies::<P>(shared, requests).map(|r| r.map(P::encode)))
 }
 
 /// Why a stream ended; logged once when it does.
