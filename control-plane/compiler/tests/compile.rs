@@ -3,7 +3,9 @@
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+use envoy_types::pb::envoy::config::route::v3::{
+    RouteConfiguration, VirtualHost, route, route_action,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
 };
@@ -44,6 +46,28 @@ fn decode<M: Message + Default>(s: &Snapshot, t: ResourceType) -> Vec<M> {
         .values()
         .map(|r| M::decode(r.body.value.as_slice()).expect("decodes"))
         .collect()
+}
+
+/// The catch-all (by path) virtual host of the vehicle's outbound routes.
+fn outbound_by_path(s: &Snapshot) -> VirtualHost {
+    let rc: Vec<RouteConfiguration> = decode(s, ResourceType::Route);
+    let out = rc
+        .into_iter()
+        .find(|r| r.name == "vehicle_outbound")
+        .expect("outbound");
+    out.virtual_hosts
+        .into_iter()
+        .find(|v| v.domains == ["*"])
+        .expect("*")
+}
+
+/// The HTTP connection manager of a listener's first filter chain.
+fn hcm_of(l: &Listener) -> HttpConnectionManager {
+    let Some(filter::ConfigType::TypedConfig(any)) = &l.filter_chains[0].filters[0].config_type
+    else {
+        panic!("listener {} has no HTTP connection manager", l.name)
+    };
+    HttpConnectionManager::decode(any.value.as_slice()).expect("hcm")
 }
 
 fn names(s: &Snapshot, t: ResourceType) -> Vec<String> {
@@ -105,12 +129,7 @@ fn every_routed_cluster_exists_and_every_eds_cluster_has_its_assignment() {
         // Each listener's RDS name has a route configuration.
         let listeners: Vec<Listener> = decode(&s, ResourceType::Listener);
         for l in &listeners {
-            let Some(filter::ConfigType::TypedConfig(any)) =
-                &l.filter_chains[0].filters[0].config_type
-            else {
-                panic!("no hcm")
-            };
-            let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+            let hcm = hcm_of(l);
             let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier
             else {
                 panic!("not RDS")
@@ -136,16 +155,7 @@ fn endpoints_carry_a_weighted_locality() {
 #[test]
 fn class_sets_timeout_retries_priority_and_class_header() {
     let s = compile(&quickstart(), &vehicle(), "p-");
-    let rc: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
-    let out = rc
-        .iter()
-        .find(|r| r.name == "vehicle_outbound")
-        .expect("outbound");
-    let by_path = out
-        .virtual_hosts
-        .iter()
-        .find(|v| v.domains == ["*"])
-        .expect("*");
+    let by_path = outbound_by_path(&s);
     let hazard = by_path
         .routes
         .iter()
@@ -196,16 +206,7 @@ fn longer_prefixes_are_matched_first() {
         panic!("could not derive the test policy from the quickstart");
     };
     let s = compile(&p, &vehicle(), "p-");
-    let rc: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
-    let out = rc
-        .iter()
-        .find(|r| r.name == "vehicle_outbound")
-        .expect("outbound");
-    let by_path = out
-        .virtual_hosts
-        .iter()
-        .find(|v| v.domains == ["*"])
-        .expect("*");
+    let by_path = outbound_by_path(&s);
     let pos = |name: &str| by_path.routes.iter().position(|r| r.name == name).unwrap();
     assert!(pos("maps:/hazards/maps") < pos("hazard-alerts:/hazards"));
 }
@@ -280,12 +281,7 @@ fn cloud_listener_decompresses_zstd_requests_when_a_cloud_service_takes_deferred
     let filters = |p: &Policy| -> Vec<String> {
         let s = compile(p, &cloud(), "p-");
         let listeners: Vec<Listener> = decode(&s, ResourceType::Listener);
-        let Some(filter::ConfigType::TypedConfig(any)) =
-            &listeners[0].filter_chains[0].filters[0].config_type
-        else {
-            panic!("no hcm")
-        };
-        let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+        let hcm = hcm_of(&listeners[0]);
         hcm.http_filters.into_iter().map(|f| f.name).collect()
     };
     assert_eq!(

@@ -105,11 +105,6 @@ impl SnapshotCache {
         }
         changed
     }
-
-    /// The current snapshot for a node (compiles it if no stream follows its key yet).
-    pub fn snapshot_for(&self, node: &NodeInfo) -> Arc<Snapshot> {
-        self.watch(node).borrow().clone()
-    }
 }
 
 impl SnapshotSource for SnapshotCache {

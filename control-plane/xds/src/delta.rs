@@ -30,8 +30,10 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+#[cfg(test)]
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+    DeltaDiscoveryResponse, Resource as WireResource,
 };
 use misaki_compiler::snapshot::{Resource, ResourceType, SharedStr, Snapshot};
 use prost::Message;
@@ -103,8 +105,9 @@ impl WireMessage for DeltaReply {
     }
 }
 
-/// The message [`DeltaReply`]'s encoding stands for (the generated service's path, and
-/// the reference the hand encoding is tested against).
+/// The message [`DeltaReply`]'s encoding stands for: the reference the hand encoding is
+/// tested against.
+#[cfg(test)]
 impl From<DeltaReply> for DeltaDiscoveryResponse {
     fn from(r: DeltaReply) -> Self {
         DeltaDiscoveryResponse {
@@ -310,7 +313,6 @@ impl Delta {
 impl Protocol for Delta {
     type Req = DeltaDiscoveryRequest;
     type Out = DeltaReply;
-    type Resp = DeltaDiscoveryResponse;
     const KIND: StreamKind = StreamKind::Delta;
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
@@ -442,10 +444,6 @@ impl Protocol for Delta {
             out.extend(self.commit(t, p, false, ctx));
         }
         out
-    }
-
-    fn encode(out: DeltaReply) -> DeltaDiscoveryResponse {
-        out.into()
     }
 }
 

@@ -28,7 +28,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+#[cfg(test)]
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use prost::bytes::BufMut;
 use tracing::debug;
@@ -75,8 +77,9 @@ impl WireMessage for SotwReply {
     }
 }
 
-/// The message [`SotwReply`]'s encoding stands for (the generated service's path, and
-/// the reference the hand encoding is tested against).
+/// The message [`SotwReply`]'s encoding stands for: the reference the hand encoding is
+/// tested against.
+#[cfg(test)]
 impl From<SotwReply> for DiscoveryResponse {
     fn from(r: SotwReply) -> Self {
         DiscoveryResponse {
@@ -299,7 +302,6 @@ impl Sotw {
 impl Protocol for Sotw {
     type Req = DiscoveryRequest;
     type Out = SotwReply;
-    type Resp = DiscoveryResponse;
     const KIND: StreamKind = StreamKind::Sotw;
 
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
@@ -439,10 +441,6 @@ impl Protocol for Sotw {
             out.push(self.commit(p, ctx));
         }
         out
-    }
-
-    fn encode(out: SotwReply) -> DiscoveryResponse {
-        out.into()
     }
 }
 

@@ -108,15 +108,12 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     /// A decided response that still shares its bodies with the snapshot; the ADS
     /// service's codec encodes it directly ([`WireMessage`]).
     type Out: WireMessage + Send + 'static;
-    /// The equivalent generated message, for the generated service trait.
-    type Resp: Send + 'static;
     const KIND: StreamKind;
 
     fn node(req: &Self::Req) -> Option<&Node>;
     fn new(snapshot: Arc<Snapshot>) -> Self;
     fn on_request(&mut self, req: Self::Req, ctx: &StreamCtx) -> Vec<Self::Out>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<Self::Out>;
-    fn encode(out: Self::Out) -> Self::Resp;
 }
 
 /// What a stream task needs from the server.
@@ -149,15 +146,6 @@ pub(crate) fn spawn_replies<P: Protocol>(
     let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
     tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
     Box::pin(ReceiverStream::new(rx).map(|r: Queued<P>| r.map(|out| *out)))
-}
-
-/// [`spawn_replies`] for the generated service trait: each response is materialised as
-/// the generated message (bodies copied) as tonic pulls it.
-pub(crate) fn spawn<P: Protocol>(
-    shared: Shared,
-    requests: Streaming<P::Req>,
-) -> ResponseStream<P::Resp> {
-    Box::pin(spawn_replies::<P>(shared, requests).map(|r| r.map(P::encode)))
 }
 
 /// Why a stream ended; logged once when it does.
