@@ -18,11 +18,9 @@ use tokio::sync::watch;
 use crate::cache::SnapshotCache;
 
 /// A short, stable identifier of a policy's content (shown on `/policy`, sent to vehicles).
+/// The same string vehicles receive with the policy and show on `/links`.
 pub fn policy_version(p: &Policy) -> String {
-    format!(
-        "{:016x}",
-        xxhash_rust::xxh3::xxh3_64(format!("{p:?}").as_bytes())
-    )
+    misaki_policy_wire::version(p)
 }
 
 #[derive(Debug)]

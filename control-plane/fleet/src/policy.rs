@@ -1,14 +1,13 @@
-//! The mesh policy in the form vehicles receive it: every uplink, traffic class and
-//! service (edge-netd's store-and-forward maps requests to services and their classes),
-//! with a content-derived version.
+//! The mesh policy in the form vehicles receive it: the whole policy (edge-netd compiles
+//! its own sidecar's configuration from it), with a content-derived version. The
+//! conversion itself is `misaki-policy-wire`'s.
 //!
 //! Invariant: the version is a hash of the encoded content, so equal policies have
 //! equal versions across control-plane restarts and a vehicle that already has the
 //! current policy is not sent it again.
 
-use misaki_policy::{Location, Policy, Protocol, RoutePriority, UplinkKind};
+use misaki_policy::Policy;
 use misaki_proto::fleet_v1 as pb;
-use prost::Message;
 
 /// A `PolicyUpdate` together with its version (also in `update.version`).
 #[derive(Debug, Clone, PartialEq)]
@@ -17,111 +16,22 @@ pub struct PolicyVersioned {
     pub update: pb::PolicyUpdate,
 }
 
-fn kind(k: UplinkKind) -> pb::UplinkKind {
-    match k {
-        UplinkKind::Lte => pb::UplinkKind::Lte,
-        UplinkKind::FiveG => pb::UplinkKind::FiveG,
-        UplinkKind::ThreeG => pb::UplinkKind::ThreeG,
-        UplinkKind::Wifi => pb::UplinkKind::Wifi,
-        UplinkKind::Dsrc => pb::UplinkKind::Dsrc,
-        UplinkKind::Lpwa => pb::UplinkKind::Lpwa,
-    }
-}
-
-fn location(l: Location) -> pb::Location {
-    match l {
-        Location::Vehicle => pb::Location::Vehicle,
-        Location::Edge => pb::Location::Edge,
-        Location::Cloud => pb::Location::Cloud,
-    }
-}
-
-fn protocol(p: Protocol) -> pb::Protocol {
-    match p {
-        Protocol::Http => pb::Protocol::Http,
-        Protocol::Grpc => pb::Protocol::Grpc,
-    }
-}
-
-fn priority(p: RoutePriority) -> pb::RoutePriority {
-    match p {
-        RoutePriority::Default => pb::RoutePriority::Default,
-        RoutePriority::High => pb::RoutePriority::High,
-    }
-}
-
-fn millis_u64(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn millis_u32(d: std::time::Duration) -> u32 {
-    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-
 /// Convert a validated policy to the message pushed to vehicles.
 pub fn policy_update(policy: &Policy) -> PolicyVersioned {
-    let mut update = pb::PolicyUpdate {
-        version: String::new(),
-        uplinks: policy
-            .uplinks
-            .values()
-            .map(|u| pb::Uplink {
-                name: u.name.clone(),
-                kind: kind(u.kind) as i32,
-                metered: u.metered,
-                cost: u.cost,
-            })
-            .collect(),
-        classes: policy
-            .classes
-            .values()
-            .map(|c| pb::TrafficClass {
-                name: c.name.clone(),
-                uplinks: c.uplinks.clone(),
-                max_rtt_ms: c.max_rtt.map(millis_u32),
-                max_loss_percent: c.max_loss_percent.map(u32::from),
-                deferrable: c.deferrable,
-                dscp: u32::from(c.dscp),
-                ttl_ms: c.ttl.map(millis_u64),
-                priority: priority(c.priority) as i32,
-                timeout_ms: Some(millis_u64(c.timeout)),
-                retries: c.retries,
-            })
-            .collect(),
-        services: policy
-            .services
-            .values()
-            .map(|s| pb::Service {
-                name: s.name.clone(),
-                location: location(s.location) as i32,
-                protocol: protocol(s.protocol) as i32,
-                port: u32::from(s.port),
-                endpoints: s
-                    .endpoints
-                    .iter()
-                    .map(|e| pb::Endpoint {
-                        host: e.host.clone(),
-                        port: u32::from(e.port),
-                    })
-                    .collect(),
-                routes: s.routes.clone(),
-                class: s.class.clone(),
-            })
-            .collect(),
-    };
-    // BTreeMap iteration makes the encoding deterministic, hence the hash.
-    let version = format!(
-        "{:016x}",
-        xxhash_rust::xxh3::xxh3_64(&update.encode_to_vec())
-    );
-    update.version = version.clone();
-    PolicyVersioned { version, update }
+    let update = misaki_policy_wire::to_wire(policy);
+    PolicyVersioned {
+        version: update.version.clone(),
+        update,
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use misaki_policy::{Endpoint, MeshSettings, Service, TrafficClass, Uplink};
+    use misaki_policy::{
+        Endpoint, Location, MeshSettings, Protocol, RoutePriority, Service, TrafficClass, Uplink,
+        UplinkKind,
+    };
     use std::collections::BTreeMap;
     use std::time::Duration;
 

@@ -1,16 +1,15 @@
 //! The vehicle's view of the mesh policy (traffic classes, uplink costs, services) and
-//! its on-disk copy, so a rebooted vehicle selects uplinks and accepts deferred traffic
-//! without the cloud.
+//! its on-disk copy, so a rebooted vehicle selects uplinks, serves its Envoy and accepts
+//! deferred traffic without the cloud.
 //!
 //! Invariants:
-//! - A [`VehiclePolicy`] is valid: unique, non-empty class, uplink and service names;
-//!   loss limits ≤ 100, DSCP ≤ 63; every class's uplinks and every service's class are
-//!   defined; ports in 1..=65535; routes start with `/` and are unique. It is only built
-//!   from the wire through `TryFrom<pb::PolicyUpdate>`, which also builds
-//!   [`VehiclePolicy::mesh`] (the `misaki_policy::Policy` store-and-forward reads), so
-//!   that value keeps the policy crate's "always valid" promise.
-//! - A stored policy from before services were sent (no `services`) still loads: it just
-//!   has none, and store-and-forward answers 404 until the next update.
+//! - A [`VehiclePolicy`] is valid: it is only built from the wire through
+//!   `TryFrom<pb::PolicyUpdate>`, which validates with the policy crate's own checks
+//!   (`misaki_policy_wire::from_wire`), or from a policy file ([`load_factory`]).
+//!   [`VehiclePolicy::mesh`] is that validated `misaki_policy::Policy`: the one the local
+//!   xDS tier compiles from and store-and-forward reads.
+//! - A stored policy from before services (or mesh ports) were sent still loads: it has
+//!   no services (default ports), and store-and-forward answers 404 until the next update.
 //! - There is always a class `default`: all of this vehicle's uplinks in config
 //!   order, unless the policy defines its own `default`. The reporter's own
 //!   connection follows it, and it is the whole policy before any was received.
@@ -34,45 +33,9 @@ use std::time::Duration;
 pub const DEFAULT_CLASS: &str = "default";
 const POLICY_FILE: &str = "policy.pb";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PolicyError {
-    #[error("classes[{0}].name is empty")]
-    EmptyClassName(usize),
-    #[error("classes[{index}].name {name:?} is used twice")]
-    DuplicateClass { index: usize, name: String },
-    #[error("classes[{index}] ({name}): max_loss_percent {value} is over 100")]
-    LossOver100 {
-        index: usize,
-        name: String,
-        value: u32,
-    },
-    #[error("classes[{index}] ({name}): dscp {value} is over 63")]
-    DscpOver63 {
-        index: usize,
-        name: String,
-        value: u32,
-    },
-    #[error("classes[{index}] ({name}): unknown priority {value}")]
-    UnknownPriority {
-        index: usize,
-        name: String,
-        value: i32,
-    },
-    #[error("classes[{index}] ({name}): uplink {uplink:?} is not in the policy's uplinks")]
-    UnknownUplink {
-        index: usize,
-        name: String,
-        uplink: String,
-    },
-    #[error("uplinks[{index}]: {message}")]
-    BadUplink { index: usize, message: String },
-    #[error("services[{index}] ({name}): {message}")]
-    BadService {
-        index: usize,
-        name: String,
-        message: String,
-    },
-}
+/// Why a received or shipped policy was rejected: every error, located in the policy
+/// document (`policy update <version>` for a received one).
+pub type PolicyError = mp::PolicyErrors;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -111,209 +74,47 @@ pub struct VehiclePolicy {
     pub costs: Vec<(String, u32)>,
     /// The wire form, kept to persist it unchanged.
     pub wire: Option<pb::PolicyUpdate>,
-    /// The same policy as the mesh's domain model (uplinks, classes, services), for
-    /// store-and-forward. The `mesh:` ports are not sent to vehicles and stay default.
+    /// The same policy as the mesh's domain model: what the local xDS tier compiles
+    /// and store-and-forward reads.
     pub mesh: Arc<mp::Policy>,
-}
-
-fn uplink_kind(v: i32) -> Option<mp::UplinkKind> {
-    Some(match pb::UplinkKind::try_from(v).ok()? {
-        pb::UplinkKind::Unspecified => return None,
-        pb::UplinkKind::Lte => mp::UplinkKind::Lte,
-        pb::UplinkKind::FiveG => mp::UplinkKind::FiveG,
-        pb::UplinkKind::ThreeG => mp::UplinkKind::ThreeG,
-        pb::UplinkKind::Wifi => mp::UplinkKind::Wifi,
-        pb::UplinkKind::Dsrc => mp::UplinkKind::Dsrc,
-        pb::UplinkKind::Lpwa => mp::UplinkKind::Lpwa,
-    })
-}
-
-/// The domain model of a wire policy; `classes` were checked by the caller.
-fn mesh_policy(p: &pb::PolicyUpdate, classes: &[ClassSpec]) -> Result<mp::Policy, PolicyError> {
-    let mut uplinks = BTreeMap::new();
-    for (index, u) in p.uplinks.iter().enumerate() {
-        let bad = |message: String| PolicyError::BadUplink { index, message };
-        if u.name.is_empty() {
-            return Err(bad("name is empty".into()));
-        }
-        let kind = uplink_kind(u.kind)
-            .ok_or_else(|| bad(format!("{}: unknown kind {}", u.name, u.kind)))?;
-        let up = mp::Uplink {
-            name: u.name.clone(),
-            kind,
-            metered: u.metered,
-            cost: u.cost,
-        };
-        if uplinks.insert(u.name.clone(), up).is_some() {
-            return Err(bad(format!("name {:?} is used twice", u.name)));
-        }
-    }
-    let mut mesh_classes = BTreeMap::new();
-    for (index, (c, spec)) in p.classes.iter().zip(classes).enumerate() {
-        if let Some(u) = c.uplinks.iter().find(|u| !uplinks.contains_key(*u)) {
-            return Err(PolicyError::UnknownUplink {
-                index,
-                name: c.name.clone(),
-                uplink: u.clone(),
-            });
-        }
-        let dscp = u8::try_from(c.dscp)
-            .ok()
-            .filter(|d| *d <= 63)
-            .ok_or_else(|| PolicyError::DscpOver63 {
-                index,
-                name: c.name.clone(),
-                value: c.dscp,
-            })?;
-        let priority = match pb::RoutePriority::try_from(c.priority) {
-            Ok(pb::RoutePriority::Default) => mp::RoutePriority::Default,
-            Ok(pb::RoutePriority::High) => mp::RoutePriority::High,
-            Err(_) => {
-                return Err(PolicyError::UnknownPriority {
-                    index,
-                    name: c.name.clone(),
-                    value: c.priority,
-                });
-            }
-        };
-        mesh_classes.insert(
-            c.name.clone(),
-            mp::TrafficClass {
-                name: c.name.clone(),
-                priority,
-                timeout: c
-                    .timeout_ms
-                    .map_or(mp::DEFAULT_TIMEOUT, Duration::from_millis),
-                retries: c.retries,
-                uplinks: c.uplinks.clone(),
-                deferrable: c.deferrable,
-                dscp,
-                max_rtt: spec.max_rtt,
-                max_loss_percent: spec.max_loss_percent,
-                ttl: c.ttl_ms.map(Duration::from_millis),
-            },
-        );
-    }
-    let mut services = BTreeMap::new();
-    let mut routes: BTreeMap<&str, &str> = BTreeMap::new();
-    for (index, s) in p.services.iter().enumerate() {
-        let bad = |message: String| PolicyError::BadService {
-            index,
-            name: s.name.clone(),
-            message,
-        };
-        if s.name.is_empty() {
-            return Err(bad("name is empty".into()));
-        }
-        if services.contains_key(&s.name) {
-            return Err(bad("name is used twice".into()));
-        }
-        if !mesh_classes.contains_key(&s.class) {
-            return Err(bad(format!(
-                "class {:?} is not in the policy's classes",
-                s.class
-            )));
-        }
-        let port = |field: &str, v: u32| {
-            u16::try_from(v)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad(format!("{field} {v} is not in 1..=65535")))
-        };
-        let location = match pb::Location::try_from(s.location) {
-            Ok(pb::Location::Vehicle) => mp::Location::Vehicle,
-            Ok(pb::Location::Edge) => mp::Location::Edge,
-            Ok(pb::Location::Cloud) => mp::Location::Cloud,
-            _ => return Err(bad(format!("unknown location {}", s.location))),
-        };
-        let protocol = match pb::Protocol::try_from(s.protocol) {
-            Ok(pb::Protocol::Http) => mp::Protocol::Http,
-            Ok(pb::Protocol::Grpc) => mp::Protocol::Grpc,
-            _ => return Err(bad(format!("unknown protocol {}", s.protocol))),
-        };
-        let mut endpoints = Vec::with_capacity(s.endpoints.len());
-        for (j, e) in s.endpoints.iter().enumerate() {
-            if e.host.is_empty() {
-                return Err(bad(format!("endpoints[{j}].host is empty")));
-            }
-            endpoints.push(mp::Endpoint {
-                host: e.host.clone(),
-                port: port(&format!("endpoints[{j}].port"), e.port)?,
-            });
-        }
-        for r in &s.routes {
-            if !r.starts_with('/') {
-                return Err(bad(format!("route {r:?} does not start with '/'")));
-            }
-            if let Some(other) = routes.insert(r, &s.name) {
-                return Err(bad(format!("route {r:?} is also service {other}'s")));
-            }
-        }
-        let svc = mp::Service {
-            name: s.name.clone(),
-            location,
-            protocol,
-            port: port("port", s.port)?,
-            endpoints,
-            routes: s.routes.clone(),
-            class: s.class.clone(),
-        };
-        services.insert(s.name.clone(), svc);
-    }
-    Ok(mp::Policy {
-        mesh: mp::MeshSettings::default(),
-        uplinks,
-        classes: mesh_classes,
-        services,
-    })
 }
 
 impl TryFrom<pb::PolicyUpdate> for VehiclePolicy {
     type Error = PolicyError;
 
     fn try_from(p: pb::PolicyUpdate) -> Result<Self, PolicyError> {
-        let mut classes: Vec<ClassSpec> = Vec::with_capacity(p.classes.len());
-        for (index, c) in p.classes.iter().enumerate() {
-            if c.name.is_empty() {
-                return Err(PolicyError::EmptyClassName(index));
-            }
-            if classes.iter().any(|x| x.name == c.name) {
-                return Err(PolicyError::DuplicateClass {
-                    index,
-                    name: c.name.clone(),
-                });
-            }
-            let max_loss_percent = match c.max_loss_percent {
-                None => None,
-                Some(v @ 0..=100) => Some(v as u8),
-                Some(value) => {
-                    return Err(PolicyError::LossOver100 {
-                        index,
-                        name: c.name.clone(),
-                        value,
-                    });
-                }
-            };
-            classes.push(ClassSpec {
-                name: c.name.clone(),
-                uplinks: c.uplinks.clone(),
-                max_rtt: c.max_rtt_ms.map(|ms| Duration::from_millis(u64::from(ms))),
-                max_loss_percent,
-                deferrable: c.deferrable,
-            });
-        }
-        let mesh = Arc::new(mesh_policy(&p, &classes)?);
-        Ok(VehiclePolicy {
-            version: p.version.clone(),
-            classes,
-            costs: p.uplinks.iter().map(|u| (u.name.clone(), u.cost)).collect(),
-            wire: Some(p),
-            mesh,
-        })
+        let mesh = misaki_policy_wire::from_wire(&p)?;
+        Ok(VehiclePolicy::of(mesh, p))
     }
 }
 
 impl VehiclePolicy {
+    /// The vehicle's view of a validated policy whose wire form is `wire`.
+    fn of(mesh: mp::Policy, wire: pb::PolicyUpdate) -> Self {
+        let classes = mesh
+            .classes
+            .values()
+            .map(|c| ClassSpec {
+                name: c.name.clone(),
+                uplinks: c.uplinks.clone(),
+                max_rtt: c.max_rtt,
+                max_loss_percent: c.max_loss_percent,
+                deferrable: c.deferrable,
+            })
+            .collect();
+        VehiclePolicy {
+            version: wire.version.clone(),
+            classes,
+            costs: mesh
+                .uplinks
+                .values()
+                .map(|u| (u.name.clone(), u.cost))
+                .collect(),
+            wire: Some(wire),
+            mesh: Arc::new(mesh),
+        }
+    }
+
     /// The policy before anything was received: only the `default` class.
     pub fn empty() -> Self {
         VehiclePolicy {
@@ -376,6 +177,14 @@ pub fn load(state_dir: &Path) -> Result<Option<VehiclePolicy>, StoreError> {
     VehiclePolicy::try_from(wire)
         .map(Some)
         .map_err(|source| StoreError::Invalid { path, source })
+}
+
+/// The policy shipped in the vehicle's image (`factory_policy:`), for a vehicle that
+/// has never received one. Its version is the one misaki-cp gives the same policy.
+pub fn load_factory(path: &Path) -> Result<VehiclePolicy, PolicyError> {
+    let mesh = mp::load_path(path)?;
+    let wire = misaki_policy_wire::to_wire(&mesh);
+    Ok(VehiclePolicy::of(mesh, wire))
 }
 
 /// Store `wire` atomically as the policy to load at next boot.
@@ -451,6 +260,7 @@ mod tests {
                 routes: vec!["/telemetry".into()],
                 class: "bulk".into(),
             }],
+            mesh: None,
         }
     }
 
@@ -468,7 +278,8 @@ mod tests {
     #[test]
     fn wire_policy_converts_and_gains_a_default_class() {
         let p = VehiclePolicy::try_from(wire("v1")).unwrap();
-        assert_eq!(p.classes[0].max_rtt, Some(Duration::from_millis(150)));
+        assert_eq!(p.classes[1].name, "critical");
+        assert_eq!(p.classes[1].max_rtt, Some(Duration::from_millis(150)));
         let ups = [uplink("wifi", 1), uplink("lte", 2)];
         let classes = p.classes_with_default(&ups);
         assert_eq!(classes.len(), 3);
@@ -507,72 +318,31 @@ mod tests {
     }
 
     #[test]
-    fn invalid_services_and_references_are_rejected() {
-        type Edit = Box<dyn Fn(&mut pb::PolicyUpdate)>;
-        let cases: Vec<(Edit, &str)> = vec![
-            (
-                Box::new(|w| w.services[0].class = "nope".into()),
-                "class \"nope\"",
-            ),
-            (Box::new(|w| w.services[0].port = 70000), "port 70000"),
-            (Box::new(|w| w.services[0].port = 0), "port 0"),
-            (
-                Box::new(|w| w.services[0].routes = vec!["telemetry".into()]),
-                "start with '/'",
-            ),
-            (Box::new(|w| w.services[0].location = 0), "unknown location"),
-            (Box::new(|w| w.services[0].protocol = 9), "unknown protocol"),
-            (
-                Box::new(|w| w.services[0].endpoints[0].host.clear()),
-                "host is empty",
-            ),
-            (Box::new(|w| w.services[0].name.clear()), "name is empty"),
-            (
-                Box::new(|w| {
-                    let mut s = w.services[0].clone();
-                    s.name = "logs".into();
-                    w.services.push(s);
-                }),
-                "also service telemetry's",
-            ),
-            (
-                Box::new(|w| w.services.push(w.services[0].clone())),
-                "used twice",
-            ),
-            (
-                Box::new(|w| w.classes[1].uplinks = vec!["sat".into()]),
-                "\"sat\" is not in",
-            ),
-            (Box::new(|w| w.classes[1].dscp = 64), "dscp 64"),
-            (Box::new(|w| w.classes[1].priority = 7), "unknown priority"),
-            (Box::new(|w| w.uplinks[0].kind = 0), "unknown kind"),
-            (
-                Box::new(|w| w.uplinks.push(w.uplinks[0].clone())),
-                "used twice",
-            ),
-        ];
-        for (edit, needle) in cases {
-            let mut w = wire("v");
-            edit(&mut w);
-            let e = VehiclePolicy::try_from(w).unwrap_err().to_string();
-            assert!(e.contains(needle), "{needle}: {e}");
-        }
+    fn invalid_policies_are_rejected_by_the_policy_checks() {
+        let mut w = wire("v");
+        w.services[0].class = "nope".into();
+        let e = VehiclePolicy::try_from(w).unwrap_err().to_string();
+        assert!(e.contains("policy update v"), "{e}");
+        assert!(e.contains("unknown class `nope`"), "{e}");
+        let mut w = wire("v");
+        w.classes.push(w.classes[0].clone());
+        let e = VehiclePolicy::try_from(w).unwrap_err().to_string();
+        assert!(e.contains("duplicate class name"), "{e}");
     }
 
     #[test]
-    fn invalid_wire_policies_are_rejected() {
-        let mut w = wire("v");
-        w.classes.push(w.classes[0].clone());
-        assert!(matches!(
-            VehiclePolicy::try_from(w),
-            Err(PolicyError::DuplicateClass { index: 2, .. })
-        ));
-        let mut w = wire("v");
-        w.classes[0].max_loss_percent = Some(101);
-        assert!(matches!(
-            VehiclePolicy::try_from(w),
-            Err(PolicyError::LossOver100 { .. })
-        ));
+    fn a_factory_policy_file_loads_with_the_control_planes_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let text = include_str!("../../../examples/quickstart/mesh.yaml");
+        std::fs::write(&path, text).unwrap();
+        let p = load_factory(&path).unwrap();
+        let cp = mp::parse("x", text).unwrap();
+        assert_eq!(p.version, misaki_policy_wire::version(&cp));
+        assert_eq!(*p.mesh, cp);
+        std::fs::write(&path, "version: 1\nuplinks: []\n").unwrap();
+        let e = load_factory(&path).unwrap_err().to_string();
+        assert!(e.contains("mesh.yaml"), "{e}");
     }
 
     #[test]

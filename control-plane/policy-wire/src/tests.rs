@@ -1,0 +1,306 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use misaki_policy::{Endpoint, MeshSettings, Service, TrafficClass, Uplink};
+use proptest::prelude::*;
+
+use super::*;
+
+const QUICKSTART: &str = include_str!("../../../examples/quickstart/mesh.yaml");
+
+fn quickstart() -> Policy {
+    misaki_policy::parse("quickstart", QUICKSTART).expect("quickstart is valid")
+}
+
+#[test]
+fn the_quickstart_round_trips_and_keeps_its_version() {
+    let p = quickstart();
+    let w = to_wire(&p);
+    assert_eq!(from_wire(&w).unwrap(), p);
+    assert_eq!(w.version, version(&p));
+    assert_eq!(w.version.len(), 16);
+    let again = to_wire(&from_wire(&w).unwrap());
+    assert_eq!(again, w, "same policy, same bytes, same version");
+}
+
+#[test]
+fn a_change_changes_the_version() {
+    let p = quickstart();
+    let mut q = p.clone();
+    q.mesh.vehicle_outbound_port = 16001;
+    assert_ne!(version(&p), version(&q));
+}
+
+#[test]
+fn an_update_from_an_older_control_plane_gets_default_ports_and_no_services() {
+    let mut w = to_wire(&quickstart());
+    w.mesh = None;
+    w.services.clear();
+    for c in &mut w.classes {
+        c.timeout_ms = None;
+    }
+    let p = from_wire(&w).unwrap();
+    assert_eq!(p.mesh, MeshSettings::default());
+    assert!(p.services.is_empty());
+    assert_eq!(
+        p.classes["critical"].timeout,
+        misaki_policy::DEFAULT_TIMEOUT
+    );
+}
+
+#[test]
+fn ipv6_endpoints_travel_without_brackets_and_come_back() {
+    let mut p = quickstart();
+    p.services.get_mut("maps").unwrap().endpoints = vec![Endpoint {
+        host: "2001:db8::1".into(),
+        port: 8080,
+    }];
+    let w = to_wire(&p);
+    let maps = w.services.iter().find(|s| s.name == "maps").unwrap();
+    assert_eq!(maps.endpoints[0].host, "2001:db8::1");
+    assert_eq!(from_wire(&w).unwrap(), p);
+}
+
+/// A bad update is rejected by the policy parser, with its field path and message.
+#[test]
+fn invalid_updates_are_rejected_with_the_policy_checks_messages() {
+    type Edit = Box<dyn Fn(&mut pb::PolicyUpdate)>;
+    let svc = |w: &mut pb::PolicyUpdate| -> usize {
+        w.services.iter().position(|s| s.name == "maps").unwrap()
+    };
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].class = "nope".into()
+            }),
+            "unknown class `nope`",
+        ),
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].port = 70000
+            }),
+            "port",
+        ),
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].routes = vec!["maps".into()]
+            }),
+            "routes[0]",
+        ),
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].location = 0
+            }),
+            "location",
+        ),
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].endpoints.clear()
+            }),
+            "endpoints",
+        ),
+        (
+            Box::new(|w| {
+                let mut s = w.services[0].clone();
+                s.name = "logs".into();
+                w.services.push(s);
+            }),
+            "already used by service",
+        ),
+        (
+            Box::new(|w| w.services.push(w.services[0].clone())),
+            "duplicate service name",
+        ),
+        (
+            Box::new(|w| w.classes[0].uplinks = vec!["sat".into()]),
+            "unknown uplink `sat`",
+        ),
+        (Box::new(|w| w.classes[0].dscp = 64), "dscp"),
+        (
+            Box::new(|w| w.classes[0].max_loss_percent = Some(101)),
+            "max_loss_percent",
+        ),
+        (Box::new(|w| w.classes[0].priority = 7), "priority"),
+        (Box::new(|w| w.uplinks[0].kind = 0), "kind"),
+        (
+            Box::new(|w| w.uplinks.push(w.uplinks[0].clone())),
+            "duplicate uplink name",
+        ),
+        (Box::new(|w| w.uplinks.clear()), "uplinks"),
+        (
+            Box::new(|w| w.mesh.as_mut().unwrap().vehicle_inbound_port = 15001),
+            "mesh ports must all differ",
+        ),
+        (Box::new(|w| w.classes[0].name = "Bad Name".into()), "name"),
+    ];
+    for (edit, needle) in cases {
+        let mut w = to_wire(&quickstart());
+        edit(&mut w);
+        let e = from_wire(&w).unwrap_err().to_string();
+        assert!(e.contains(needle), "expected {needle:?} in: {e}");
+        assert!(e.contains("policy update"), "names its source: {e}");
+    }
+}
+
+#[test]
+fn every_uplink_kind_maps_both_ways() {
+    for (_, k) in UplinkKind::ALL {
+        assert_eq!(kind_from_wire(kind_to_wire(k) as i32), Some(k));
+    }
+    assert_eq!(kind_from_wire(0), None);
+}
+
+fn arb_duration() -> impl Strategy<Value = Duration> {
+    (1u64..100_000_000).prop_map(Duration::from_millis)
+}
+
+prop_compose! {
+    fn arb_uplink(name: String)(kind in 0usize..6, metered: bool, cost in 0u32..1000) -> Uplink {
+        Uplink { name: name.clone(), kind: UplinkKind::ALL[kind].1, metered, cost }
+    }
+}
+
+/// Valid policies by construction: names from fixed pools, references into them,
+/// routes and vehicle ports unique, mesh ports distinct from vehicle ports.
+fn arb_policy() -> impl Strategy<Value = Policy> {
+    let uplinks = prop::sample::subsequence(vec!["wifi", "lte", "5g-a", "dsrc"], 1..=4)
+        .prop_flat_map(|names| {
+            names
+                .into_iter()
+                .map(|n| arb_uplink(n.to_string()))
+                .collect::<Vec<_>>()
+        });
+    uplinks
+        .prop_flat_map(|uplinks| {
+            let names: Vec<String> = uplinks.iter().map(|u| u.name.clone()).collect();
+            let class = (
+                any::<bool>(),
+                arb_duration(),
+                0u32..=10,
+                prop::sample::subsequence(names.clone(), 1..=names.len()).prop_shuffle(),
+                any::<bool>(),
+                0u8..=63,
+                prop::option::of(arb_duration()),
+                prop::option::of(0u8..=100),
+                prop::option::of(arb_duration()),
+            );
+            let classes = prop::collection::vec(class, 1..4);
+            (Just(uplinks), classes)
+        })
+        .prop_flat_map(|(uplinks, classes)| {
+            let n_classes = classes.len();
+            let service = (
+                0usize..3,
+                any::<bool>(),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec!["198.18.0.1", "2001:db8::7", "maps.internal"]),
+                        1u16..=65535,
+                    ),
+                    0..3,
+                ),
+                0usize..n_classes,
+                1usize..3,
+            );
+            (
+                Just(uplinks),
+                Just(classes),
+                prop::collection::vec(service, 0..5),
+                (20000u16..20010, 21000u16..21010, 22000u16..22010),
+            )
+        })
+        .prop_map(|(uplinks, classes, services, ports)| {
+            let classes: BTreeMap<String, TrafficClass> = classes
+                .into_iter()
+                .enumerate()
+                .map(
+                    |(i, (high, timeout, retries, ups, deferrable, dscp, rtt, loss, ttl))| {
+                        let name = format!("class-{i}");
+                        let c = TrafficClass {
+                            name: name.clone(),
+                            priority: if high {
+                                RoutePriority::High
+                            } else {
+                                RoutePriority::Default
+                            },
+                            timeout,
+                            retries,
+                            uplinks: ups,
+                            deferrable,
+                            dscp,
+                            max_rtt: rtt,
+                            max_loss_percent: loss,
+                            ttl,
+                        };
+                        (name, c)
+                    },
+                )
+                .collect();
+            let class_names: Vec<&String> = classes.keys().collect();
+            let services = services
+                .into_iter()
+                .enumerate()
+                .map(|(i, (loc, grpc, eps, class, n_routes))| {
+                    let location = Location::ALL[loc].1;
+                    let mut endpoints: Vec<Endpoint> = eps
+                        .into_iter()
+                        .map(|(h, port)| Endpoint {
+                            host: h.to_string(),
+                            port,
+                        })
+                        .collect();
+                    if location != Location::Vehicle && endpoints.is_empty() {
+                        endpoints.push(Endpoint {
+                            host: "198.18.0.9".into(),
+                            port: 80,
+                        });
+                    }
+                    let name = format!("svc-{i}");
+                    let s = Service {
+                        name: name.clone(),
+                        location,
+                        protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
+                        port: 30000 + i as u16,
+                        endpoints,
+                        routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
+                        class: class_names[class].clone(),
+                    };
+                    (name, s)
+                })
+                .collect();
+            Policy {
+                mesh: MeshSettings {
+                    vehicle_outbound_port: ports.0,
+                    vehicle_inbound_port: ports.1,
+                    cloud_inbound_port: ports.2,
+                },
+                uplinks: uplinks.into_iter().map(|u| (u.name.clone(), u)).collect(),
+                classes,
+                services,
+            }
+        })
+}
+
+proptest! {
+    #[test]
+    fn every_valid_policy_round_trips(p in arb_policy()) {
+        let w = to_wire(&p);
+        let back = from_wire(&w);
+        prop_assert!(back.is_ok(), "{}\n{}", render(&w), back.unwrap_err());
+        prop_assert_eq!(back.unwrap(), p.clone());
+        prop_assert_eq!(w.version, version(&p));
+    }
+
+    /// Whatever arrives over the wire, conversion never panics.
+    #[test]
+    fn arbitrary_updates_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(w) = pb::PolicyUpdate::decode(bytes.as_slice()) {
+            let _ = from_wire(&w);
+        }
+    }
+}
