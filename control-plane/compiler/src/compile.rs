@@ -13,8 +13,15 @@
 //! | role    | listener (port)                           | routes to                                   |
 //! |---------|-------------------------------------------|---------------------------------------------|
 //! | vehicle | `vehicle_outbound` (127.0.0.1:outbound)   | every service: `out|svc` (cloud/edge) or `in|svc` (on this vehicle) |
+//! | vehicle, with [`VehicleState`] (edge-netd's local tier) | `vehicle_outbound` | cloud/edge services: `out|svc|uplink`, the uplink selected for the class; none usable: a 503 `x-misaki-reason: no-uplink`, or `misaki|defer` (store-and-forward) for deferrable classes |
 //! | vehicle | `vehicle_inbound` (0.0.0.0:inbound)       | the vehicle's own services: `in|svc`         |
 //! | cloud   | `cloud_inbound` (0.0.0.0:cloud_inbound)   | cloud and edge services: `in|svc`            |
+//!
+//! Uplink-bound clusters (vehicle state given): every cloud/edge service gets one
+//! cluster per uplink its class allows and the vehicle has, pinned to that uplink's
+//! interface (`SO_BINDTODEVICE`) and marked with the class's DSCP. They exist whatever
+//! the selection, so a selection change alters only route configurations (RDS): no
+//! cluster warms, and no pooled connection over the old uplink is reused.
 //!
 //! Each listener's HTTP connection manager takes its routes over RDS (a route
 //! configuration of the listener's name), and clusters take endpoints over EDS when
@@ -32,7 +39,9 @@ use envoy_types::pb::envoy::config::core::v3::{
     Http2ProtocolOptions, Locality, SocketAddress, SocketOption, address, config_source,
     socket_address, socket_option,
 };
-use envoy_types::pb::envoy::config::core::v3::{RuntimeFeatureFlag, TypedExtensionConfig};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, RuntimeFeatureFlag, TypedExtensionConfig, data_source,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -40,8 +49,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
-    route_action, route_match,
+    DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::compression::zstd::decompressor::v3::Zstd as ZstdDecompressor;
 use envoy_types::pb::envoy::extensions::filters::http::decompressor::v3::{
@@ -58,6 +67,7 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, 
 use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
 use prost::{Message, Name};
 
+use crate::local::VehicleState;
 use crate::node::{NodeInfo, Role};
 use crate::snapshot::{Resource, Resources, Snapshot};
 
@@ -68,6 +78,17 @@ pub const CLOUD_INBOUND: &str = "cloud_inbound";
 
 /// Request header carrying the traffic class, so upstreams (and edge-netd) see it.
 pub const CLASS_HEADER: &str = "x-misaki-class";
+
+/// Response header saying why the mesh itself answered (e.g. `no-uplink`).
+pub const REASON_HEADER: &str = "x-misaki-reason";
+
+/// Cluster of edge-netd's store-and-forward ingest (deferrable classes without uplink).
+pub const DEFER_CLUSTER: &str = "misaki|defer";
+
+/// Cluster for a service reached over one uplink (vehicle state given).
+pub fn uplink_cluster(svc: &str, uplink: &str) -> String {
+    format!("out|{svc}|{uplink}")
+}
 
 /// Cluster for a service reached across the network from a vehicle.
 pub fn outbound_cluster(svc: &str) -> String {
@@ -82,8 +103,29 @@ pub fn inbound_cluster(svc: &str) -> String {
 /// Compile the snapshot for one node. `version_prefix` makes versions unique per
 /// server instance (see [`crate::snapshot`]).
 pub fn compile(policy: &Policy, node: &NodeInfo, version_prefix: &str) -> Snapshot {
+    compile_for(policy, node, None, version_prefix)
+}
+
+/// Compile a vehicle node's snapshot with what only the vehicle knows: uplink-bound
+/// clusters, routes following the selection (edge-netd's local xDS tier). Other roles
+/// ignore `state`.
+pub fn compile_vehicle(
+    policy: &Policy,
+    node: &NodeInfo,
+    state: &VehicleState,
+    version_prefix: &str,
+) -> Snapshot {
+    compile_for(policy, node, Some(state), version_prefix)
+}
+
+fn compile_for(
+    policy: &Policy,
+    node: &NodeInfo,
+    state: Option<&VehicleState>,
+    version_prefix: &str,
+) -> Snapshot {
     let mut out = match node.role {
-        Role::Vehicle => vehicle(policy),
+        Role::Vehicle => vehicle(policy, state),
         Role::Cloud => cloud(policy),
     };
     if node.proxyless {
@@ -146,8 +188,16 @@ impl Output {
         }
     }
 
-    /// Add a cluster for `svc`'s instances; EDS when possible.
-    fn add_cluster(&mut self, name: String, svc: &Service, class: &TrafficClass, local: bool) {
+    /// Add a cluster for `svc`'s instances; EDS when possible. `interface`: bind its
+    /// connections to that uplink (`SO_BINDTODEVICE`).
+    fn add_cluster(
+        &mut self,
+        name: String,
+        svc: &Service,
+        class: &TrafficClass,
+        local: bool,
+        interface: Option<&str>,
+    ) {
         let endpoints = if svc.endpoints.is_empty() {
             // Vehicle services without explicit endpoints listen on the vehicle's loopback.
             vec![("127.0.0.1".to_string(), svc.port)]
@@ -192,9 +242,14 @@ impl Output {
                 interval: Some(pb_duration(Duration::from_secs(5))),
                 ..Default::default()
             });
+            let mut socket_options = Vec::new();
+            socket_options.extend(interface.map(bind_to_device));
             if class.dscp != 0 {
+                socket_options.push(dscp_option(class.dscp));
+            }
+            if !socket_options.is_empty() {
                 c.upstream_bind_config = Some(BindConfig {
-                    socket_options: vec![dscp_option(class.dscp)],
+                    socket_options,
                     ..Default::default()
                 });
             }
@@ -203,26 +258,52 @@ impl Output {
     }
 }
 
-fn vehicle(policy: &Policy) -> Output {
+fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
     let mut out = Output::default();
     let mut outbound_hosts = Vec::new();
     let mut inbound_hosts = Vec::new();
+    let mut defer = false;
     for svc in policy.services.values() {
         let class = policy.class_of(svc);
         match svc.location {
             Location::Vehicle => {
                 // Same-vehicle traffic goes straight to the local instance.
                 let cluster = inbound_cluster(&svc.name);
-                out.add_cluster(cluster.clone(), svc, class, true);
-                outbound_hosts.push(virtual_host(svc, class, &cluster));
-                inbound_hosts.push(virtual_host(svc, class, &cluster));
+                out.add_cluster(cluster.clone(), svc, class, true, None);
+                let target = Target::Cluster(cluster);
+                outbound_hosts.push(virtual_host(svc, class, &target));
+                inbound_hosts.push(virtual_host(svc, class, &target));
             }
             Location::Edge | Location::Cloud => {
-                let cluster = outbound_cluster(&svc.name);
-                out.add_cluster(cluster.clone(), svc, class, false);
-                outbound_hosts.push(virtual_host(svc, class, &cluster));
+                let target = match state {
+                    None => {
+                        let cluster = outbound_cluster(&svc.name);
+                        out.add_cluster(cluster.clone(), svc, class, false, None);
+                        Target::Cluster(cluster)
+                    }
+                    Some(state) => {
+                        for uplink in &class.uplinks {
+                            if let Some(iface) = state.interfaces.get(uplink) {
+                                let cluster = uplink_cluster(&svc.name, uplink);
+                                out.add_cluster(cluster, svc, class, false, Some(iface));
+                            }
+                        }
+                        match state.uplink_for(&class.name, &class.uplinks) {
+                            Some(u) => Target::Cluster(uplink_cluster(&svc.name, u)),
+                            None if class.deferrable && state.defer_to.is_some() => {
+                                defer = true;
+                                Target::Cluster(DEFER_CLUSTER.to_string())
+                            }
+                            None => Target::NoUplink,
+                        }
+                    }
+                };
+                outbound_hosts.push(virtual_host(svc, class, &target));
             }
         }
+    }
+    if let Some(addr) = state.and_then(|s| s.defer_to).filter(|_| defer) {
+        out.clusters.push(defer_cluster(addr));
     }
     let m = &policy.mesh;
     out.listeners.push(http_listener(
@@ -246,6 +327,31 @@ fn vehicle(policy: &Policy) -> Output {
     out
 }
 
+/// Edge-netd's store-and-forward ingest on the vehicle's loopback: a static cluster,
+/// so no EDS round trip stands between a dead uplink and a 202.
+fn defer_cluster(addr: std::net::SocketAddr) -> Cluster {
+    Cluster {
+        name: DEFER_CLUSTER.to_string(),
+        connect_timeout: Some(pb_duration(Duration::from_secs(1))),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(load_assignment(
+            DEFER_CLUSTER,
+            Location::Vehicle,
+            &[(addr.ip().to_string(), addr.port())],
+        )),
+        ..Default::default()
+    }
+}
+
+/// Where a service's routes send requests.
+enum Target {
+    Cluster(String),
+    /// The class has no usable uplink: answer at once rather than wait for a timeout.
+    NoUplink,
+}
+
 fn cloud(policy: &Policy) -> Output {
     let mut out = Output::default();
     let mut hosts = Vec::new();
@@ -255,8 +361,8 @@ fn cloud(policy: &Policy) -> Output {
         }
         let class = policy.class_of(svc);
         let cluster = inbound_cluster(&svc.name);
-        out.add_cluster(cluster.clone(), svc, class, true);
-        hosts.push(virtual_host(svc, class, &cluster));
+        out.add_cluster(cluster.clone(), svc, class, true, None);
+        hosts.push(virtual_host(svc, class, &Target::Cluster(cluster)));
     }
     // Deferred traffic arrives from edge-netd zstd-compressed; Envoy undoes it so the
     // service sees a plain body.
@@ -281,7 +387,7 @@ fn cloud(policy: &Policy) -> Output {
 
 /// One virtual host per service, matched by its name as Host (`svc`, `svc:port`,
 /// `svc.mesh`); the catch-all host routes by path prefix (see [`route_config`]).
-fn virtual_host(svc: &Service, class: &TrafficClass, cluster: &str) -> (VirtualHost, Vec<Route>) {
+fn virtual_host(svc: &Service, class: &TrafficClass, target: &Target) -> (VirtualHost, Vec<Route>) {
     let by_host = VirtualHost {
         name: svc.name.clone(),
         domains: vec![
@@ -289,13 +395,13 @@ fn virtual_host(svc: &Service, class: &TrafficClass, cluster: &str) -> (VirtualH
             format!("{}:{}", svc.name, svc.port),
             format!("{}.mesh", svc.name),
         ],
-        routes: vec![route(svc, class, cluster, "/")],
+        routes: vec![route(svc, class, target, "/")],
         ..Default::default()
     };
     let by_path = svc
         .routes
         .iter()
-        .map(|p| route(svc, class, cluster, p))
+        .map(|p| route(svc, class, target, p))
         .collect();
     (by_host, by_path)
 }
@@ -332,7 +438,53 @@ fn route_config(name: &str, hosts: Vec<(VirtualHost, Vec<Route>)>) -> RouteConfi
     }
 }
 
-fn route(svc: &Service, class: &TrafficClass, cluster: &str, prefix: &str) -> Route {
+fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> Route {
+    let action = match target {
+        Target::Cluster(cluster) => route::Action::Route(route_action(svc, class, cluster)),
+        Target::NoUplink => route::Action::DirectResponse(DirectResponseAction {
+            status: 503,
+            body: Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(format!(
+                    "no usable uplink for class {}\n",
+                    class.name
+                ))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let response_headers_to_add = match target {
+        Target::Cluster(_) => Vec::new(),
+        Target::NoUplink => vec![header(REASON_HEADER, "no-uplink")],
+    };
+    Route {
+        name: format!("{}:{}", svc.name, prefix),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.to_string())),
+            ..Default::default()
+        }),
+        action: Some(action),
+        // Apps cannot pick their own class.
+        request_headers_to_add: vec![header(CLASS_HEADER, &class.name)],
+        response_headers_to_add,
+        ..Default::default()
+    }
+}
+
+/// A header set on a request or response, replacing any value it had.
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            ..Default::default()
+        }),
+        append_action: 2, // OVERWRITE_IF_EXISTS_OR_ADD
+        ..Default::default()
+    }
+}
+
+fn route_action(svc: &Service, class: &TrafficClass, cluster: &str) -> RouteAction {
     let mut action = RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
         timeout: Some(pb_duration(class.timeout)),
@@ -356,24 +508,7 @@ fn route(svc: &Service, class: &TrafficClass, cluster: &str, prefix: &str) -> Ro
             ..Default::default()
         });
     }
-    Route {
-        name: format!("{}:{}", svc.name, prefix),
-        r#match: Some(RouteMatch {
-            path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.to_string())),
-            ..Default::default()
-        }),
-        action: Some(route::Action::Route(action)),
-        request_headers_to_add: vec![HeaderValueOption {
-            header: Some(HeaderValue {
-                key: CLASS_HEADER.to_string(),
-                value: class.name.clone(),
-                ..Default::default()
-            }),
-            append_action: 2, // OVERWRITE_IF_EXISTS_OR_ADD: apps cannot pick their own class
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    action
 }
 
 /// An HTTP connection manager taking route configuration `name` over RDS; `filters`
@@ -476,6 +611,23 @@ fn socket(host: &str, port: u16) -> Address {
             port_specifier: Some(socket_address::PortSpecifier::PortValue(port.into())),
             ..Default::default()
         })),
+    }
+}
+
+/// Pin a cluster's connections to one uplink's interface. Works unprivileged on Linux
+/// ≥ 5.7; older kernels need CAP_NET_RAW (see docs/edge-netd.md).
+fn bind_to_device(interface: &str) -> SocketOption {
+    const SOL_SOCKET: i64 = 1;
+    const SO_BINDTODEVICE: i64 = 25;
+    let mut name = interface.as_bytes().to_vec();
+    name.push(0); // the kernel reads a C string
+    SocketOption {
+        description: format!("bind to {interface}"),
+        level: SOL_SOCKET,
+        name: SO_BINDTODEVICE,
+        value: Some(socket_option::Value::BufValue(name)),
+        state: socket_option::SocketState::StatePrebind as i32,
+        ..Default::default()
     }
 }
 

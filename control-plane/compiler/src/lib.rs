@@ -1,14 +1,16 @@
-//! The pure compiler: (policy, node) → xDS snapshot.
+//! The pure compiler: (policy, node[, vehicle state]) → xDS snapshot.
 //!
 //! Invariant: no I/O, no clocks, no tonic. Same inputs ⇒ byte-identical output.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
 
 mod compile;
+mod local;
 pub mod node;
 pub mod snapshot;
 
 pub use compile::{
-    CLASS_HEADER, CLOUD_INBOUND, VEHICLE_INBOUND, VEHICLE_OUTBOUND, compile, inbound_cluster,
-    outbound_cluster,
+    CLASS_HEADER, CLOUD_INBOUND, DEFER_CLUSTER, REASON_HEADER, VEHICLE_INBOUND, VEHICLE_OUTBOUND,
+    compile, compile_vehicle, inbound_cluster, outbound_cluster, uplink_cluster,
 };
+pub use local::VehicleState;

@@ -296,3 +296,162 @@ fn cloud_listener_decompresses_zstd_requests_when_a_cloud_service_takes_deferred
     let p = misaki_policy::parse("m.yaml", &no_deferral).expect("valid");
     assert_eq!(filters(&p), ["envoy.filters.http.router"]);
 }
+
+/// The quickstart vehicle with wlan0/wwan0 (no dsrc), `standard` on wifi, `critical`
+/// on lte, `bulk` without uplink.
+fn state(defer: bool) -> misaki_compiler::VehicleState {
+    let mut s = misaki_compiler::VehicleState::default();
+    s.interfaces.insert("wifi".into(), "wlan0".into());
+    s.interfaces.insert("lte".into(), "wwan0".into());
+    s.selected.insert("standard".into(), Some("wifi".into()));
+    s.selected.insert("critical".into(), Some("lte".into()));
+    s.selected.insert("bulk".into(), None);
+    if defer {
+        s.defer_to = Some("127.0.0.1:15080".parse().unwrap());
+    }
+    s
+}
+
+fn route_named<'a>(
+    vh: &'a VirtualHost,
+    name: &str,
+) -> &'a envoy_types::pb::envoy::config::route::v3::Route {
+    vh.routes
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no route {name}"))
+}
+
+fn cluster_of(r: &envoy_types::pb::envoy::config::route::v3::Route) -> Option<String> {
+    match &r.action {
+        Some(route::Action::Route(a)) => match &a.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => Some(c.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[test]
+fn with_vehicle_state_each_allowed_uplink_gets_a_bound_cluster() {
+    use envoy_types::pb::envoy::config::core::v3::socket_option;
+    let s = misaki_compiler::compile_vehicle(&quickstart(), &vehicle(), &state(false), "p-");
+    let clusters: Vec<Cluster> = decode(&s, ResourceType::Cluster);
+    let find = |n: &str| clusters.iter().find(|c| c.name == n);
+    // maps is `standard` [wifi, lte]; hazard-alerts is `critical` [dsrc, lte, wifi] and
+    // this vehicle has no dsrc.
+    for name in [
+        "out|maps|wifi",
+        "out|maps|lte",
+        "out|hazard-alerts|lte",
+        "out|hazard-alerts|wifi",
+    ] {
+        assert!(find(name).is_some(), "{name} missing");
+    }
+    assert!(find("out|hazard-alerts|dsrc").is_none());
+    assert!(
+        find("out|maps").is_none(),
+        "no unbound cluster for remote services"
+    );
+    let c = find("out|hazard-alerts|lte").unwrap();
+    let opts = &c
+        .upstream_bind_config
+        .as_ref()
+        .expect("bound")
+        .socket_options;
+    let bind = opts
+        .iter()
+        .find(|o| o.level == 1 && o.name == 25)
+        .expect("SO_BINDTODEVICE");
+    assert_eq!(
+        bind.value,
+        Some(socket_option::Value::BufValue(b"wwan0\0".to_vec()))
+    );
+    assert_eq!(bind.state, socket_option::SocketState::StatePrebind as i32);
+    let tos = opts
+        .iter()
+        .find(|o| o.level == 0 && o.name == 1)
+        .expect("IP_TOS");
+    assert_eq!(tos.value, Some(socket_option::Value::IntValue(46 << 2)));
+    // Vehicle-local services stay on their unbound local cluster.
+    assert!(find(&inbound_cluster("diagnostics")).is_some());
+
+    let by_path = outbound_by_path(&s);
+    assert_eq!(
+        cluster_of(route_named(&by_path, "maps:/maps")).as_deref(),
+        Some("out|maps|wifi")
+    );
+    assert_eq!(
+        cluster_of(route_named(&by_path, "hazard-alerts:/hazards")).as_deref(),
+        Some("out|hazard-alerts|lte")
+    );
+}
+
+#[test]
+fn a_selection_change_is_a_route_only_change() {
+    let p = quickstart();
+    let a = misaki_compiler::compile_vehicle(&p, &vehicle(), &state(false), "p-");
+    let mut moved = state(false);
+    moved.selected.insert("standard".into(), Some("lte".into()));
+    let b = misaki_compiler::compile_vehicle(&p, &vehicle(), &moved, "p-");
+    for t in [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+    ] {
+        assert_eq!(a.get(t).version, b.get(t).version, "{t:?} must not change");
+    }
+    assert_ne!(
+        a.get(ResourceType::Route).version,
+        b.get(ResourceType::Route).version
+    );
+    let by_path = outbound_by_path(&b);
+    assert_eq!(
+        cluster_of(route_named(&by_path, "maps:/maps")).as_deref(),
+        Some("out|maps|lte")
+    );
+}
+
+#[test]
+fn no_usable_uplink_is_an_immediate_503_or_store_and_forward_when_deferrable() {
+    let p = quickstart();
+    let mut none = state(false);
+    none.selected.insert("standard".into(), None);
+    let s = misaki_compiler::compile_vehicle(&p, &vehicle(), &none, "p-");
+    let by_path = outbound_by_path(&s);
+    let r = route_named(&by_path, "maps:/maps");
+    let Some(route::Action::DirectResponse(d)) = &r.action else {
+        panic!("expected a direct response: {r:?}")
+    };
+    assert_eq!(d.status, 503);
+    let h = r.response_headers_to_add[0].header.as_ref().unwrap();
+    assert_eq!(
+        (h.key.as_str(), h.value.as_str()),
+        ("x-misaki-reason", "no-uplink")
+    );
+    // bulk (deferrable) has no uplink either: without an ingest it is a 503 too ...
+    assert!(cluster_of(route_named(&by_path, "telemetry:/telemetry")).is_none());
+    // ... and with one it goes to store-and-forward, over a static loopback cluster.
+    let s = misaki_compiler::compile_vehicle(&p, &vehicle(), &state(true), "p-");
+    let by_path = outbound_by_path(&s);
+    assert_eq!(
+        cluster_of(route_named(&by_path, "telemetry:/telemetry")).as_deref(),
+        Some(misaki_compiler::DEFER_CLUSTER)
+    );
+    let clusters: Vec<Cluster> = decode(&s, ResourceType::Cluster);
+    let defer = clusters
+        .iter()
+        .find(|c| c.name == misaki_compiler::DEFER_CLUSTER)
+        .unwrap();
+    assert_eq!(
+        defer.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32
+        ))
+    );
+    // A selection the class does not allow (stale state) is no uplink, never a wrong one.
+    let mut odd = state(false);
+    odd.selected.insert("standard".into(), Some("dsrc".into()));
+    let s = misaki_compiler::compile_vehicle(&p, &vehicle(), &odd, "p-");
+    assert!(cluster_of(route_named(&outbound_by_path(&s), "maps:/maps")).is_none());
+}
