@@ -181,6 +181,7 @@ fn netd_config(
         "vehicle_id: {id}\n\
          control_plane: http://127.0.0.1:{xds}\n\
          api: 127.0.0.1:{api}\n\
+         xds: 127.0.0.1:{local_xds}\n\
          state_dir: {state}\n\
          heartbeat_interval: 200ms\n\
          uplinks:\n\
@@ -196,6 +197,8 @@ fn netd_config(
          \x20 max_body: 1MiB\n\
          \x20 cloud_url: {cloud_url}\n",
         state = dir.join("state").display(),
+        // Several edge-netd run on this host's loopback: each gets its own xDS port.
+        local_xds = free_port(),
     )
 }
 

@@ -1,9 +1,11 @@
-//! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`, and
+//! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`,
+//! `/xds` (the local xDS tier's clients: node, sent/ACKed versions, last NACK), and
 //! with store-and-forward configured `GET /saf/status` (counters, queue depth per class,
 //! uplink and retry state per class) and `GET /saf/deadletters`.
 //!
 //! Invariants: read-only; answers from the latest published [`Snapshot`], never
-//! blocking the engine. `/readyz` is 200 only once the first selection was made.
+//! blocking the engine. `/readyz` is 200 only once the first selection was made and a
+//! policy is in force (received, stored or shipped); otherwise 503 says which is missing.
 
 use crate::engine::Snapshot;
 use bytes::Bytes;
@@ -24,6 +26,8 @@ pub struct ApiState {
     pub connected: Arc<AtomicBool>,
     /// Store-and-forward, when configured (`/saf/...`).
     pub saf: Option<misaki_saf::StoreForward>,
+    /// The local xDS tier's streams, when it runs (`/xds`).
+    pub xds: Option<misaki_xds::StreamRegistry>,
 }
 
 /// The `/links` document.
@@ -120,16 +124,37 @@ fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>>
             }
         }
         (&Method::GET, "/readyz") => {
-            if state.snapshots.borrow().ready {
-                (StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
+            let snap = state.snapshots.borrow().clone();
+            if !snap.ready {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     "no uplink selection yet\n".into(),
                 )
+            } else if snap.policy_version.is_empty() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "no policy: none stored, no factory_policy configured, none received from \
+                     the control plane yet; the vehicle's Envoy gets an empty configuration\n"
+                        .into(),
+                )
+            } else {
+                (StatusCode::OK, "text/plain", "ready\n".into())
             }
         }
+        (&Method::GET, "/xds") => match &state.xds {
+            Some(streams) => (
+                StatusCode::OK,
+                "application/json",
+                streams.to_json().to_string(),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "the local xDS tier is off (xds: off)\n".into(),
+            ),
+        },
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         _ => (

@@ -76,6 +76,10 @@ struct RawConfig {
     selection: Option<RawSelection>,
     #[serde(default)]
     store_forward: Option<RawStoreForward>,
+    #[serde(default)]
+    xds: Option<String>,
+    #[serde(default)]
+    factory_policy: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,7 +301,15 @@ pub struct Config {
     pub selection: SelectionConfig,
     /// Store-and-forward; off when the section is absent.
     pub store_forward: Option<StoreForwardConfig>,
+    /// Loopback address of the local xDS tier (ADS for the vehicle's sidecars);
+    /// `xds: off` turns it off.
+    pub xds: Option<SocketAddr>,
+    /// A policy file shipped in the vehicle's image, used while nothing is stored.
+    pub factory_policy: Option<PathBuf>,
 }
+
+/// Where the local xDS tier listens unless `xds:` says otherwise.
+pub const DEFAULT_XDS: &str = "127.0.0.1:15010";
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -631,8 +643,39 @@ impl Config {
                 Some(c)
             }
         };
+        let xds = match raw.xds.as_deref().unwrap_or(DEFAULT_XDS) {
+            "off" => None,
+            text => {
+                let xds = addr("xds", text)?;
+                if !xds.ip().is_loopback() {
+                    return Err(invalid(
+                        "xds",
+                        format!(
+                            "{xds} is not a loopback address: the local xDS tier serves this vehicle's sidecars only"
+                        ),
+                    ));
+                }
+                let taken = [Some(api), store_forward.as_ref().map(|sf| sf.listen)];
+                if taken.contains(&Some(xds)) {
+                    return Err(invalid(
+                        "xds",
+                        format!("{xds} is also the local API's or the ingest's address"),
+                    ));
+                }
+                Some(xds)
+            }
+        };
+        if raw
+            .factory_policy
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("factory_policy", "must not be empty".into()));
+        }
         Ok(Config {
             store_forward,
+            xds,
+            factory_policy: raw.factory_policy,
             vehicle_id: raw.vehicle_id,
             control_plane,
             api,
@@ -845,6 +888,33 @@ selection:
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn the_local_xds_tier_is_on_by_default_on_loopback() {
+        let c = Config::parse("c.yaml", GOOD).unwrap();
+        assert_eq!(c.xds, Some(DEFAULT_XDS.parse().unwrap()));
+        assert_eq!(c.factory_policy, None);
+        let c = Config::parse(
+            "c.yaml",
+            &format!("{GOOD}xds: off\nfactory_policy: /usr/share/misaki/mesh.yaml\n"),
+        )
+        .unwrap();
+        assert_eq!(c.xds, None);
+        assert_eq!(
+            c.factory_policy.as_deref(),
+            Some(Path::new("/usr/share/misaki/mesh.yaml"))
+        );
+        for (extra, needle) in [
+            ("xds: 0.0.0.0:15010\n", "not a loopback address"),
+            ("xds: 127.0.0.1:9470\n", "also the local API"),
+            ("xds: nowhere\n", "xds"),
+        ] {
+            let e = Config::parse("c.yaml", &format!("{GOOD}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
     }
 }
 

@@ -26,6 +26,7 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod local_xds;
 pub mod monitor;
 pub mod policy;
 pub mod probe;
@@ -58,6 +59,82 @@ pub enum RunError {
     Queue(#[from] misaki_queue::OpenError),
     #[error("store-and-forward: {0}")]
     Saf(#[from] misaki_saf::ConfigError),
+    #[error("cannot listen on the local xDS address {addr}: {source}")]
+    XdsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The policy to start from: the stored one, else the one shipped in the image
+/// (`factory_policy:`), else none (only the `default` class; Envoy gets an empty
+/// configuration and `/readyz` says why).
+fn initial_policy(config: &Config) -> policy::VehiclePolicy {
+    match policy::load(&config.state_dir) {
+        Ok(Some(p)) => {
+            tracing::info!(version = %p.version, "loaded stored policy");
+            return p;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring the stored policy"),
+    }
+    let Some(path) = &config.factory_policy else {
+        tracing::warn!("no stored policy and no factory_policy: waiting for the control plane");
+        return policy::VehiclePolicy::empty();
+    };
+    match policy::load_factory(path) {
+        Ok(p) => {
+            tracing::info!(version = %p.version, path = %path.display(), "loaded the factory policy");
+            p
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "invalid factory policy; waiting for the control plane");
+            policy::VehiclePolicy::empty()
+        }
+    }
+}
+
+/// Start the vehicle-local xDS tier on `listener`, following the engine.
+fn start_local_xds(
+    config: &Arc<Config>,
+    listener: tokio::net::TcpListener,
+    engine: &Engine,
+    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+    follow_stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> misaki_xds::XdsServer {
+    let mesh = engine.mesh_policy();
+    let source = local_xds::LocalSource::new(
+        &config.vehicle_id,
+        mesh.borrow().clone(),
+        local_xds::vehicle_state(config, &snapshots.borrow()),
+        local_xds::version_prefix(),
+    );
+    let xds =
+        misaki_xds::XdsServer::new(Arc::new(source.clone()), misaki_xds::StreamRegistry::new());
+    tokio::spawn(local_xds::follow(
+        config.clone(),
+        source,
+        snapshots.clone(),
+        mesh,
+        follow_stopped,
+    ));
+    let server = xds.clone();
+    tokio::spawn(async move {
+        let config = misaki_xds::ServeConfig::default();
+        if let Err(e) = misaki_xds::serve(
+            listener,
+            &server,
+            tonic::service::Routes::default(),
+            &config,
+            stopped,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "local xDS server failed");
+        }
+    });
+    xds
 }
 
 /// Run the daemon until `shutdown` completes.
@@ -73,17 +150,7 @@ pub async fn run(
             source,
         })?;
 
-    let stored = match policy::load(&config.state_dir) {
-        Ok(Some(p)) => {
-            tracing::info!(version = %p.version, "loaded stored policy");
-            p
-        }
-        Ok(None) => policy::VehiclePolicy::empty(),
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring the stored policy; starting with the default class");
-            policy::VehiclePolicy::empty()
-        }
-    };
+    let stored = initial_policy(&config);
     let metrics = engine::Metrics::default();
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -133,6 +200,25 @@ pub async fn run(
             });
             tracing::info!(listen = %sf.listen, "store-and-forward ingest listening");
             Some(saf)
+        }
+    };
+
+    // After the queue, so a second daemon on the same queue reports the lock first.
+    let xds = match config.xds {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::XdsBind { addr, source })?;
+            tracing::info!(%addr, "local xDS tier listening");
+            Some(start_local_xds(
+                &config,
+                listener,
+                &engine,
+                &snapshots,
+                stopped(),
+                stopped(),
+            ))
         }
     };
 
@@ -199,6 +285,7 @@ pub async fn run(
             metrics: Arc::new(registry),
             connected,
             saf: saf.clone(),
+            xds: xds.as_ref().map(|x| x.streams().clone()),
         },
         stopped(),
     ));

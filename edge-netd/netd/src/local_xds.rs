@@ -1,0 +1,247 @@
+//! The vehicle-local xDS tier: edge-netd serves ADS (SotW and delta) to the vehicle's
+//! Envoy sidecars and proxyless gRPC clients on loopback, compiled by the same
+//! `misaki-compiler` and served by the same `misaki-xds` server as misaki-cp.
+//!
+//! Invariants:
+//! - One compiler, two hosts: the snapshot is `compile_vehicle(policy, node, state)`
+//!   with the policy edge-netd holds (received, stored, or shipped) and the state only
+//!   the vehicle knows (its interfaces, the engine's selection, the ingest address).
+//! - Every node is served as this vehicle: role `vehicle`, this daemon's vehicle id,
+//!   whatever its bootstrap says (a shipped bootstrap cannot know each car's id).
+//! - Recompiles only when the policy or the [`VehicleState`] changed (probe RTTs move
+//!   every 100 ms and must not cost a compile), and wakes streams only when versions
+//!   changed. A selection change therefore reaches Envoy as an RDS-only push.
+//! - Serves without the cloud: the stored or shipped policy is there from the start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use misaki_compiler::node::{NodeInfo, Role};
+use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use misaki_compiler::{VehicleState, compile_vehicle};
+use misaki_policy::Policy;
+use misaki_xds::SnapshotSource;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::engine::Snapshot as LinkSnapshot;
+
+#[derive(Debug)]
+struct Inner {
+    policy: Arc<Policy>,
+    state: VehicleState,
+    /// One compiled snapshot per kind of client (Envoy, proxyless gRPC).
+    entries: HashMap<bool, watch::Sender<Arc<Snapshot>>>,
+}
+
+/// The snapshots the local tier serves. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LocalSource {
+    vehicle_id: Arc<str>,
+    prefix: Arc<str>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// A version prefix no earlier run of this daemon used (start time and random bits), so
+/// a restarted edge-netd never reuses a version an Envoy still holds.
+pub fn version_prefix() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:x}{:04x}-", rand::random::<u16>())
+}
+
+fn same_versions(a: &Snapshot, b: &Snapshot) -> bool {
+    ResourceType::PUSH_ORDER
+        .iter()
+        .all(|t| a.get(*t).version == b.get(*t).version)
+}
+
+/// The vehicle state of an engine snapshot under `config`.
+pub fn vehicle_state(config: &Config, links: &LinkSnapshot) -> VehicleState {
+    VehicleState {
+        interfaces: config
+            .uplinks
+            .iter()
+            .map(|u| (u.name.clone(), u.interface.clone()))
+            .collect(),
+        selected: links
+            .selections
+            .iter()
+            .map(|s| (s.class.clone(), s.uplink.clone()))
+            .collect(),
+        defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
+    }
+}
+
+impl LocalSource {
+    pub fn new(
+        vehicle_id: &str,
+        policy: Arc<Policy>,
+        state: VehicleState,
+        prefix: impl Into<Arc<str>>,
+    ) -> Self {
+        LocalSource {
+            vehicle_id: vehicle_id.into(),
+            prefix: prefix.into(),
+            inner: Arc::new(Mutex::new(Inner {
+                policy,
+                state,
+                entries: HashMap::new(),
+            })),
+        }
+    }
+
+    fn node(&self, proxyless: bool) -> NodeInfo {
+        NodeInfo {
+            id: String::new(),
+            role: Role::Vehicle,
+            vehicle_id: Some(self.vehicle_id.to_string()),
+            proxyless,
+        }
+    }
+
+    /// Put a policy and state in force; returns how many client kinds got a changed
+    /// snapshot. Does nothing (no compile) when neither changed.
+    pub fn update(&self, policy: Arc<Policy>, state: VehicleState) -> usize {
+        let mut inner = self.inner.lock().expect("local xDS lock");
+        if Arc::ptr_eq(&inner.policy, &policy) && inner.state == state {
+            return 0;
+        }
+        inner.policy = policy;
+        inner.state = state;
+        inner.entries.retain(|_, tx| tx.receiver_count() > 0);
+        let mut changed = 0;
+        for (proxyless, tx) in &inner.entries {
+            let snap = compile_vehicle(
+                &inner.policy,
+                &self.node(*proxyless),
+                &inner.state,
+                &self.prefix,
+            );
+            changed += usize::from(tx.send_if_modified(|cur| {
+                if same_versions(cur, &snap) {
+                    false
+                } else {
+                    *cur = Arc::new(snap);
+                    true
+                }
+            }));
+        }
+        changed
+    }
+}
+
+impl SnapshotSource for LocalSource {
+    fn watch(&self, node: &NodeInfo) -> watch::Receiver<Arc<Snapshot>> {
+        if node.role != Role::Vehicle
+            || node.vehicle_id.as_deref() != Some(self.vehicle_id.as_ref())
+        {
+            tracing::debug!(node = %node.id, role = node.role.as_str(), vehicle = ?node.vehicle_id,
+                "serving a local xDS client as this vehicle");
+        }
+        let mut inner = self.inner.lock().expect("local xDS lock");
+        if let Some(tx) = inner.entries.get(&node.proxyless) {
+            return tx.subscribe();
+        }
+        let snap = compile_vehicle(
+            &inner.policy,
+            &self.node(node.proxyless),
+            &inner.state,
+            &self.prefix,
+        );
+        let (tx, rx) = watch::channel(Arc::new(snap));
+        inner.entries.insert(node.proxyless, tx);
+        rx
+    }
+}
+
+/// Follow the engine's selection and the policy in force until `shutdown`.
+pub async fn follow(
+    config: Arc<Config>,
+    source: LocalSource,
+    mut links: watch::Receiver<Arc<LinkSnapshot>>,
+    mut policy: watch::Receiver<Arc<Policy>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let state = vehicle_state(&config, &links.borrow_and_update());
+        let current = policy.borrow_and_update().clone();
+        let changed = source.update(current, state);
+        if changed > 0 {
+            tracing::debug!(changed, "local xDS snapshot changed");
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = links.changed() => if r.is_err() { return },
+            r = policy.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Arc<Policy> {
+        Arc::new(
+            misaki_policy::parse("q", include_str!("../../../examples/quickstart/mesh.yaml"))
+                .unwrap(),
+        )
+    }
+
+    fn state(standard: Option<&str>) -> VehicleState {
+        let mut s = VehicleState::default();
+        s.interfaces.insert("wifi".into(), "wlan0".into());
+        s.interfaces.insert("lte".into(), "wwan0".into());
+        s.selected
+            .insert("standard".into(), standard.map(str::to_string));
+        s
+    }
+
+    fn node(vehicle: &str, role: Role) -> NodeInfo {
+        NodeInfo {
+            id: "sidecar".into(),
+            role,
+            vehicle_id: Some(vehicle.into()),
+            proxyless: false,
+        }
+    }
+
+    #[test]
+    fn every_node_is_served_as_this_vehicle() {
+        let p = policy();
+        let src = LocalSource::new("car-7", p.clone(), state(Some("wifi")), "x-");
+        let a = src.watch(&node("whatever", Role::Vehicle)).borrow().clone();
+        let b = src.watch(&node("car-7", Role::Cloud)).borrow().clone();
+        assert!(Arc::ptr_eq(&a, &b), "one snapshot for every Envoy");
+        let direct = compile_vehicle(&p, &src.node(false), &state(Some("wifi")), "x-");
+        assert_eq!(*a, direct);
+    }
+
+    #[test]
+    fn only_a_real_change_recompiles_and_a_selection_change_moves_routes_only() {
+        let p = policy();
+        let src = LocalSource::new("car-7", p.clone(), state(Some("wifi")), "x-");
+        let mut rx = src.watch(&node("car-7", Role::Vehicle));
+        let before = rx.borrow_and_update().clone();
+        assert_eq!(src.update(p.clone(), state(Some("wifi"))), 0);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(src.update(p.clone(), state(Some("lte"))), 1);
+        let after = rx.borrow_and_update().clone();
+        for t in [
+            ResourceType::Cluster,
+            ResourceType::Endpoint,
+            ResourceType::Listener,
+        ] {
+            assert_eq!(before.get(t).version, after.get(t).version);
+        }
+        assert_ne!(
+            before.get(ResourceType::Route).version,
+            after.get(ResourceType::Route).version
+        );
+    }
+}
