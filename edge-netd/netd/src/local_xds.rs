@@ -244,4 +244,32 @@ mod tests {
             after.get(ResourceType::Route).version
         );
     }
+
+    /// One compiler, two hosts: what edge-netd compiles from the policy it received
+    /// (encoded, decoded, validated, as on the fleet stream) is byte for byte what
+    /// misaki-cp's compiler makes of the operator's policy for the same node and state.
+    #[test]
+    fn the_vehicle_compiles_what_the_cloud_would_from_the_received_policy() {
+        use prost::Message;
+        let original = policy();
+        let bytes = misaki_policy_wire::to_wire(&original).encode_to_vec();
+        let received = misaki_proto::fleet_v1::PolicyUpdate::decode(bytes.as_slice()).unwrap();
+        let vp = crate::policy::VehiclePolicy::try_from(received).unwrap();
+        for standard in [Some("wifi"), Some("lte"), None] {
+            let src = LocalSource::new("car-7", vp.mesh.clone(), state(standard), "x-");
+            for proxyless in [false, true] {
+                let mut n = node("car-7", Role::Vehicle);
+                n.proxyless = proxyless;
+                let on_vehicle = src.watch(&n).borrow().clone();
+                let in_cloud = compile_vehicle(&original, &n, &state(standard), "x-");
+                for t in ResourceType::PUSH_ORDER {
+                    let (a, b) = (on_vehicle.get(t), in_cloud.get(t));
+                    assert_eq!(a.items.len(), b.items.len(), "{t:?}");
+                    for (name, r) in &a.items {
+                        assert_eq!(r.body, b.items[name].body, "{t:?} {name}");
+                    }
+                }
+            }
+        }
+    }
 }
