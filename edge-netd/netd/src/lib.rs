@@ -100,6 +100,7 @@ fn start_local_xds(
     listener: tokio::net::TcpListener,
     engine: &Engine,
     snapshots: &watch::Receiver<Arc<Snapshot>>,
+    registry: &mut prometheus_client::registry::Registry,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
     follow_stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> misaki_xds::XdsServer {
@@ -112,6 +113,7 @@ fn start_local_xds(
     );
     let xds =
         misaki_xds::XdsServer::new(Arc::new(source.clone()), misaki_xds::StreamRegistry::new());
+    xds.register_metrics(registry);
     tokio::spawn(local_xds::follow(
         config.clone(),
         source,
@@ -216,6 +218,7 @@ pub async fn run(
                 listener,
                 &engine,
                 &snapshots,
+                &mut registry,
                 stopped(),
                 stopped(),
             ))
