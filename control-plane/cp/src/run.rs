@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use misaki_policy::{Policy, PolicyErrors};
 use misaki_xds::{ServeConfig, StreamRegistry, XdsServer};
@@ -35,16 +34,6 @@ pub enum RunError {
     Watch(#[from] watcher::WatchError),
     #[error(transparent)]
     Xds(#[from] misaki_xds::ServeError),
-}
-
-/// A prefix no earlier run of this server used: start time in ms plus random bits, so
-/// even two servers started in the same millisecond differ.
-pub fn version_prefix() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!("{ms:x}{:04x}-", rand::random::<u16>())
 }
 
 /// Load the policy named on the command line, or the embedded quickstart.
@@ -85,7 +74,7 @@ pub async fn serve(
 ) -> Result<(), RunError> {
     // Parse everything before binding anything.
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
-    let cache = SnapshotCache::new(Arc::new(policy), version_prefix());
+    let cache = SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix());
     let policy_state = PolicyState::new(cache.clone(), source);
 
     let fleet = misaki_fleet::Registry::new();

@@ -6,6 +6,9 @@
 //! - `online` is true iff the vehicle's newest stream is open and not timed out;
 //!   `vehicles_online` gauge always equals the number of records with `online`.
 //! - Each mutation sends exactly one [`FleetEvent`] after the lock is released.
+//! - A vehicle's sidecar list (the clients of its local xDS tier) is only ever
+//!   replaced whole: by each `LinkState`, and by a `LinkChange` with
+//!   `sidecars_changed` (whose list may be empty); other `LinkChange`s leave it.
 //!
 //! Locking: one `std::sync::Mutex` around the map; critical sections are short and
 //! never await, so a blocking mutex is cheaper than an async one here.
@@ -54,7 +57,7 @@ pub enum FleetEventKind {
     Online,
     /// Stream ended or heartbeat timeout.
     Offline,
-    /// Links, selections, queues or power changed (snapshot or delta).
+    /// Links, selections, queues, power or sidecars changed (snapshot or delta).
     State,
 }
 
@@ -73,6 +76,8 @@ struct VehicleRecord {
     selections: BTreeMap<String, pb::ClassSelection>,
     queues: BTreeMap<String, pb::QueueStats>,
     power: pb::PowerState,
+    /// The clients of the vehicle's local xDS tier, as last reported (whole list).
+    sidecars: Vec<pb::Sidecar>,
     link_changes: u64,
 }
 
@@ -224,6 +229,7 @@ impl Registry {
                 selections: BTreeMap::new(),
                 queues: BTreeMap::new(),
                 power: pb::PowerState::Unspecified,
+                sidecars: Vec::new(),
                 link_changes: 0,
             });
             rec.daemon_version = hello.daemon_version.clone();
@@ -289,6 +295,7 @@ impl Registry {
                         .collect();
                     rec.power = s.power();
                     rec.policy_version = s.policy_version.clone();
+                    rec.sidecars = s.sidecars.clone();
                     true
                 }
                 Report::LinkChange(c) => {
@@ -310,6 +317,9 @@ impl Registry {
                     }
                     if c.power.is_some() {
                         rec.power = c.power();
+                    }
+                    if c.sidecars_changed {
+                        rec.sidecars = c.sidecars.clone();
                     }
                     true
                 }
@@ -413,6 +423,37 @@ fn power_str(p: pb::PowerState) -> &'static str {
     }
 }
 
+/// `{"node_id", "kind", "proxyless", "connected_since_unix_ms", "types": {"cds": {...}}}`
+/// with, per type, `sent_version`/`acked_version` (null when none) and `last_nack`
+/// (`{"version", "message", "at_unix_ms"}` or null).
+fn sidecar_json(s: &pb::Sidecar) -> Value {
+    let types: serde_json::Map<String, Value> = s
+        .types
+        .iter()
+        .map(|t| {
+            (
+                t.xds_type.clone(),
+                json!({
+                    "sent_version": t.sent_version,
+                    "acked_version": t.acked_version,
+                    "last_nack": t.last_nack.as_ref().map(|n| json!({
+                        "version": n.version,
+                        "message": n.message,
+                        "at_unix_ms": n.at_unix_ms,
+                    })),
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "node_id": s.node_id,
+        "kind": s.kind,
+        "proxyless": s.proxyless,
+        "connected_since_unix_ms": s.connected_since_unix_ms,
+        "types": types,
+    })
+}
+
 fn record_json(id: &str, v: &VehicleRecord) -> Value {
     let links: Vec<Value> = v
         .links
@@ -477,6 +518,181 @@ fn record_json(id: &str, v: &VehicleRecord) -> Value {
         "links": links,
         "selections": selections,
         "queues": queues,
+        "sidecars": v.sidecars.iter().map(sidecar_json).collect::<Vec<_>>(),
         "link_changes": v.link_changes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::vehicle_report::Report;
+
+    fn report(r: Report) -> pb::VehicleReport {
+        pb::VehicleReport {
+            seq: 0,
+            observed_unix_ms: 1,
+            report: Some(r),
+        }
+    }
+
+    fn xds_type(t: &str, acked: Option<&str>) -> pb::SidecarXdsType {
+        pb::SidecarXdsType {
+            xds_type: t.into(),
+            sent_version: acked.map(str::to_string),
+            acked_version: acked.map(str::to_string),
+            last_nack: None,
+        }
+    }
+
+    fn sidecar(node_id: &str, kind: &str, acked: Option<&str>) -> pb::Sidecar {
+        pb::Sidecar {
+            node_id: node_id.into(),
+            kind: kind.into(),
+            proxyless: false,
+            connected_since_unix_ms: 1_000,
+            types: ["cds", "eds", "lds", "rds"]
+                .map(|t| xds_type(t, acked))
+                .to_vec(),
+        }
+    }
+
+    fn online(registry: &Registry) -> Arc<str> {
+        registry
+            .hello(&pb::Hello {
+                vehicle_id: "car-1".into(),
+                heartbeat_interval_ms: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn sidecars_are_replaced_whole_and_shown_per_type() {
+        let registry = Registry::new();
+        let car = online(&registry);
+        assert_eq!(
+            registry.vehicle_json("car-1").unwrap()["sidecars"],
+            json!([])
+        );
+
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkState(pb::LinkState {
+                sidecars: vec![sidecar("vehicle-sidecar", "sotw", Some("v1"))],
+                ..Default::default()
+            })),
+        ));
+        let v = registry.vehicle_json("car-1").unwrap();
+        assert_eq!(
+            v["sidecars"],
+            json!([{
+                "node_id": "vehicle-sidecar",
+                "kind": "sotw",
+                "proxyless": false,
+                "connected_since_unix_ms": 1000,
+                "types": {
+                    "cds": {"sent_version": "v1", "acked_version": "v1", "last_nack": null},
+                    "eds": {"sent_version": "v1", "acked_version": "v1", "last_nack": null},
+                    "lds": {"sent_version": "v1", "acked_version": "v1", "last_nack": null},
+                    "rds": {"sent_version": "v1", "acked_version": "v1", "last_nack": null},
+                },
+            }])
+        );
+
+        // A LinkChange without the flag leaves the list alone.
+        let mut events = registry.subscribe();
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkChange(pb::LinkChange {
+                selections: vec![pb::ClassSelection {
+                    class: "default".into(),
+                    uplink: "wifi".into(),
+                    reason: "initial".into(),
+                }],
+                ..Default::default()
+            })),
+        ));
+        assert_eq!(events.try_recv().unwrap().kind, FleetEventKind::State);
+        let v = registry.vehicle_json("car-1").unwrap();
+        assert_eq!(v["sidecars"][0]["node_id"], "vehicle-sidecar");
+
+        // With the flag, the list is replaced whole: a NACK on one, a second client.
+        let mut nacked = sidecar("vehicle-sidecar", "sotw", Some("v1"));
+        nacked.types[2].sent_version = Some("v2".into());
+        nacked.types[2].last_nack = Some(pb::XdsNack {
+            version: Some("v2".into()),
+            message: "Error adding/updating listener(s) vehicle_outbound".into(),
+            at_unix_ms: 5_000,
+        });
+        let mut grpc = sidecar("app-grpc", "delta", None);
+        grpc.proxyless = true;
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkChange(pb::LinkChange {
+                sidecars_changed: true,
+                sidecars: vec![grpc, nacked],
+                ..Default::default()
+            })),
+        ));
+        assert_eq!(events.try_recv().unwrap().kind, FleetEventKind::State);
+        let v = registry.vehicle_json("car-1").unwrap();
+        let s = &v["sidecars"];
+        assert_eq!(s.as_array().unwrap().len(), 2);
+        assert_eq!(
+            (&s[0]["node_id"], &s[0]["kind"], &s[0]["proxyless"]),
+            (&json!("app-grpc"), &json!("delta"), &json!(true))
+        );
+        assert_eq!(
+            s[0]["types"]["cds"],
+            json!({"sent_version": null, "acked_version": null, "last_nack": null})
+        );
+        let lds = &s[1]["types"]["lds"];
+        assert_eq!(lds["sent_version"], "v2");
+        assert_eq!(lds["acked_version"], "v1");
+        assert_eq!(
+            lds["last_nack"],
+            json!({
+                "version": "v2",
+                "message": "Error adding/updating listener(s) vehicle_outbound",
+                "at_unix_ms": 5000,
+            })
+        );
+        // Shown on /fleet too.
+        assert_eq!(
+            registry.to_json()["vehicles"][0]["sidecars"][1]["node_id"],
+            "vehicle-sidecar"
+        );
+
+        // An empty list with the flag: every client went away.
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkChange(pb::LinkChange {
+                sidecars_changed: true,
+                ..Default::default()
+            })),
+        ));
+        assert_eq!(
+            registry.vehicle_json("car-1").unwrap()["sidecars"],
+            json!([])
+        );
+
+        // A new LinkState (e.g. after a reconnect) replaces the list too.
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkState(pb::LinkState {
+                sidecars: vec![sidecar("vehicle-sidecar", "delta", Some("v3"))],
+                ..Default::default()
+            })),
+        ));
+        let v = registry.vehicle_json("car-1").unwrap();
+        assert_eq!(v["sidecars"][0]["kind"], "delta");
+        assert_eq!(v["sidecars"][0]["types"]["rds"]["acked_version"], "v3");
+        assert!(registry.apply(&car, &report(Report::LinkState(pb::LinkState::default())),));
+        assert_eq!(
+            registry.vehicle_json("car-1").unwrap()["sidecars"],
+            json!([])
+        );
+    }
 }

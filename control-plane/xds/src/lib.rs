@@ -43,6 +43,17 @@ pub use server::{
 pub use status::{NackRecord, StreamHandle, StreamKind, StreamRegistry, StreamStatus, TypeStatus};
 pub use stream::ResponseStream;
 
+/// A version prefix no earlier run of this server used: start time in ms plus random
+/// bits, so even two servers started in the same millisecond differ, and a restarted
+/// server never reuses a version a client still holds (an xDS rule).
+pub fn version_prefix() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:x}{:04x}-", rand::random::<u16>())
+}
+
 /// Supplies each node's snapshot and tells the server when it changes.
 ///
 /// The server calls `watch` once per stream, after the first request names the node.

@@ -34,32 +34,9 @@ pub enum ConfigError {
     },
 }
 
-/// Kind of an uplink (as in the mesh policy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UplinkKind {
-    Lte,
-    #[serde(rename = "5g")]
-    FiveG,
-    #[serde(rename = "3g")]
-    ThreeG,
-    Wifi,
-    Dsrc,
-    Lpwa,
-}
-
-impl UplinkKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UplinkKind::Lte => "lte",
-            UplinkKind::FiveG => "5g",
-            UplinkKind::ThreeG => "3g",
-            UplinkKind::Wifi => "wifi",
-            UplinkKind::Dsrc => "dsrc",
-            UplinkKind::Lpwa => "lpwa",
-        }
-    }
-}
+/// Kind of an uplink: the mesh policy's own type, spelled as in policy files
+/// (`lte`, `5g`, `3g`, `wifi`, `dsrc`, `lpwa`).
+pub use misaki_policy::UplinkKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,7 +201,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 struct RawUplink {
     name: String,
     interface: String,
-    kind: UplinkKind,
+    /// Checked against [`UplinkKind::ALL`] so the error names the field.
+    kind: String,
     #[serde(default)]
     metered: bool,
     #[serde(default)]
@@ -507,6 +485,20 @@ impl Config {
                     format!("{:?} is already used by uplinks[{prev}]", u.interface),
                 ));
             }
+            let kind = UplinkKind::ALL
+                .iter()
+                .find(|(spelling, _)| *spelling == u.kind)
+                .map(|(_, k)| *k)
+                .ok_or_else(|| {
+                    let allowed = UplinkKind::ALL.map(|(s, _)| s).join(", ");
+                    invalid(
+                        &field("kind"),
+                        format!(
+                            "unknown uplink kind {:?}; expected one of: {allowed}",
+                            u.kind
+                        ),
+                    )
+                })?;
             let probe_targets = match &u.probe_targets {
                 None => targets.clone(),
                 Some(ts) if ts.is_empty() => {
@@ -524,7 +516,7 @@ impl Config {
             uplinks.push(UplinkConfig {
                 name: u.name.clone(),
                 interface: u.interface.clone(),
-                kind: u.kind,
+                kind,
                 metered: u.metered,
                 cost: u.cost,
                 probe_targets,
@@ -879,6 +871,25 @@ selection:
     fn unknown_uplink_kind_is_rejected() {
         let e = err(&GOOD.replace("kind: lte", "kind: carrier-pigeon"));
         assert!(e.contains("carrier-pigeon"), "{e}");
+        assert!(e.contains("uplinks[1].kind"), "{e}");
+        assert!(e.contains("lte, 5g, 3g, wifi, dsrc, lpwa"), "{e}");
+        // Spellings are exact, as in policy files.
+        let e = err(&GOOD.replace("kind: lte", "kind: LTE"));
+        assert!(e.contains("uplinks[1].kind"), "{e}");
+    }
+
+    #[test]
+    fn every_policy_uplink_kind_spelling_is_accepted() {
+        for (spelling, kind) in UplinkKind::ALL {
+            let c = Config::parse(
+                "t.yaml",
+                &GOOD.replace("kind: lte", &format!("kind: {spelling}")),
+            )
+            .unwrap();
+            assert_eq!(c.uplinks[1].kind, kind, "{spelling}");
+        }
+        let c = Config::parse("t.yaml", GOOD).unwrap();
+        assert_eq!(c.uplinks[0].kind, UplinkKind::Wifi);
     }
 
     #[test]

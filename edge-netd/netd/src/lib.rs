@@ -109,7 +109,7 @@ fn start_local_xds(
         &config.vehicle_id,
         mesh.borrow().clone(),
         local_xds::vehicle_state(config, &snapshots.borrow()),
-        local_xds::version_prefix(),
+        misaki_xds::version_prefix(),
     );
     let xds =
         misaki_xds::XdsServer::new(Arc::new(source.clone()), misaki_xds::StreamRegistry::new());
@@ -278,6 +278,7 @@ pub async fn run(
         metrics,
         connected.clone(),
         saf.clone(),
+        xds.as_ref().map(|x| x.streams().clone()),
         stopped(),
     ));
     let api = tokio::spawn(api::serve(

@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use misaki_compiler::node::{NodeInfo, Role};
 use misaki_compiler::snapshot::{ResourceType, Snapshot};
@@ -41,16 +40,6 @@ pub struct LocalSource {
     vehicle_id: Arc<str>,
     prefix: Arc<str>,
     inner: Arc<Mutex<Inner>>,
-}
-
-/// A version prefix no earlier run of this daemon used (start time and random bits), so
-/// a restarted edge-netd never reuses a version an Envoy still holds.
-pub fn version_prefix() -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!("{ms:x}{:04x}-", rand::random::<u16>())
 }
 
 fn same_versions(a: &Snapshot, b: &Snapshot) -> bool {

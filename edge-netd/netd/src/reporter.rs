@@ -16,10 +16,17 @@
 //! - With store-and-forward, the full `LinkState` carries the queue depth per class, and
 //!   changed queue stats ride along at most once per heartbeat interval (like
 //!   measurement drift; a drained class is sent once with depth 0).
+//! - With the local xDS tier, the full `LinkState` carries its clients (the vehicle's
+//!   sidecars: node, ACKed/sent version and last NACK per type). The tier's registry
+//!   has no change notification, so it is polled whenever the engine snapshot changes
+//!   and on every heartbeat tick; a changed list (a stream opened or closed, a push, an
+//!   ACK, a NACK) is sent whole as a `LinkChange` with `sidecars_changed`
+//!   ([`sidecars_update`]).
 
-use crate::config::{Config, UplinkKind};
+use crate::config::Config;
 use crate::engine::{Input, LinkView, Metrics, ResultLabel, Snapshot};
 use crate::policy::DEFAULT_CLASS;
+use misaki_compiler::snapshot::ResourceType;
 use misaki_proto::fleet_v1 as pb;
 use pb::fleet_service_client::FleetServiceClient;
 use std::sync::Arc;
@@ -51,23 +58,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn kind(k: UplinkKind) -> pb::UplinkKind {
-    match k {
-        UplinkKind::Lte => pb::UplinkKind::Lte,
-        UplinkKind::FiveG => pb::UplinkKind::FiveG,
-        UplinkKind::ThreeG => pb::UplinkKind::ThreeG,
-        UplinkKind::Wifi => pb::UplinkKind::Wifi,
-        UplinkKind::Dsrc => pb::UplinkKind::Dsrc,
-        UplinkKind::Lpwa => pb::UplinkKind::Lpwa,
-    }
-}
-
 /// A link in wire form.
 pub fn link_pb(l: &LinkView) -> pb::Link {
     pb::Link {
         name: l.name.clone(),
         interface: l.interface.clone(),
-        kind: kind(l.kind) as i32,
+        kind: misaki_policy_wire::kind_to_wire(l.kind) as i32,
         up: l.up,
         carrier: l.carrier,
         reachable: l.reachable,
@@ -112,7 +108,77 @@ fn measurement_drifted(a: &LinkView, b: &LinkView) -> bool {
         || a.jitter.abs_diff(b.jitter) > Duration::from_millis(2)
 }
 
-/// Run the reporter until `shutdown` completes.
+/// At most this many sidecars are reported (sorted by node id): a report must stay far
+/// below the control plane's 1 MiB message limit whatever the local clients do.
+pub const MAX_SIDECARS: usize = 64;
+/// A NACK's message is cut to at most this many bytes (Envoy's can list every
+/// rejected resource); the whole message stays on the local `/xds`.
+pub const MAX_NACK_MESSAGE: usize = 1024;
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncated(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The local xDS tier's streams in wire form: sorted by node id (then connection
+/// time), at most [`MAX_SIDECARS`], every resource type in push order.
+pub fn sidecars_pb(streams: &[misaki_xds::StreamStatus]) -> Vec<pb::Sidecar> {
+    let mut out: Vec<pb::Sidecar> = streams
+        .iter()
+        .map(|s| pb::Sidecar {
+            node_id: s.node.id.clone(),
+            kind: s.kind.as_str().into(),
+            proxyless: s.node.proxyless,
+            connected_since_unix_ms: unix_ms(s.connected_since),
+            types: ResourceType::PUSH_ORDER
+                .iter()
+                .map(|t| {
+                    let ts = &s.types[t.index()];
+                    pb::SidecarXdsType {
+                        xds_type: t.short().into(),
+                        sent_version: ts.last_sent.as_deref().map(str::to_string),
+                        acked_version: ts.last_acked.as_deref().map(str::to_string),
+                        last_nack: ts.last_nack.as_ref().map(|n| pb::XdsNack {
+                            version: n.version.clone(),
+                            message: truncated(&n.message, MAX_NACK_MESSAGE),
+                            at_unix_ms: unix_ms(n.at),
+                        }),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.node_id, a.connected_since_unix_ms).cmp(&(&b.node_id, b.connected_since_unix_ms))
+    });
+    out.truncate(MAX_SIDECARS);
+    out
+}
+
+/// The sidecar list to send, if it differs from the one last `sent`: a stream opened
+/// or closed, a version was sent, ACKed or NACKed. The list goes whole (a
+/// `LinkChange` with `sidecars_changed`), so an empty list is a real change too.
+pub fn sidecars_update(
+    sent: &[pb::Sidecar],
+    streams: &[misaki_xds::StreamStatus],
+) -> Option<Vec<pb::Sidecar>> {
+    let now = sidecars_pb(streams);
+    (now != sent).then_some(now)
+}
+
+/// Run the reporter until `shutdown` completes. `xds` is the local xDS tier's stream
+/// registry, when the tier runs: its clients are reported as the vehicle's sidecars.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_reporter(
     config: Arc<Config>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -120,6 +186,7 @@ pub async fn run_reporter(
     metrics: Metrics,
     connected: Arc<AtomicBool>,
     saf: Option<misaki_saf::StoreForward>,
+    xds: Option<misaki_xds::StreamRegistry>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -142,7 +209,7 @@ pub async fn run_reporter(
         let result = tokio::select! {
             _ = &mut shutdown => return,
             r = one_stream(
-                StreamDeps { config: &config, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref() },
+                StreamDeps { config: &config, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref(), xds: xds.as_ref() },
                 interface.as_deref(),
                 &mut snapshots,
                 &mut acked,
@@ -176,6 +243,7 @@ struct StreamDeps<'a> {
     metrics: &'a Metrics,
     connected: &'a AtomicBool,
     saf: Option<&'a misaki_saf::StoreForward>,
+    xds: Option<&'a misaki_xds::StreamRegistry>,
 }
 
 async fn one_stream(
@@ -190,10 +258,15 @@ async fn one_stream(
         metrics,
         connected,
         saf,
+        xds,
     } = deps;
     let queues = |previous: &[pb::QueueStats]| {
         saf.map(|s| crate::store_forward::queue_stats(s, previous))
             .unwrap_or_default()
+    };
+    let sidecars = |sent: &[pb::Sidecar]| {
+        let streams = xds.map(|x| x.snapshot()).unwrap_or_default();
+        sidecars_update(sent, &streams)
     };
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
@@ -241,12 +314,14 @@ async fn one_stream(
             .unwrap_or(u32::MAX),
     };
     let mut sent_queues = queues(&[]);
+    let mut sent_sidecars = sidecars(&[]).unwrap_or_default();
     let full = pb::LinkState {
         links: snap.links.iter().map(link_pb).collect(),
         selections: selections_pb(&snap),
         queues: sent_queues.clone(),
         power: pb::PowerState::On as i32,
         policy_version: snap.policy_version.clone(),
+        sidecars: sent_sidecars.clone(),
     };
     // Fresh channel of 32: cannot fail.
     let _ = tx.try_send(msg(pb::vehicle_report::Report::Hello(hello)));
@@ -288,11 +363,25 @@ async fn one_stream(
                     .into_iter()
                     .filter(|s| sent.selection(&s.class).is_none_or(|old| old.uplink.as_deref().unwrap_or("") != s.uplink))
                     .collect();
-                if !links.is_empty() || !selections.is_empty() {
-                    let change = pb::LinkChange { links, selections, ..Default::default() };
+                let changed_state = !links.is_empty() || !selections.is_empty();
+                let new_sidecars = sidecars(&sent_sidecars);
+                let sidecars_changed = new_sidecars.is_some();
+                if changed_state || sidecars_changed {
+                    let change = pb::LinkChange {
+                        links,
+                        selections,
+                        sidecars_changed,
+                        sidecars: new_sidecars.clone().unwrap_or_default(),
+                        ..Default::default()
+                    };
                     if tx.send(msg(pb::vehicle_report::Report::LinkChange(change))).await.is_err() {
                         return Err(StreamError::Closed);
                     }
+                    if let Some(s) = new_sidecars {
+                        sent_sidecars = s;
+                    }
+                }
+                if changed_state {
                     // Keep measurements as last sent; only state fields advanced.
                     let mut next = (*snap).clone();
                     for l in &mut next.links {
@@ -325,7 +414,8 @@ async fn one_stream(
                     .cloned()
                     .collect();
                 sent_queues = now_queues;
-                let report = if drifted.is_empty() && changed_queues.is_empty() {
+                let new_sidecars = sidecars(&sent_sidecars);
+                let report = if drifted.is_empty() && changed_queues.is_empty() && new_sidecars.is_none() {
                     pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {})
                 } else {
                     let mut next = (*sent).clone();
@@ -336,12 +426,213 @@ async fn one_stream(
                             }
                     }
                     sent = Arc::new(next);
-                    pb::vehicle_report::Report::LinkChange(pb::LinkChange { links: drifted, queues: changed_queues, ..Default::default() })
+                    let sidecars_changed = new_sidecars.is_some();
+                    if let Some(s) = &new_sidecars {
+                        sent_sidecars = s.clone();
+                    }
+                    pb::vehicle_report::Report::LinkChange(pb::LinkChange {
+                        links: drifted,
+                        queues: changed_queues,
+                        sidecars_changed,
+                        sidecars: new_sidecars.unwrap_or_default(),
+                        ..Default::default()
+                    })
                 };
                 if tx.send(msg(report)).await.is_err() {
                     return Err(StreamError::Closed);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use misaki_compiler::node::{NodeInfo, Role};
+    use misaki_xds::{NackRecord, StreamKind, StreamStatus, TypeStatus};
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn stream(id: &str, kind: StreamKind, since_ms: u64) -> StreamStatus {
+        StreamStatus {
+            node: NodeInfo {
+                id: id.into(),
+                role: Role::Vehicle,
+                vehicle_id: Some("car-1".into()),
+                proxyless: false,
+            },
+            kind,
+            connected_since: at(since_ms),
+            types: Default::default(),
+        }
+    }
+
+    fn acked(s: &mut StreamStatus, t: ResourceType, v: &str) {
+        let ts = &mut s.types[t.index()];
+        ts.last_sent = Some(v.into());
+        ts.last_acked = Some(v.into());
+    }
+
+    #[test]
+    fn sidecars_carry_node_kind_and_every_type_in_push_order() {
+        let mut s = stream("vehicle-sidecar", StreamKind::Delta, 1_000);
+        acked(&mut s, ResourceType::Cluster, "p-c1");
+        s.types[ResourceType::Listener.index()] = TypeStatus {
+            last_sent: Some("p-l2".into()),
+            last_acked: Some("p-l1".into()),
+            last_nack: Some(NackRecord {
+                version: Some("p-l2".into()),
+                nonce: "7".into(),
+                message: "bad listener".into(),
+                at: at(2_000),
+            }),
+        };
+        let out = sidecars_pb(&[s]);
+        assert_eq!(out.len(), 1);
+        let c = &out[0];
+        assert_eq!(
+            (c.node_id.as_str(), c.kind.as_str(), c.proxyless),
+            ("vehicle-sidecar", "delta", false)
+        );
+        assert_eq!(c.connected_since_unix_ms, 1_000);
+        let types: Vec<&str> = c.types.iter().map(|t| t.xds_type.as_str()).collect();
+        assert_eq!(types, ["cds", "eds", "lds", "rds"]);
+        assert_eq!(c.types[0].acked_version.as_deref(), Some("p-c1"));
+        assert_eq!(c.types[0].last_nack, None);
+        assert_eq!(
+            c.types[1],
+            pb::SidecarXdsType {
+                xds_type: "eds".into(),
+                ..Default::default()
+            }
+        );
+        assert_eq!(c.types[2].sent_version.as_deref(), Some("p-l2"));
+        assert_eq!(c.types[2].acked_version.as_deref(), Some("p-l1"));
+        assert_eq!(
+            c.types[2].last_nack,
+            Some(pb::XdsNack {
+                version: Some("p-l2".into()),
+                message: "bad listener".into(),
+                at_unix_ms: 2_000,
+            })
+        );
+    }
+
+    #[test]
+    fn sidecars_are_sorted_capped_and_nack_messages_cut() {
+        let mut streams: Vec<StreamStatus> = (0..MAX_SIDECARS + 5)
+            .rev()
+            .map(|i| stream(&format!("n{i:03}"), StreamKind::Sotw, 5))
+            .collect();
+        streams.push(stream("n000", StreamKind::Sotw, 1));
+        streams[0].types[0].last_nack = Some(NackRecord {
+            version: None,
+            nonce: "1".into(),
+            // Multi-byte characters: the cut must land on a character boundary.
+            message: "é".repeat(MAX_NACK_MESSAGE),
+            at: at(9),
+        });
+        let out = sidecars_pb(&streams);
+        assert_eq!(out.len(), MAX_SIDECARS);
+        assert_eq!(
+            (out[0].node_id.as_str(), out[0].connected_since_unix_ms),
+            ("n000", 1)
+        );
+        assert_eq!(
+            (out[1].node_id.as_str(), out[1].connected_since_unix_ms),
+            ("n000", 5)
+        );
+        assert!(out.windows(2).all(|w| w[0].node_id <= w[1].node_id));
+        // streams[0] is the highest id: cut off by the cap.
+        assert!(out.iter().all(|s| s.types[0].last_nack.is_none()));
+        let few = sidecars_pb(&streams[..1]);
+        let m = &few[0].types[0].last_nack.as_ref().unwrap().message;
+        assert_eq!(m.len(), MAX_NACK_MESSAGE);
+        assert!(m.chars().all(|c| c == 'é'));
+        assert_eq!(truncated("abc", 2), "ab");
+        assert_eq!(truncated("abc", 10), "abc");
+        assert_eq!(truncated("aé", 2), "a");
+    }
+
+    #[test]
+    fn a_sidecar_update_is_sent_only_when_something_changed() {
+        // Nothing connected, nothing sent: nothing to say.
+        assert_eq!(sidecars_update(&[], &[]), None);
+
+        // A new stream.
+        let mut s = stream("envoy", StreamKind::Sotw, 10);
+        let sent = sidecars_update(&[], std::slice::from_ref(&s)).expect("new stream");
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sidecars_update(&sent, std::slice::from_ref(&s)), None);
+
+        // A push, then its ACK: each is a change.
+        s.types[ResourceType::Cluster.index()].last_sent = Some("v1".into());
+        let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("push");
+        assert_eq!(sent[0].types[0].acked_version, None);
+        acked(&mut s, ResourceType::Cluster, "v1");
+        let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("ack");
+        assert_eq!(sent[0].types[0].acked_version.as_deref(), Some("v1"));
+        assert_eq!(sidecars_update(&sent, std::slice::from_ref(&s)), None);
+
+        // A NACK.
+        s.types[ResourceType::Route.index()].last_nack = Some(NackRecord {
+            version: Some("v2".into()),
+            nonce: "3".into(),
+            message: "route rejected".into(),
+            at: at(20),
+        });
+        let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("nack");
+        assert_eq!(
+            sent[0].types[3]
+                .last_nack
+                .as_ref()
+                .map(|n| n.message.as_str()),
+            Some("route rejected")
+        );
+
+        // A second client connects, then both go: an empty list is a change too.
+        let p = StreamStatus {
+            node: NodeInfo {
+                proxyless: true,
+                ..stream("app", StreamKind::Sotw, 30).node
+            },
+            ..stream("app", StreamKind::Sotw, 30)
+        };
+        let both = [s.clone(), p];
+        let sent = sidecars_update(&sent, &both).expect("second stream");
+        assert_eq!(
+            sent.iter()
+                .map(|c| (c.node_id.as_str(), c.proxyless))
+                .collect::<Vec<_>>(),
+            [("app", true), ("envoy", false)]
+        );
+        assert_eq!(sidecars_update(&sent, &[]), Some(vec![]));
+    }
+
+    #[test]
+    fn link_kinds_go_out_through_the_policy_wire_mapping() {
+        for (_, k) in misaki_policy::UplinkKind::ALL {
+            let l = LinkView {
+                name: "u".into(),
+                interface: "u0".into(),
+                kind: k,
+                exists: true,
+                up: true,
+                carrier: true,
+                reachable: true,
+                rtt: None,
+                jitter: Duration::ZERO,
+                loss_percent: 0.0,
+                samples: 0,
+                consecutive_lost: 0,
+                metered: false,
+                cost: 0,
+            };
+            assert_eq!(link_pb(&l).kind, misaki_policy_wire::kind_to_wire(k) as i32);
+            assert_ne!(link_pb(&l).kind, pb::UplinkKind::Unspecified as i32);
         }
     }
 }

@@ -13,25 +13,12 @@
 //!   forwarder's backoff waits, so bumping on measurement drift would turn backoff into
 //!   a 100 ms retry loop.
 
-use crate::config::UplinkKind;
 use crate::engine::Snapshot;
-use misaki_policy as mp;
 use misaki_proto::fleet_v1 as pb;
 use misaki_saf::{StoreForward, UplinkChoice, UplinkView};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
-
-fn kind(k: UplinkKind) -> mp::UplinkKind {
-    match k {
-        UplinkKind::Lte => mp::UplinkKind::Lte,
-        UplinkKind::FiveG => mp::UplinkKind::FiveG,
-        UplinkKind::ThreeG => mp::UplinkKind::ThreeG,
-        UplinkKind::Wifi => mp::UplinkKind::Wifi,
-        UplinkKind::Dsrc => mp::UplinkKind::Dsrc,
-        UplinkKind::Lpwa => mp::UplinkKind::Lpwa,
-    }
-}
 
 /// What the forwarder may use for `class` in `snap`.
 pub fn usable_in(snap: &Snapshot, class: &str) -> Option<UplinkChoice> {
@@ -43,7 +30,7 @@ pub fn usable_in(snap: &Snapshot, class: &str) -> Option<UplinkChoice> {
     Some(UplinkChoice {
         name: link.name.clone(),
         interface: Some(link.interface.clone()),
-        kind: kind(link.kind),
+        kind: link.kind,
         metered: link.metered,
         bandwidth_bytes_per_sec: None,
     })
@@ -132,13 +119,14 @@ pub fn queue_stats(saf: &StoreForward, previous: &[pb::QueueStats]) -> Vec<pb::Q
 mod tests {
     use super::*;
     use crate::engine::{LinkView, SelectionView};
+    use misaki_policy as mp;
     use std::time::Duration;
 
     fn link(name: &str, reachable: bool) -> LinkView {
         LinkView {
             name: name.into(),
             interface: format!("{name}0"),
-            kind: UplinkKind::Lte,
+            kind: mp::UplinkKind::Lte,
             exists: true,
             up: true,
             carrier: reachable,
