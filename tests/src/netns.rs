@@ -22,16 +22,27 @@
 //! Carrier loss = the cloud-side peer set down (the vehicle side keeps its routes and
 //! sees NO-CARRIER, like a radio losing its network). Silent blackhole = an nftables
 //! drop rule on the cloud-side peer (link and carrier stay up).
+//!
+//! The vehicle loop (tests/tests/vehicle_loop.rs) adds, all optional: a cloud service
+//! ([`EchoServer`] on [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`]) whose answer names the
+//! client address, hence the uplink ([`uplink_of_ip`]); the vehicle's Envoy
+//! (`envoy-configs/vehicle-sidecar-edge.yaml`, fed by edge-netd's local xDS on
+//! [`VEHICLE_XDS_PORT`]), optionally as an unprivileged user; apps' requests to it on
+//! [`VEHICLE_OUTBOUND_PORT`] ([`VehicleLab::app_get`]).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
 use std::time::Duration;
 
-use crate::process::{Process, target_bin};
+use crate::http::Reply;
+use crate::process::{EDGE_XDS_PORT, Process, envoy_native_bin, repo_root, target_bin};
 
 /// The cloud's service address (probe echo, fleet gRPC, fleet admin).
 pub const CLOUD_ADDR: &str = "198.18.0.1";
@@ -43,6 +54,40 @@ pub const NETD_API_PORT: u16 = 9470;
 pub const CLOUD_SERVICE_PORT: u16 = 18080;
 /// edge-netd's store-and-forward ingest in the vehicle namespace.
 pub const NETD_INGEST_PORT: u16 = 15080;
+/// edge-netd's vehicle-local xDS (its default `xds: 127.0.0.1:15010`).
+pub const VEHICLE_XDS_PORT: u16 = EDGE_XDS_PORT;
+/// The vehicle Envoy's `vehicle_outbound` listener: apps send mesh requests here.
+pub const VEHICLE_OUTBOUND_PORT: u16 = 15001;
+/// The vehicle Envoy's admin (`envoy-configs/vehicle-sidecar-edge.yaml`).
+pub const VEHICLE_ENVOY_ADMIN_PORT: u16 = 19904;
+
+/// Which uplink a connection came over, from the vehicle-side address the cloud sees:
+/// `198.18.1.1` → `wifi` (wlan0), `198.18.2.1` → `lte` (wwan0), `198.18.3.1` → `dsrc`
+/// (dsrc0).
+pub fn uplink_of_ip(ip: &str) -> Option<&'static str> {
+    UPLINKS
+        .iter()
+        .find(|u| ip == format!("198.18.{}.1", u.3))
+        .map(|u| u.0)
+}
+
+/// The lab's mesh policy: uplinks wifi/lte/dsrc, classes critical [wifi, lte, dsrc],
+/// standard [wifi, lte], bulk [wifi] (deferrable); services `telemetry` (bulk) and
+/// `maps` (standard) in the cloud at [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`]. A test may
+/// append services (one `  - {...}` line each) and write it with
+/// [`VehicleLab::write_fleet_policy`] or use it as edge-netd's `factory_policy:`.
+pub const LAB_POLICY: &str = "version: 1\n\
+     uplinks:\n\
+     \x20 - { name: wifi, kind: wifi, cost: 1 }\n\
+     \x20 - { name: lte, kind: lte, metered: true, cost: 5 }\n\
+     \x20 - { name: dsrc, kind: dsrc, cost: 2 }\n\
+     classes:\n\
+     \x20 - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }\n\
+     \x20 - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }\n\
+     \x20 - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }\n\
+     services:\n\
+     \x20 - { name: telemetry, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/telemetry], class: bulk }\n\
+     \x20 - { name: maps, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/maps], class: standard }\n";
 
 /// The three uplinks: (policy name, vehicle interface, cloud peer, subnet octet, tbf rate).
 pub const UPLINKS: [(&str, &str, &str, u8, &str); 3] = [
@@ -137,6 +182,51 @@ impl Netns {
         .expect("namespace thread panicked")
     }
 
+    /// One HTTP/1.1 request (`connection: close`) from inside the namespace: status,
+    /// headers (names lowercased) and body (de-chunked). The read timeout (20 s) is
+    /// longer than any class timeout of the lab policy with its retries, so a slow
+    /// answer comes back as the proxy's answer, not as a client error.
+    pub fn http_request(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("host: {addr}\r\n"));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || !matches!(method, "GET" | "HEAD") {
+            head.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        head.push_str("connection: close\r\n\r\n");
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        self.enter(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(&request)?;
+            let mut raw = Vec::new();
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                if response_complete(&raw) {
+                    break;
+                }
+                let n = s.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&chunk[..n]);
+            }
+            parse_response(&raw)
+        })
+    }
+
     /// `GET path` from `addr` inside the namespace: (status, body).
     pub fn http_get(&self, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         let path = path.to_string();
@@ -180,6 +270,17 @@ pub struct NetdOptions {
     pub heartbeat: Duration,
     /// YAML of a `store_forward:` section (without the key), indented by two spaces.
     pub store_forward: Option<String>,
+    /// `xds: 127.0.0.1:PORT` (edge-netd's vehicle-local xDS); None: edge-netd's default
+    /// [`VEHICLE_XDS_PORT`], which is free in the lab's own vehicle namespace.
+    pub xds_port: Option<u16>,
+    /// `factory_policy: PATH`: the policy shipped in the vehicle image, used when none is
+    /// stored.
+    pub factory_policy: Option<PathBuf>,
+    /// Raw YAML appended to the config (top-level keys, newline-terminated).
+    pub extra: String,
+    /// Wait for `/readyz` 200 (default). `false` only waits for the local API to answer
+    /// `/healthz`: an offline boot without a policy may stay not ready.
+    pub wait_ready: bool,
 }
 
 impl Default for NetdOptions {
@@ -190,6 +291,10 @@ impl Default for NetdOptions {
             probe_timeout: Duration::from_millis(200),
             heartbeat: Duration::from_millis(500),
             store_forward: None,
+            xds_port: None,
+            factory_policy: None,
+            extra: String::new(),
+            wait_ready: true,
         }
     }
 }
@@ -200,7 +305,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// running in them.
 #[derive(Debug)]
 pub struct VehicleLab {
-    // Field order is drop order: processes die before their namespaces go.
+    // Field order is drop order: processes die before their namespaces go, and the
+    // vehicle Envoy before the edge-netd feeding it.
+    pub envoy: Option<Process>,
+    /// The cloud service ([`VehicleLab::start_echo_upstream`]).
+    pub upstream: Option<EchoServer>,
+    /// Services hosted on the vehicle ([`VehicleLab::start_vehicle_service`]).
+    pub vehicle_services: Vec<EchoServer>,
     pub fleet: Option<Process>,
     /// The probe echo runs apart from the control plane, so killing the control
     /// plane does not blackhole every uplink.
@@ -210,6 +321,9 @@ pub struct VehicleLab {
     pub cloud: Netns,
     pub dir: tempfile::TempDir,
     pub vehicle_id: String,
+    /// Where the last started edge-netd serves xDS (the vehicle Envoy's bootstrap is
+    /// rewritten to it).
+    pub xds_port: u16,
 }
 
 impl VehicleLab {
@@ -293,6 +407,9 @@ impl VehicleLab {
             ]);
         }
         VehicleLab {
+            envoy: None,
+            upstream: None,
+            vehicle_services: Vec::new(),
             fleet: None,
             echo: None,
             netd: None,
@@ -300,6 +417,7 @@ impl VehicleLab {
             cloud,
             dir: tempfile::tempdir().expect("temp dir"),
             vehicle_id: format!("car-{tag}-{pid}-{n}"),
+            xds_port: VEHICLE_XDS_PORT,
         }
     }
 
@@ -349,27 +467,10 @@ impl VehicleLab {
         }
     }
 
-    /// The fleet's mesh policy: uplinks wifi/lte/dsrc, classes critical, standard, bulk;
-    /// services `telemetry` (bulk) and `maps` (standard) in the cloud at
-    /// [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`].
+    /// Write [`LAB_POLICY`] as the fleet's mesh policy (`mesh.yaml` in the lab dir).
     fn write_policy(&self) -> PathBuf {
         let path = self.dir.path().join("mesh.yaml");
-        std::fs::write(
-            &path,
-            "version: 1\n\
-             uplinks:\n\
-             \x20 - { name: wifi, kind: wifi, cost: 1 }\n\
-             \x20 - { name: lte, kind: lte, metered: true, cost: 5 }\n\
-             \x20 - { name: dsrc, kind: dsrc, cost: 2 }\n\
-             classes:\n\
-             \x20 - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }\n\
-             \x20 - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }\n\
-             \x20 - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }\n\
-             services:\n\
-             \x20 - { name: telemetry, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/telemetry], class: bulk }\n\
-             \x20 - { name: maps, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/maps], class: standard }\n",
-        )
-        .expect("write fleet policy");
+        std::fs::write(&path, LAB_POLICY).expect("write fleet policy");
         path
     }
 
@@ -455,7 +556,7 @@ impl VehicleLab {
              heartbeat_interval: {hb}\n\
              uplinks:\n{uplinks}\
              probe:\n  targets: [\"{CLOUD_ADDR}:{PROBE_PORT}\"]\n  interval: {pi}\n  timeout: {pt}\n\
-             selection:\n  blackhole_after: 3\n  dwell: {dwell}\n{saf}",
+             selection:\n  blackhole_after: 3\n  dwell: {dwell}\n{saf}{xds}{factory}{extra}",
             id = self.vehicle_id,
             state = self.dir.path().join("state").display(),
             hb = ms(opts.heartbeat),
@@ -467,7 +568,18 @@ impl VehicleLab {
                 .as_ref()
                 .map(|s| format!("store_forward:\n{s}"))
                 .unwrap_or_default(),
+            xds = opts
+                .xds_port
+                .map(|p| format!("xds: 127.0.0.1:{p}\n"))
+                .unwrap_or_default(),
+            factory = opts
+                .factory_policy
+                .as_ref()
+                .map(|p| format!("factory_policy: {}\n", p.display()))
+                .unwrap_or_default(),
+            extra = opts.extra,
         );
+        self.xds_port = opts.xds_port.unwrap_or(VEHICLE_XDS_PORT);
         let path = self.dir.path().join("edge-netd.yaml");
         std::fs::write(&path, config).expect("write config");
         let mut cmd = self.vehicle.command(&target_bin("edge-netd"));
@@ -477,15 +589,28 @@ impl VehicleLab {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         self.netd = Some(Process::spawn("edge-netd", &mut cmd, log));
+        let probe = if opts.wait_ready {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
         let ready = crate::process::wait_for(Duration::from_secs(20), || {
-            let (status, _) = self.netd_get("/readyz").ok()?;
+            let (status, _) = self.netd_get(probe).ok()?;
             (status == 200).then_some(())
         });
         assert!(
             ready.is_some(),
-            "edge-netd never became ready:\n{}",
+            "edge-netd never answered {probe} with 200:\n{}",
             self.netd_log()
         );
+    }
+
+    /// [`VehicleLab::start_netd`] without waiting for `/readyz` (only for the local API).
+    pub fn start_netd_nowait(&mut self, opts: &NetdOptions) {
+        self.start_netd(&NetdOptions {
+            wait_ready: false,
+            ..opts.clone()
+        });
     }
 
     pub fn kill_netd(&mut self) {
@@ -535,6 +660,9 @@ impl VehicleLab {
 impl Drop for VehicleLab {
     fn drop(&mut self) {
         // Process's own Drop prints its log tail when the test is failing.
+        self.kill_envoy();
+        self.upstream = None;
+        self.vehicle_services.clear();
         self.kill_netd();
         self.kill_fleet();
         if let Some(mut p) = self.echo.take() {
@@ -542,4 +670,569 @@ impl Drop for VehicleLab {
         }
         // Namespaces are deleted by their own Drop, after this.
     }
+}
+
+/// The vehicle loop: the cloud service, vehicle-hosted services, the vehicle's Envoy fed
+/// by edge-netd, and apps' requests to it.
+impl VehicleLab {
+    /// Start the cloud service on [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`] in the cloud
+    /// namespace (once): every request is answered 200 with
+    /// `from=<client ip> path=<path> class=<x-misaki-class>`, and recorded
+    /// ([`VehicleLab::upstream_requests`]). The client IP names the uplink
+    /// ([`uplink_of_ip`]).
+    pub fn start_echo_upstream(&mut self) {
+        if self.upstream.is_some() {
+            return;
+        }
+        let addr = SocketAddr::new(CLOUD_ADDR.parse().expect("literal"), CLOUD_SERVICE_PORT);
+        self.upstream = Some(EchoServer::start_in(&self.cloud, addr));
+    }
+
+    /// Every request the cloud service answered so far.
+    pub fn upstream_requests(&self) -> Vec<EchoRequest> {
+        self.upstream
+            .as_ref()
+            .map(EchoServer::requests)
+            .unwrap_or_default()
+    }
+
+    /// A service hosted on the vehicle: an [`EchoServer`] on `127.0.0.1:port` in the
+    /// vehicle namespace (answers `from=127.0.0.1 path=...`); it lives as long as the lab.
+    pub fn start_vehicle_service(&mut self, port: u16) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let server = EchoServer::start_in(&self.vehicle, addr);
+        self.vehicle_services.push(server);
+    }
+
+    /// Write the fleet's policy (`mesh.yaml`, which the fleet's misaki-cp watches) by
+    /// write-then-rename, so the watcher never reads half a file. Note that
+    /// [`VehicleLab::start_fleet`] writes [`LAB_POLICY`] again.
+    pub fn write_fleet_policy(&self, text: &str) {
+        let path = self.dir.path().join("mesh.yaml");
+        let tmp = self.dir.path().join(".mesh.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write fleet policy");
+        std::fs::rename(&tmp, &path).expect("rename fleet policy into place");
+    }
+
+    /// Start the real Envoy in the vehicle namespace from
+    /// `envoy-configs/vehicle-sidecar-edge.yaml` (its xDS port rewritten to
+    /// [`VehicleLab::xds_port`], admin on [`VEHICLE_ENVOY_ADMIN_PORT`]), as root or, with
+    /// `user`, as that unprivileged user (no capabilities), and wait until its admin
+    /// `/ready` answers 200 (initial CDS and LDS from edge-netd arrived). Fails with
+    /// Envoy's log otherwise.
+    pub fn start_envoy(&mut self, user: Option<&str>) {
+        self.kill_envoy();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let template_path = repo_root().join("envoy-configs/vehicle-sidecar-edge.yaml");
+        let template = std::fs::read_to_string(&template_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", template_path.display()));
+        let from = format!("port_value: {EDGE_XDS_PORT}");
+        assert!(
+            template.contains(&from),
+            "{} has no `{from}` to rewrite",
+            template_path.display()
+        );
+        let cfg = template.replace(&from, &format!("port_value: {}", self.xds_port));
+        // The lab dir is root's 0700 temp dir: let others traverse it (not list it) and
+        // read the bootstrap in a directory of its own.
+        let dir = self.dir.path().join(format!("envoy-{n}"));
+        std::fs::create_dir_all(&dir).expect("create Envoy dir");
+        let path = dir.join("vehicle-sidecar-edge.yaml");
+        std::fs::write(&path, cfg).expect("write Envoy bootstrap");
+        let envoy = envoy_native_bin();
+        let mut cmd = match user {
+            None => self.vehicle.command(&envoy),
+            Some(user) => {
+                set_mode(self.dir.path(), 0o711);
+                set_mode(&dir, 0o755);
+                set_mode(&path, 0o644);
+                let (uid, gid) = user_ids(user)
+                    .unwrap_or_else(|| panic!("no user {user}: call netns::ensure_user first"));
+                let drop_privs = [
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--init-groups".to_string(),
+                    "--inh-caps=-all".to_string(),
+                ];
+                // What the user cannot reach, said before Envoy fails less clearly.
+                for (what, test, p) in [
+                    ("read the bootstrap", "-r", &path),
+                    ("execute Envoy", "-x", &envoy),
+                ] {
+                    let ok = Command::new("setpriv")
+                        .args(&drop_privs)
+                        .args(["test", test])
+                        .arg(p)
+                        .status()
+                        .unwrap_or_else(|e| panic!("cannot run setpriv (util-linux): {e}"));
+                    assert!(
+                        ok.success(),
+                        "user {user} cannot {what}: {} (check the modes of it and its parents)",
+                        p.display()
+                    );
+                }
+                let mut c = self.vehicle.command(Path::new("setpriv"));
+                c.args(&drop_privs).arg(&envoy);
+                c
+            }
+        };
+        cmd.arg("-c").arg(&path).args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "info",
+        ]);
+        let log = self.dir.path().join(format!("envoy-{n}.log"));
+        self.envoy = Some(Process::spawn("vehicle Envoy", &mut cmd, log));
+        let live = crate::process::wait_for(Duration::from_secs(30), || {
+            if self.envoy.as_mut()?.try_wait().is_some() {
+                return Some(false);
+            }
+            let (status, _) = self.envoy_get("/ready").ok()?;
+            (status == 200).then_some(true)
+        });
+        assert!(
+            live == Some(true),
+            "the vehicle Envoy did not go LIVE (from edge-netd's xDS on 127.0.0.1:{}):\n{}\n\
+             ---- edge-netd ----\n{}",
+            self.xds_port,
+            self.envoy_log(),
+            self.netd_log()
+        );
+    }
+
+    pub fn kill_envoy(&mut self) {
+        if let Some(mut p) = self.envoy.take() {
+            p.kill();
+        }
+    }
+
+    pub fn envoy_log(&self) -> String {
+        self.envoy
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default()
+    }
+
+    /// GET from the vehicle Envoy's admin (inside the vehicle namespace).
+    pub fn envoy_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], VEHICLE_ENVOY_ADMIN_PORT));
+        self.vehicle.http_get(addr, path)
+    }
+
+    /// A counter or gauge of the vehicle Envoy (`/stats`, exact name; cluster names such
+    /// as `out|maps|wifi` need no escaping).
+    pub fn envoy_stat(&self, name: &str) -> Option<u64> {
+        let (status, body) = self.envoy_get("/stats").ok()?;
+        if status != 200 {
+            return None;
+        }
+        let prefix = format!("{name}: ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// An app's `GET path` to the vehicle Envoy's `vehicle_outbound` (127.0.0.1:15001 in
+    /// the vehicle namespace).
+    pub fn app_get(&self, path: &str) -> std::io::Result<Reply> {
+        self.app_request("GET", path, &[], b"")
+    }
+
+    /// An app's `POST path` with `body` to the vehicle Envoy.
+    pub fn app_post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        self.app_request("POST", path, headers, body)
+    }
+
+    /// Any request of an app to the vehicle Envoy.
+    pub fn app_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], VEHICLE_OUTBOUND_PORT));
+        self.vehicle.http_request(addr, method, path, headers, body)
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// (uid, primary gid) of `user`, if it exists.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, user]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Make sure the system user `name` exists (a system account: no home, no login shell,
+/// a group of its own); create it if absent. Fails the test, saying why, if it cannot.
+/// Returns (uid, gid).
+pub fn ensure_user(name: &str) -> (u32, u32) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(ids) = user_ids(name) {
+        return ids;
+    }
+    let group_exists = Command::new("getent")
+        .args(["group", name])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new("useradd");
+    cmd.args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+    ]);
+    if group_exists {
+        cmd.args(["--gid", name]);
+    } else {
+        cmd.arg("--user-group");
+    }
+    let out = cmd.arg(name).output().unwrap_or_else(|e| {
+        panic!("cannot run useradd to create the test user {name}: {e} (apt-get install passwd)")
+    });
+    // Another test process may have created it meanwhile: only its absence is a failure.
+    user_ids(name).unwrap_or_else(|| {
+        panic!(
+            "cannot create the unprivileged test user {name}: useradd {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// One request an [`EchoServer`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoRequest {
+    /// The client's address (in the cloud: which uplink, see [`uplink_of_ip`]).
+    pub from: String,
+    pub method: String,
+    pub path: String,
+    /// `x-misaki-class`, empty if absent.
+    pub class: String,
+    pub idempotency_key: Option<String>,
+    pub content_encoding: Option<String>,
+    /// The body, with `content-encoding: zstd` undone.
+    pub body: Vec<u8>,
+}
+
+/// A tiny HTTP/1.1 server inside a namespace (keep-alive, Content-Length or chunked
+/// request bodies): answers every request 200 with
+/// `from=<client ip> path=<path> class=<x-misaki-class>` and records it. Its threads
+/// stop when it is dropped (they poll a stop flag every 50 ms while idle).
+#[derive(Debug)]
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<EchoRequest>>>,
+}
+
+impl EchoServer {
+    /// Bind `addr` inside `ns` and serve on threads of their own.
+    pub fn start_in(ns: &Netns, addr: SocketAddr) -> EchoServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, seen2) = (stop.clone(), seen.clone());
+        // The listener is created on a thread that entered the namespace, so it lives
+        // there; connections it accepts belong to it wherever they are served.
+        let bound = ns.enter(move || -> std::io::Result<()> {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            thread::Builder::new()
+                .name(format!("echo {addr}"))
+                .spawn(move || accept_loop(&listener, &stop2, &seen2))?;
+            Ok(())
+        });
+        if let Err(e) = bound {
+            panic!("echo server on {addr} in namespace {}: {e}", ns.name);
+        }
+        EchoServer { addr, stop, seen }
+    }
+
+    /// Every request answered so far, in order.
+    pub fn requests(&self) -> Vec<EchoRequest> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &Arc<AtomicBool>,
+    seen: &Arc<Mutex<Vec<EchoRequest>>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                let _ = thread::Builder::new()
+                    .name("echo conn".into())
+                    .spawn(move || serve_echo(conn, peer.ip(), &stop, &seen));
+            }
+            Err(_) => thread::sleep(IDLE_POLL),
+        }
+    }
+}
+
+/// Read more bytes into `buf`; false on EOF, error, or stop.
+fn fill(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> bool {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return true;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Take one CRLF-terminated line off the front of `buf` (reading as needed).
+fn take_line(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<String> {
+    loop {
+        if let Some(eol) = find(buf, b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..eol]).into_owned();
+            buf.drain(..eol + 2);
+            return Some(line);
+        }
+        if !fill(conn, buf, stop) {
+            return None;
+        }
+    }
+}
+
+fn take_bytes(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    n: usize,
+    stop: &AtomicBool,
+) -> Option<Vec<u8>> {
+    while buf.len() < n {
+        if !fill(conn, buf, stop) {
+            return None;
+        }
+    }
+    Some(buf.drain(..n).collect())
+}
+
+fn take_chunked(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let size = take_line(conn, buf, stop)?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // Trailers, if any, end with an empty line.
+            while !take_line(conn, buf, stop)?.is_empty() {}
+            return Some(body);
+        }
+        body.extend(take_bytes(conn, buf, size, stop)?);
+        take_bytes(conn, buf, 2, stop)?;
+    }
+}
+
+fn serve_echo(
+    mut conn: TcpStream,
+    peer: IpAddr,
+    stop: &AtomicBool,
+    seen: &Mutex<Vec<EchoRequest>>,
+) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(IDLE_POLL));
+    let mut buf = Vec::new();
+    loop {
+        let Some(request_line) = take_line(&mut conn, &mut buf, stop) else {
+            return;
+        };
+        if request_line.is_empty() {
+            continue; // stray CRLF between requests
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("?").to_string();
+        let path = parts.next().unwrap_or("?").to_string();
+        let http10 = parts.next() == Some("HTTP/1.0");
+        let (mut class, mut key, mut encoding) = (String::new(), None, None);
+        let (mut len, mut chunked, mut close, mut expect) = (0usize, false, http10, false);
+        loop {
+            let Some(h) = take_line(&mut conn, &mut buf, stop) else {
+                return;
+            };
+            if h.is_empty() {
+                break;
+            }
+            let Some((k, v)) = h.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k.trim().to_ascii_lowercase().as_str() {
+                "x-misaki-class" => class = v.to_string(),
+                "idempotency-key" => key = Some(v.to_string()),
+                "content-encoding" => encoding = Some(v.to_string()),
+                "content-length" => len = v.parse().unwrap_or(0),
+                "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
+                "connection" => {
+                    close = v.eq_ignore_ascii_case("close")
+                        || (http10 && !v.eq_ignore_ascii_case("keep-alive"));
+                }
+                "expect" => expect = v.eq_ignore_ascii_case("100-continue"),
+                _ => {}
+            }
+        }
+        if expect && conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+            return;
+        }
+        let raw = if chunked {
+            take_chunked(&mut conn, &mut buf, stop)
+        } else {
+            take_bytes(&mut conn, &mut buf, len, stop)
+        };
+        let Some(raw) = raw else { return };
+        let body = match encoding.as_deref() {
+            Some(e) if e.eq_ignore_ascii_case("zstd") => {
+                zstd::decode_all(raw.as_slice()).unwrap_or(raw)
+            }
+            _ => raw,
+        };
+        let text = format!("from={peer} path={path} class={class}");
+        seen.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(EchoRequest {
+                from: peer.to_string(),
+                method,
+                path,
+                class,
+                idempotency_key: key,
+                content_encoding: encoding,
+                body,
+            });
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        if conn.write_all(resp.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Whether `raw` holds a whole response: headers plus a body of `content-length`
+/// bytes, or a chunked body up to its last chunk. Without either the body ends at EOF.
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(end) = find(raw, b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end + 4..];
+    for line in head.split("\r\n").skip(1) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        match k.trim() {
+            "content-length" => {
+                return v.trim().parse::<usize>().is_ok_and(|n| body.len() >= n);
+            }
+            "transfer-encoding" if v.trim() == "chunked" => {
+                return body.starts_with(b"0\r\n\r\n") || find(body, b"\r\n0\r\n\r\n").is_some();
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<Reply> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let end = find(raw, b"\r\n\r\n").ok_or_else(|| {
+        bad(format!(
+            "no end of headers in {:?}",
+            String::from_utf8_lossy(raw)
+        ))
+    })?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(format!("no status line in {head:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        body = dechunk(&body);
+    } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.truncate(n);
+    }
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = find(b, b"\r\n") {
+        let size = String::from_utf8_lossy(&b[..eol]);
+        let size =
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+    out
 }

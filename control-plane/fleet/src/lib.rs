@@ -3,8 +3,8 @@
 //!
 //! Invariants:
 //! - The registry holds the *latest* reported state per vehicle and nothing else: a
-//!   `LinkState` replaces the vehicle's links/selections/queues whole, a `LinkChange`
-//!   replaces the named records.
+//!   `LinkState` replaces the vehicle's links/selections/queues/sidecars whole, a
+//!   `LinkChange` replaces the named records (and the sidecar list when it says so).
 //! - A vehicle is online while its stream is open and it sent something within
 //!   [`OFFLINE_AFTER_HEARTBEATS`] × its heartbeat interval. It goes offline when its
 //!   (newest) stream ends or that timeout passes; an older stream ending never marks
