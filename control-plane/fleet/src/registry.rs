@@ -318,6 +318,9 @@ impl Registry {
                     if c.power.is_some() {
                         rec.power = c.power();
                     }
+                    if let Some(v) = &c.policy_version {
+                        rec.policy_version = v.clone();
+                    }
                     if c.sidecars_changed {
                         rec.sidecars = c.sidecars.clone();
                     }
@@ -617,6 +620,20 @@ mod tests {
         assert_eq!(events.try_recv().unwrap().kind, FleetEventKind::State);
         let v = registry.vehicle_json("car-1").unwrap();
         assert_eq!(v["sidecars"][0]["node_id"], "vehicle-sidecar");
+
+        // A policy applied mid-stream is reported in a LinkChange.
+        assert!(registry.apply(
+            &car,
+            &report(Report::LinkChange(pb::LinkChange {
+                policy_version: Some("p2".into()),
+                ..Default::default()
+            })),
+        ));
+        assert_eq!(events.try_recv().unwrap().kind, FleetEventKind::State);
+        assert_eq!(
+            registry.vehicle_json("car-1").unwrap()["policy_version"],
+            "p2"
+        );
 
         // With the flag, the list is replaced whole: a NACK on one, a second client.
         let mut nacked = sidecar("vehicle-sidecar", "sotw", Some("v1"));

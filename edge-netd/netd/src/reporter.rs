@@ -363,7 +363,12 @@ async fn one_stream(
                     .into_iter()
                     .filter(|s| sent.selection(&s.class).is_none_or(|old| old.uplink.as_deref().unwrap_or("") != s.uplink))
                     .collect();
-                let changed_state = !links.is_empty() || !selections.is_empty();
+                // A policy applied mid-stream (the one just received) must reach the
+                // registry too, not only with the next reconnect's LinkState.
+                let policy_version = (snap.policy_version != sent.policy_version)
+                    .then(|| snap.policy_version.clone());
+                let changed_state =
+                    !links.is_empty() || !selections.is_empty() || policy_version.is_some();
                 let new_sidecars = sidecars(&sent_sidecars);
                 let sidecars_changed = new_sidecars.is_some();
                 if changed_state || sidecars_changed {
@@ -372,6 +377,7 @@ async fn one_stream(
                         selections,
                         sidecars_changed,
                         sidecars: new_sidecars.clone().unwrap_or_default(),
+                        policy_version,
                         ..Default::default()
                     };
                     if tx.send(msg(pb::vehicle_report::Report::LinkChange(change))).await.is_err() {
