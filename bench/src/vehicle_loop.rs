@@ -534,7 +534,8 @@ struct Trial {
     latency: Option<Duration>,
     /// Requests that failed (sent before that 200 arrived, finished after the event).
     failed: usize,
-    by_kind: std::collections::BTreeMap<String, usize>,
+    /// Failed requests by outcome: how long each took (sent → done).
+    by_kind: std::collections::BTreeMap<String, Vec<Duration>>,
     /// Time the `down` command took (spawn → exit).
     cmd: Duration,
     /// Restore → first 200 over the old uplink again.
@@ -586,10 +587,10 @@ fn failover(f: &Failover, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> 
             f.give_up
         );
     }
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    let mut kinds = std::collections::BTreeMap::<String, Vec<Duration>>::new();
     for t in &done {
-        for (k, n) in &t.by_kind {
-            *kinds.entry(k.clone()).or_default() += n;
+        for (k, took) in &t.by_kind {
+            kinds.entry(k.clone()).or_default().extend(took);
         }
     }
     let cmd: Vec<f64> = done.iter().map(|t| ms(t.cmd)).collect();
@@ -606,7 +607,16 @@ fn failover(f: &Failover, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> 
         } else {
             kinds
                 .iter()
-                .map(|(k, n)| format!("{k} × {n}"))
+                .map(|(k, took)| {
+                    let s = summarize(took).expect("a kind has requests");
+                    format!(
+                        "{k} × {} (answered/abandoned {:.0}–{:.0} ms after sending, median {:.0} ms)",
+                        s.n,
+                        ms(took.iter().min().copied().unwrap_or_default()),
+                        ms(s.max),
+                        ms(s.median)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },
@@ -653,7 +663,10 @@ fn failover_trials(f: &Failover, trials: usize, log: &Log) -> anyhow::Result<Vec
             {
                 if !matches!(r.outcome, Outcome::Ok { .. }) {
                     t.failed += 1;
-                    *t.by_kind.entry(r.outcome.short()).or_default() += 1;
+                    t.by_kind
+                        .entry(r.outcome.short())
+                        .or_default()
+                        .push(r.done - r.sent);
                 }
             }
         }
@@ -670,7 +683,10 @@ fn failover_trials(f: &Failover, trials: usize, log: &Log) -> anyhow::Result<Vec
                 .map(|d| format!("{:.1} ms", ms(d)))
                 .unwrap_or_else(|| "NO FAILOVER".into()),
             t.failed,
-            t.by_kind,
+            t.by_kind
+                .iter()
+                .map(|(k, v)| format!("{k} × {}", v.len()))
+                .collect::<Vec<_>>(),
             ms(t.cmd),
             f.from_ip,
             ms(t.back.unwrap_or_default()),
