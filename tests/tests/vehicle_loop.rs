@@ -513,3 +513,35 @@ fn the_fleet_registry_shows_what_the_vehicle_sidecar_acked() {
         lab.fleet_vehicle()
     );
 }
+
+/// A flapping Wi-Fi does not flap the vehicle's Envoy: the hysteresis of the selection
+/// bounds the route pushes (at most away and back), and traffic ends on Wi-Fi.
+#[test]
+fn a_flapping_link_causes_a_bounded_number_of_route_pushes() {
+    let opts = NetdOptions {
+        dwell: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let lab = vehicle("vflap", &opts, None);
+    wait_selected(&lab, "standard", Some("wifi"));
+    wait_via(&lab, "/maps/flap/0", "wifi");
+    let rds = "http.vehicle_outbound.rds.vehicle_outbound.update_success";
+    let before = lab.envoy_stat(rds).expect("Envoy RDS update counter");
+    // ~6 flaps per second for 3 seconds, within the dwell.
+    for _ in 0..9 {
+        lab.set_carrier("wlan0", false);
+        std::thread::sleep(Duration::from_millis(80));
+        lab.set_carrier("wlan0", true);
+        std::thread::sleep(Duration::from_millis(80));
+    }
+    wait_selected(&lab, "standard", Some("wifi"));
+    wait_via(&lab, "/maps/flap/1", "wifi");
+    let pushes = lab.envoy_stat(rds).expect("Envoy RDS update counter") - before;
+    // Away and back for each class that can leave wifi (standard, critical, and bulk
+    // losing and regaining its only uplink) may each be a push: far fewer than the 18
+    // carrier changes. (Zero is possible: the kernel may batch the flaps away.)
+    assert!(
+        pushes <= 6,
+        "{pushes} route pushes while wlan0 flapped 9 times"
+    );
+}
