@@ -296,6 +296,24 @@ impl Snapshot {
     pub fn get(&self, t: ResourceType) -> &Resources {
         &self.by_type[t.index()]
     }
+
+    /// Every type has the same version in both: nothing to push.
+    pub fn same_versions(&self, other: &Snapshot) -> bool {
+        ResourceType::PUSH_ORDER
+            .iter()
+            .all(|t| self.get(*t).version == other.get(*t).version)
+    }
+
+    /// Replace `current` with `next` unless it has the same versions; whether it did
+    /// (for a `watch::Sender::send_if_modified` closure: wake followers only on change).
+    pub fn replace_if_changed(current: &mut std::sync::Arc<Snapshot>, next: Snapshot) -> bool {
+        if current.same_versions(&next) {
+            false
+        } else {
+            *current = std::sync::Arc::new(next);
+            true
+        }
+    }
 }
 
 #[cfg(test)]

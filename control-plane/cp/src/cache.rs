@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use misaki_compiler::node::{NodeInfo, Role};
-use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use misaki_compiler::snapshot::Snapshot;
 use misaki_policy::Policy;
 use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
@@ -61,12 +61,6 @@ pub struct SnapshotCache {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn same_versions(a: &Snapshot, b: &Snapshot) -> bool {
-    ResourceType::PUSH_ORDER
-        .iter()
-        .all(|t| a.get(*t).version == b.get(*t).version)
-}
-
 impl SnapshotCache {
     /// `prefix` makes resource versions unique to this server instance.
     pub fn new(policy: Arc<Policy>, prefix: impl Into<Arc<str>>) -> Self {
@@ -93,14 +87,7 @@ impl SnapshotCache {
         let policy = inner.policy.clone();
         for (key, tx) in &inner.entries {
             let snap = misaki_compiler::compile(&policy, &key.node(), &self.prefix);
-            let updated = tx.send_if_modified(|cur| {
-                if same_versions(cur, &snap) {
-                    false
-                } else {
-                    *cur = Arc::new(snap);
-                    true
-                }
-            });
+            let updated = tx.send_if_modified(|cur| Snapshot::replace_if_changed(cur, snap));
             changed += usize::from(updated);
         }
         changed

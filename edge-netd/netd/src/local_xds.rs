@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use misaki_compiler::node::{NodeInfo, Role};
-use misaki_compiler::snapshot::{ResourceType, Snapshot};
+use misaki_compiler::snapshot::Snapshot;
 use misaki_compiler::{VehicleState, compile_vehicle};
 use misaki_policy::Policy;
 use misaki_xds::SnapshotSource;
@@ -40,12 +40,6 @@ pub struct LocalSource {
     vehicle_id: Arc<str>,
     prefix: Arc<str>,
     inner: Arc<Mutex<Inner>>,
-}
-
-fn same_versions(a: &Snapshot, b: &Snapshot) -> bool {
-    ResourceType::PUSH_ORDER
-        .iter()
-        .all(|t| a.get(*t).version == b.get(*t).version)
 }
 
 /// The vehicle state of an engine snapshot under `config`.
@@ -110,14 +104,8 @@ impl LocalSource {
                 &inner.state,
                 &self.prefix,
             );
-            changed += usize::from(tx.send_if_modified(|cur| {
-                if same_versions(cur, &snap) {
-                    false
-                } else {
-                    *cur = Arc::new(snap);
-                    true
-                }
-            }));
+            changed +=
+                usize::from(tx.send_if_modified(|cur| Snapshot::replace_if_changed(cur, snap)));
         }
         changed
     }
@@ -174,6 +162,7 @@ pub async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use misaki_compiler::snapshot::ResourceType;
 
     fn policy() -> Arc<Policy> {
         Arc::new(
