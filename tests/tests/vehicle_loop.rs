@@ -545,3 +545,36 @@ fn a_flapping_link_causes_a_bounded_number_of_route_pushes() {
         "{pushes} route pushes while wlan0 flapped 9 times"
     );
 }
+
+/// With `cross_uplink_retry`, a request caught on an uplink that dies under it (sent
+/// before edge-netd has noticed the blackhole) is retried inside Envoy over the class's
+/// next uplink and succeeds, instead of waiting out the class timeout.
+#[test]
+fn cross_uplink_retry_rescues_a_request_caught_on_a_dying_uplink() {
+    let opts = NetdOptions {
+        extra: "cross_uplink_retry: true\n".into(),
+        ..Default::default()
+    };
+    let lab = vehicle("vretry", &opts, None);
+    wait_selected(&lab, "standard", Some("wifi"));
+    wait_via(&lab, "/maps/retry/0", "wifi");
+    assert!(envoy_clusters(&lab).contains("agg|maps|wifi::"));
+    // Probes need ~0.5 s to call a silent blackhole; this request goes out at once.
+    lab.set_blackhole("wlan0", true);
+    let r = lab
+        .app_get("/maps/retry/1")
+        .expect("request to the vehicle Envoy");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(uplink_of(&r), Some("lte"), "{r:?}");
+    let timed_out = lab
+        .envoy_stat("cluster.out|maps|wifi.upstream_rq_per_try_timeout")
+        .unwrap_or(0);
+    let retried = lab
+        .envoy_stat("cluster.agg|maps|wifi.upstream_rq_retry")
+        .unwrap_or(0);
+    assert!(
+        timed_out + retried >= 1,
+        "the request was not caught on wifi (it went to lte by a route change), so this \
+         proves nothing: per-try timeouts {timed_out}, retries {retried}"
+    );
+}

@@ -50,8 +50,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost, route, route_action, route_match,
+    VirtualHost, retry_policy, route, route_action, route_match,
 };
+use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateClusterConfig;
 use envoy_types::pb::envoy::extensions::compression::zstd::decompressor::v3::Zstd as ZstdDecompressor;
 use envoy_types::pb::envoy::extensions::filters::http::decompressor::v3::{
     Decompressor, decompressor,
@@ -60,6 +61,7 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -88,6 +90,12 @@ pub const DEFER_CLUSTER: &str = "misaki|defer";
 /// Cluster for a service reached over one uplink (vehicle state given).
 pub fn uplink_cluster(svc: &str, uplink: &str) -> String {
     format!("out|{svc}|{uplink}")
+}
+
+/// Aggregate cluster for a service: `first`'s uplink cluster, then the class's others
+/// (vehicle state with `cross_uplink_retry`).
+pub fn failover_cluster(svc: &str, first: &str) -> String {
+    format!("agg|{svc}|{first}")
 }
 
 /// Cluster for a service reached across the network from a vehicle.
@@ -188,6 +196,28 @@ impl Output {
         }
     }
 
+    /// An aggregate cluster over `svc`'s uplink clusters, `first`'s at priority 0, the
+    /// others in the class's order after it.
+    fn add_failover_cluster(&mut self, svc: &str, first: &str, bound: &[(&str, String)]) {
+        let order = bound
+            .iter()
+            .filter(|(u, _)| *u == first)
+            .chain(bound.iter().filter(|(u, _)| *u != first))
+            .map(|(_, c)| c.clone())
+            .collect();
+        self.clusters.push(Cluster {
+            name: failover_cluster(svc, first),
+            lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::ClusterType(
+                cluster::CustomClusterType {
+                    name: "envoy.clusters.aggregate".to_string(),
+                    typed_config: Some(any(&AggregateClusterConfig { clusters: order })),
+                },
+            )),
+            ..Default::default()
+        });
+    }
+
     /// Add a cluster for `svc`'s instances; EDS when possible. `interface`: bind its
     /// connections to that uplink (`SO_BINDTODEVICE`).
     fn add_cluster(
@@ -282,13 +312,30 @@ fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
                         Target::Cluster(cluster)
                     }
                     Some(state) => {
+                        let mut bound = Vec::new();
                         for uplink in &class.uplinks {
                             if let Some(iface) = state.interfaces.get(uplink) {
                                 let cluster = uplink_cluster(&svc.name, uplink);
-                                out.add_cluster(cluster, svc, class, false, Some(iface));
+                                out.add_cluster(cluster.clone(), svc, class, false, Some(iface));
+                                bound.push((uplink.as_str(), cluster));
+                            }
+                        }
+                        // Crossing uplinks needs somewhere to cross to, and retries.
+                        let failover =
+                            state.cross_uplink_retry && bound.len() > 1 && class.retries > 0;
+                        if failover {
+                            // A connect that hangs on a dead uplink must also end within
+                            // the try's share, so the retry can cross.
+                            let share = per_try_timeout(class).min(Duration::from_secs(5));
+                            for c in out.clusters.iter_mut().rev().take(bound.len()) {
+                                c.connect_timeout = Some(pb_duration(share));
+                            }
+                            for (first, _) in &bound {
+                                out.add_failover_cluster(&svc.name, first, &bound);
                             }
                         }
                         match state.uplink_for(&class.name, &class.uplinks) {
+                            Some(u) if failover => Target::Failover(failover_cluster(&svc.name, u)),
                             Some(u) => Target::Cluster(uplink_cluster(&svc.name, u)),
                             None if class.deferrable && state.defer_to.is_some() => {
                                 defer = true;
@@ -345,9 +392,16 @@ fn defer_cluster(addr: std::net::SocketAddr) -> Cluster {
     }
 }
 
+/// The class's timeout shared among its tries (with cross-uplink retries).
+fn per_try_timeout(class: &TrafficClass) -> Duration {
+    class.timeout / class.retries.saturating_add(1)
+}
+
 /// Where a service's routes send requests.
 enum Target {
     Cluster(String),
+    /// An aggregate cluster whose priorities are uplinks: retries move down them.
+    Failover(String),
     /// The class has no usable uplink: answer at once rather than wait for a timeout.
     NoUplink,
 }
@@ -441,6 +495,23 @@ fn route_config(name: &str, hosts: Vec<(VirtualHost, Vec<Route>)>) -> RouteConfi
 fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> Route {
     let action = match target {
         Target::Cluster(cluster) => route::Action::Route(route_action(svc, class, cluster)),
+        Target::Failover(cluster) => {
+            let mut action = route_action(svc, class, cluster);
+            if let Some(retry) = action.retry_policy.as_mut() {
+                // Each try gets its share of the class timeout, so a try stuck on a dead
+                // uplink leaves time for the next one.
+                retry.per_try_timeout = Some(pb_duration(per_try_timeout(class)));
+                retry.retry_priority = Some(retry_policy::RetryPriority {
+                    name: "envoy.retry_priorities.previous_priorities".to_string(),
+                    config_type: Some(retry_policy::retry_priority::ConfigType::TypedConfig(any(
+                        &PreviousPrioritiesConfig {
+                            update_frequency: 1,
+                        },
+                    ))),
+                });
+            }
+            route::Action::Route(action)
+        }
         Target::NoUplink => route::Action::DirectResponse(DirectResponseAction {
             status: 503,
             body: Some(DataSource {
@@ -454,7 +525,7 @@ fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> 
         }),
     };
     let response_headers_to_add = match target {
-        Target::Cluster(_) => Vec::new(),
+        Target::Cluster(_) | Target::Failover(_) => Vec::new(),
         Target::NoUplink => vec![header(REASON_HEADER, "no-uplink")],
     };
     Route {

@@ -11,6 +11,6 @@ pub mod snapshot;
 
 pub use compile::{
     CLASS_HEADER, CLOUD_INBOUND, DEFER_CLUSTER, REASON_HEADER, VEHICLE_INBOUND, VEHICLE_OUTBOUND,
-    compile, compile_vehicle, inbound_cluster, outbound_cluster, uplink_cluster,
+    compile, compile_vehicle, failover_cluster, inbound_cluster, outbound_cluster, uplink_cluster,
 };
 pub use local::VehicleState;

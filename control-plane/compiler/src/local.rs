@@ -17,6 +17,12 @@ pub struct VehicleState {
     /// Where a deferrable class's requests go while it has no usable uplink: edge-netd's
     /// store-and-forward ingest. `None`: they get the no-uplink 503 like any other.
     pub defer_to: Option<SocketAddr>,
+    /// Let a failed attempt cross to the class's next uplink inside Envoy: the class's
+    /// routes go to an aggregate cluster (the selected uplink first, then the others in
+    /// the class's order) and each retry moves down one priority
+    /// (`previous_priorities`), with a per-try timeout of the class's timeout shared
+    /// among its tries. Off: a request stays on the uplink it started on.
+    pub cross_uplink_retry: bool,
 }
 
 impl VehicleState {

@@ -455,3 +455,58 @@ fn no_usable_uplink_is_an_immediate_503_or_store_and_forward_when_deferrable() {
     let s = misaki_compiler::compile_vehicle(&p, &vehicle(), &odd, "p-");
     assert!(cluster_of(route_named(&outbound_by_path(&s), "maps:/maps")).is_none());
 }
+
+#[test]
+fn cross_uplink_retry_routes_to_an_aggregate_with_the_selected_uplink_first() {
+    use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+    let p = quickstart();
+    let mut st = state(false);
+    st.cross_uplink_retry = true;
+    let s = misaki_compiler::compile_vehicle(&p, &vehicle(), &st, "p-");
+    let clusters: Vec<Cluster> = decode(&s, ResourceType::Cluster);
+    let order = |name: &str| -> Vec<String> {
+        let c = clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let Some(cluster::ClusterDiscoveryType::ClusterType(t)) = &c.cluster_discovery_type else {
+            panic!("{name} is not an aggregate")
+        };
+        assert_eq!(t.name, "envoy.clusters.aggregate");
+        ClusterConfig::decode(t.typed_config.as_ref().unwrap().value.as_slice())
+            .unwrap()
+            .clusters
+    };
+    // maps: standard [wifi, lte]; one aggregate per possible first uplink.
+    assert_eq!(order("agg|maps|wifi"), ["out|maps|wifi", "out|maps|lte"]);
+    assert_eq!(order("agg|maps|lte"), ["out|maps|lte", "out|maps|wifi"]);
+    // telemetry (bulk) may only use wifi: nothing to cross to, no aggregate.
+    assert!(!clusters.iter().any(|c| c.name.starts_with("agg|telemetry")));
+    let by_path = outbound_by_path(&s);
+    let r = route_named(&by_path, "maps:/maps");
+    assert_eq!(cluster_of(r).as_deref(), Some("agg|maps|wifi"));
+    let Some(route::Action::Route(a)) = &r.action else {
+        panic!()
+    };
+    let retry = a.retry_policy.as_ref().unwrap();
+    assert_eq!(
+        retry.retry_priority.as_ref().unwrap().name,
+        "envoy.retry_priorities.previous_priorities"
+    );
+    // standard: 10 s, 2 retries → 3 tries of 3.333 s.
+    assert_eq!(retry.per_try_timeout.as_ref().unwrap().seconds, 3);
+    let wifi = clusters.iter().find(|c| c.name == "out|maps|wifi").unwrap();
+    assert_eq!(wifi.connect_timeout.as_ref().unwrap().seconds, 3);
+    // A selection change is still a route-only change.
+    let mut moved = st.clone();
+    moved.selected.insert("standard".into(), Some("lte".into()));
+    let m = misaki_compiler::compile_vehicle(&p, &vehicle(), &moved, "p-");
+    assert_eq!(
+        s.get(ResourceType::Cluster).version,
+        m.get(ResourceType::Cluster).version
+    );
+    assert_eq!(
+        cluster_of(route_named(&outbound_by_path(&m), "maps:/maps")).as_deref(),
+        Some("agg|maps|lte")
+    );
+}

@@ -57,6 +57,8 @@ struct RawConfig {
     xds: Option<String>,
     #[serde(default)]
     factory_policy: Option<PathBuf>,
+    #[serde(default)]
+    cross_uplink_retry: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +286,9 @@ pub struct Config {
     pub xds: Option<SocketAddr>,
     /// A policy file shipped in the vehicle's image, used while nothing is stored.
     pub factory_policy: Option<PathBuf>,
+    /// The vehicle Envoy retries a failed attempt over the class's next uplink
+    /// (aggregate clusters) instead of only following the selection.
+    pub cross_uplink_retry: bool,
 }
 
 /// Where the local xDS tier listens unless `xds:` says otherwise.
@@ -668,6 +673,7 @@ impl Config {
             store_forward,
             xds,
             factory_policy: raw.factory_policy,
+            cross_uplink_retry: raw.cross_uplink_retry.unwrap_or(false),
             vehicle_id: raw.vehicle_id,
             control_plane,
             api,

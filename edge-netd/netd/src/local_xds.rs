@@ -56,6 +56,7 @@ pub fn vehicle_state(config: &Config, links: &LinkSnapshot) -> VehicleState {
             .map(|s| (s.class.clone(), s.uplink.clone()))
             .collect(),
         defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
+        cross_uplink_retry: config.cross_uplink_retry,
     }
 }
 
