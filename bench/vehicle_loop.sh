@@ -32,6 +32,7 @@ TRIALS=${1:-20}
 CMDLINE="bench/vehicle_loop.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+. bench/lib/lab.sh
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, veth pairs, nftables)" >&2; exit 1; }
 for t in ip tc nft curl jq awk cargo git; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 case "$TRIALS" in ''|*[!0-9]*|0) echo "usage: bench/vehicle_loop.sh [TRIALS]" >&2; exit 2;; esac
@@ -78,90 +79,38 @@ if [ "$(head -c2 "$ENVOY")" = '#!' ]; then
 fi
 ENVOY_VERSION=$("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/\1/p')
 
-# ---- lab ------------------------------------------------------------------------------
+# ---- lab (bench/lib/lab.sh) ------------------------------------------------------------
 V=vl-v-$$; C=vl-c-$$; DIR=$(mktemp -d /tmp/vehicle-loop.XXXXXX)
 PIDS=()
 cleanup() {
   local rc=$?
   set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  lab_kill_pids
   sleep 0.2
-  # Anything still in our own namespaces was started by this run (e.g. children of a
-  # client killed by its timeout).
-  for ns in $V $C; do
-    for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-  done
+  lab_kill_ns
   wait 2>/dev/null
-  ip netns del $V 2>/dev/null
-  ip netns del $C 2>/dev/null
+  lab_down
   if [ -n "${KEEP_LOGS:-}" ] || [ $rc != 0 ]; then echo "logs kept in $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "lab: namespaces $V (vehicle) and $C (cloud), logs in $DIR"
-ip netns add $V; ip netns add $C
-ip -n $V link set lo up; ip -n $C link set lo up
-ip -n $C addr add 198.18.0.1/32 dev lo
-for k in all default; do
-  ip netns exec $V sysctl -q -w net.ipv4.conf.$k.ignore_routes_with_linkdown=1 net.ipv4.conf.$k.rp_filter=0
-done
+lab_up
 # The app opens a connection per request (hundreds a second to the loopback listener).
 ip netns exec $V sysctl -q -w net.ipv4.tcp_tw_reuse=1
-n=0
-for spec in "wlan0 cwlan0 1 50mbit" "wwan0 cwwan0 2 10mbit" "dsrc0 cdsrc0 3 2mbit"; do
-  set -- $spec; n=$((n+1))
-  ip link add $1 netns $V type veth peer name $2 netns $C
-  ip -n $V addr add 198.18.$3.1/30 dev $1; ip -n $C addr add 198.18.$3.2/30 dev $2
-  ip netns exec $V sysctl -q -w net.ipv4.conf.$1.ignore_routes_with_linkdown=1 net.ipv4.conf.$1.rp_filter=0
-  ip -n $V link set $1 up; ip -n $C link set $2 up
-  ip netns exec $V tc qdisc add dev $1 root tbf rate $4 burst 32kbit latency 50ms
-  ip -n $V route add 198.18.0.1/32 via 198.18.$3.2 dev $1 metric $((n*10))
-done
 
 # Quickstart-like lab policy: a cloud, an edge and a vehicle-hosted service, a deferrable
 # one; every cloud/edge service at the cloud echo 198.18.0.1:18080.
-cat >"$DIR/mesh.yaml" <<'YAML'
-version: 1
-uplinks:
-  - { name: wifi, kind: wifi, cost: 1 }
-  - { name: lte, kind: lte, metered: true, cost: 5 }
-  - { name: dsrc, kind: dsrc, cost: 2 }
-classes:
-  - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }
-  - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }
-  - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }
+{ lab_policy_head; cat <<'YAML'; } >"$DIR/mesh.yaml"
 services:
   - { name: maps, location: cloud, port: 18080, endpoints: ["198.18.0.1:18080"], routes: [/maps], class: standard }
   - { name: telemetry, location: cloud, port: 18080, endpoints: ["198.18.0.1:18080"], routes: [/telemetry], class: bulk }
   - { name: hazard-alerts, location: edge, port: 18080, endpoints: ["198.18.0.1:18080"], routes: [/hazards], class: critical }
   - { name: diagnostics, location: vehicle, port: 18090, routes: [/diagnostics], class: standard }
 YAML
-
-netd_config() { # $1 = state dir; rest = extra lines
-  local state=$1; shift
-  cat <<YAML
-vehicle_id: bench-car
-control_plane: http://198.18.0.1:50051
-api: 127.0.0.1:9470
-state_dir: $state
-heartbeat_interval: 1s
-uplinks:
-  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }
-  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }
-  - { name: dsrc, interface: dsrc0, kind: dsrc, cost: 2 }
-probe:
-  targets: ["198.18.0.1:7007"]
-  interval: 100ms
-  timeout: 200ms
-selection:
-  blackhole_after: 3
-  dwell: 1s
-YAML
-  for l in "$@"; do echo "$l"; done
-}
-netd_config "$DIR/state" >"$DIR/netd.yaml"
-netd_config "$DIR/boot-state" "factory_policy: $DIR/mesh.yaml" >"$DIR/netd-boot.yaml"
+lab_netd_config "$DIR/state" >"$DIR/netd.yaml"
+lab_netd_config "$DIR/boot-state" "factory_policy: $DIR/mesh.yaml" >"$DIR/netd-boot.yaml"
 # misaki-cp-fed Envoy: the delta bootstrap pointed at the lab's fleet address.
 fleet_bootstrap() { # $1 = source yaml, $2 = output
   sed 's/address: 127.0.0.1, port_value: 18000/address: 198.18.0.1, port_value: 50051/' "$1" >"$2"
@@ -169,10 +118,9 @@ fleet_bootstrap() { # $1 = source yaml, $2 = output
 }
 fleet_bootstrap envoy-configs/vehicle-sidecar-delta.yaml "$DIR/envoy-cp.yaml"
 cp envoy-configs/vehicle-sidecar-edge.yaml "$DIR/envoy-edge.yaml"
-printf 'table inet bh {\n chain input {\n  type filter hook input priority 0; policy accept;\n  iifname "cwlan0" drop\n }\n}\n' >"$DIR/bh.nft"
+lab_blackhole_nft >"$DIR/bh.nft"
 
-vget() { ip netns exec $V curl -s --max-time 2 "http://127.0.0.1:$1$2"; }
-sel() { vget 9470 /links | jq -r '.selections.standard.uplink // "none"' 2>/dev/null || true; }
+sel() { lab_vget 9470 /links | jq -r '.selections.standard.uplink // "none"' 2>/dev/null || true; }
 # until CMD... succeeds, at most $1 seconds (20 ms apart)
 wait_until() {
   local limit=$1; shift
@@ -180,19 +128,16 @@ wait_until() {
   until "$@"; do [ $SECONDS -lt $end ] || return 1; sleep 0.02; done
 }
 is_sel() { [ "$(sel)" = "$1" ]; }
-envoy_live() { [ "$(vget "$1" /ready 2>/dev/null)" = LIVE ]; }
-maps_via() { vget 15001 /maps/check 2>/dev/null | grep -q "^from=$1 "; }
+envoy_live() { [ "$(lab_vget "$1" /ready 2>/dev/null)" = LIVE ]; }
+maps_via() { lab_vget 15001 /maps/check 2>/dev/null | grep -q "^from=$1 "; }
 diag() { # $1 = what failed; dumps what helps to find out why
   {
     echo "---- $1"
-    echo "-- /links:"; vget 9470 /links || true; echo
-    for a in 19904 19903; do echo "-- Envoy :$a /clusters (outbound):"; vget $a /clusters 2>/dev/null | grep -E '::(cx_active|cx_connect_fail|rq_error|rq_timeout|health_flags)::' | head -40 || true; done
+    echo "-- /links:"; lab_vget 9470 /links || true; echo
+    for a in 19904 19903; do echo "-- Envoy :$a /clusters (outbound):"; lab_vget $a /clusters 2>/dev/null | grep -E '::(cx_active|cx_connect_fail|rq_error|rq_timeout|health_flags)::' | head -40 || true; done
     for f in "$DIR"/*.log; do echo "-- tail $f"; tail -15 "$f"; done
   } >&2
 }
-# $1 = pid → "utime+stime ticks"
-ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-rss_kib() { awk '/^VmRSS/{print $2}' /proc/$1/status; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 IDLE_S=10
 TCK=$(getconf CLK_TCK)
@@ -201,19 +146,19 @@ TCK=$(getconf CLK_TCK)
 idle() {
   sleep 2
   local i=0 t0=() t1=()
-  for p in "$@"; do t0+=("$(ticks "$p")"); done
+  for p in "$@"; do t0+=("$(lab_ticks "$p")"); done
   local w0; w0=$(date +%s.%N)
   sleep $IDLE_S
   local w1; w1=$(date +%s.%N)
   for p in "$@"; do
-    t1=$(ticks "$p")
+    t1=$(lab_ticks "$p")
     printf -v "CPU_$i" '%s' "$(awk -v a="${t0[$i]}" -v b="$t1" -v w0="$w0" -v w1="$w1" -v t="$TCK" 'BEGIN{printf "%.2f", (b-a)/t/(w1-w0)*100}')"
-    printf -v "RSS_$i" '%s' "$(rss_kib "$p")"
+    printf -v "RSS_$i" '%s' "$(lab_rss_kib "$p")"
     i=$((i+1))
   done
 }
 mib() { awk -v k="$1" 'BEGIN{printf "%.1f MiB", k/1024}'; }
-active_clusters() { vget "$1" '/stats?filter=^cluster_manager.active_clusters$' 2>/dev/null | awk '{print $2}'; }
+active_clusters() { lab_vget "$1" '/stats?filter=^cluster_manager.active_clusters$' 2>/dev/null | awk '{print $2}'; }
 
 ROWS=(); NOTES=()
 # Run a client in the background and wait for it, so that a signal to this script is
@@ -244,12 +189,11 @@ client_rows "$DIR/boot.out"
 
 # ---- the fleet, the cloud service, edge-netd and the Envoy it feeds -------------------
 log "starting the fleet (misaki-cp), the probe echo and the cloud service"
-ip netns exec $C "$CP" serve --policy "$DIR/mesh.yaml" --probe-addr 198.18.0.1:7007 >"$DIR/echo.log" 2>&1 & PIDS+=($!)
-ip netns exec $C "$CP" serve --policy "$DIR/mesh.yaml" --xds-addr 198.18.0.1:50051 --admin-addr 198.18.0.1:8080 >"$DIR/fleet.log" 2>&1 & CP_PID=$!; PIDS+=($CP_PID)
+lab_start_cloud
 ip netns exec $C "$VL" echo --listen 198.18.0.1:18080 >"$DIR/cloud-service.log" 2>&1 & PIDS+=($!)
 sleep 0.5
 log "starting edge-netd (xDS tier) and the vehicle Envoy it feeds"
-ip netns exec $V env RUST_LOG=info NO_COLOR=1 "$NETD" --config "$DIR/netd.yaml" >"$DIR/netd.log" 2>&1 & NETD_PID=$!; PIDS+=($NETD_PID)
+lab_start_netd
 wait_until 20 is_sel wifi || { diag "edge-netd never selected wifi for class standard"; exit 1; }
 ip netns exec $V "$ENVOY" -c "$DIR/envoy-edge.yaml" --disable-hot-restart --concurrency 1 -l info >"$DIR/envoy-edge.log" 2>&1 & ENVOY_PID=$!; PIDS+=($ENVOY_PID)
 wait_until 30 envoy_live 19904 || { diag "the vehicle Envoy fed by edge-netd never went LIVE"; exit 1; }

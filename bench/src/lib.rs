@@ -13,6 +13,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod envoy_files;
+pub mod http;
 pub mod logtime;
 pub mod measure;
 pub mod misaki;

@@ -14,6 +14,8 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::http::Headers;
+
 /// What one request through the listener saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hit {
@@ -79,26 +81,14 @@ impl Probe {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or(std::io::ErrorKind::InvalidData)?;
-        let mut len = 0usize;
-        let mut keep = true;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let v = v.trim();
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.parse().map_err(|_| std::io::ErrorKind::InvalidData)?;
-                } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
-                    keep = false;
-                }
-            }
-        }
+        let headers = Headers::read(r)?.ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let len: usize = match headers.get("content-length") {
+            Some(v) => v.parse().map_err(|_| std::io::ErrorKind::InvalidData)?,
+            None => 0,
+        };
+        let keep = !headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let mut body = vec![0; len];
         r.read_exact(&mut body)?;
         if status != 200 {

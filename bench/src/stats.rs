@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
-pub struct Summary {
+pub struct Summary<T = Duration> {
     pub n: usize,
-    pub median: Duration,
-    pub p95: Duration,
-    pub max: Duration,
+    pub median: T,
+    pub p95: T,
+    pub max: T,
 }
 
 /// Median (mean of the middle two for even n), p95 by nearest rank (the 19th of 20),
@@ -15,6 +15,19 @@ pub struct Summary {
 pub fn summarize(samples: &[Duration]) -> Option<Summary> {
     let mut s = samples.to_vec();
     s.sort();
+    of_sorted(&s, |a, b| (a + b) / 2)
+}
+
+/// [`summarize`] over plain numbers (ordered by [`f64::total_cmp`]).
+pub fn summarize_f64(samples: &[f64]) -> Option<Summary<f64>> {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    of_sorted(&s, |a, b| (a + b) / 2.0)
+}
+
+/// The statistics of [`summarize`] over samples already sorted; `mean` of two samples
+/// gives the median of an even number.
+fn of_sorted<T: Copy>(s: &[T], mean: impl Fn(T, T) -> T) -> Option<Summary<T>> {
     let n = s.len();
     if n == 0 {
         return None;
@@ -22,7 +35,7 @@ pub fn summarize(samples: &[Duration]) -> Option<Summary> {
     let median = if n % 2 == 1 {
         s[n / 2]
     } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2
+        mean(s[n / 2 - 1], s[n / 2])
     };
     let rank = (n * 95).div_ceil(100).max(1);
     Some(Summary {
@@ -57,6 +70,14 @@ mod tests {
         assert_eq!(s.p95, Duration::from_millis(19));
         assert_eq!(s.max, Duration::from_millis(20));
         assert_eq!(s.median, Duration::from_micros(10_500));
+    }
+
+    #[test]
+    fn numbers_summarize_as_durations_do() {
+        let xs: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        let s = summarize_f64(&xs).unwrap();
+        assert_eq!((s.n, s.median, s.p95, s.max), (20, 10.5, 19.0, 20.0));
+        assert!(summarize_f64(&[]).is_none());
     }
 
     #[test]

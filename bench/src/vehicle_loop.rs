@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use misaki_bench::stats::summarize;
+use misaki_bench::http::Headers;
+use misaki_bench::stats::{summarize, summarize_f64};
 
 #[derive(Debug, Parser)]
 #[command(about = "measuring client of bench/vehicle_loop.sh")]
@@ -91,41 +92,7 @@ enum Cmd {
         aim_max_ms: f64,
     },
     /// Offline boot: edge-netd + Envoy started together → first 200 from a vehicle service.
-    Boot {
-        #[arg(long, default_value_t = 20)]
-        trials: usize,
-        #[arg(long, default_value = "127.0.0.1:15001")]
-        target: SocketAddr,
-        #[arg(long, default_value = "/diagnostics")]
-        path: String,
-        /// The vehicle service answers from this client IP (Envoy on loopback).
-        #[arg(long, default_value = "127.0.0.1")]
-        expect_from: IpAddr,
-        #[arg(long, default_value_t = 2)]
-        interval_ms: u64,
-        #[arg(long, default_value_t = 200)]
-        timeout_ms: u64,
-        #[arg(long, default_value_t = 10)]
-        give_up_s: u64,
-        #[arg(long)]
-        netd: PathBuf,
-        #[arg(long)]
-        netd_config: PathBuf,
-        /// edge-netd's `state_dir`, wiped before every trial.
-        #[arg(long)]
-        state_dir: PathBuf,
-        #[arg(long)]
-        envoy: PathBuf,
-        #[arg(long)]
-        envoy_config: PathBuf,
-        /// Per-trial logs of edge-netd and Envoy go here.
-        #[arg(long)]
-        log_dir: PathBuf,
-        #[arg(long, default_value_t = 1000.0)]
-        aim_median_ms: f64,
-        #[arg(long, default_value_t = 1000.0)]
-        aim_max_ms: f64,
-    },
+    Boot(Boot),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -162,40 +129,7 @@ fn main() -> anyhow::Result<()> {
             };
             failover(&f, trials, (aim_median_ms, aim_max_ms))
         }
-        Cmd::Boot {
-            trials,
-            target,
-            path,
-            expect_from,
-            interval_ms,
-            timeout_ms,
-            give_up_s,
-            netd,
-            netd_config,
-            state_dir,
-            envoy,
-            envoy_config,
-            log_dir,
-            aim_median_ms,
-            aim_max_ms,
-        } => {
-            let b = Boot {
-                target,
-                request: get_request(&target, &path),
-                path,
-                expect_from,
-                interval: Duration::from_millis(interval_ms),
-                timeout: Duration::from_millis(timeout_ms),
-                give_up: Duration::from_secs(give_up_s),
-                netd,
-                netd_config,
-                state_dir,
-                envoy,
-                envoy_config,
-                log_dir,
-            };
-            boot(&b, trials, (aim_median_ms, aim_max_ms))
-        }
+        Cmd::Boot(b) => boot(&b),
     }
 }
 
@@ -378,25 +312,15 @@ fn serve(conn: TcpStream) -> std::io::Result<()> {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
         let http10 = line.trim_end().ends_with("HTTP/1.0");
-        let (mut len, mut close) = (0usize, http10);
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 {
-                return Ok(());
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let v = v.trim();
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.parse().unwrap_or(0);
-                } else if k.eq_ignore_ascii_case("connection") {
-                    close = v.eq_ignore_ascii_case("close");
-                }
-            }
-        }
+        let Some(headers) = Headers::read(&mut r)? else {
+            return Ok(());
+        };
+        let len: usize = headers
+            .get("content-length")
+            .map_or(0, |v| v.parse().unwrap_or(0));
+        let close = headers
+            .get("connection")
+            .map_or(http10, |v| v.eq_ignore_ascii_case("close"));
         std::io::copy(&mut (&mut r).take(len as u64), &mut std::io::sink())?;
         let body = format!("from={peer} path={path}\n");
         let resp = format!(
@@ -573,10 +497,10 @@ fn failover(f: &Failover, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> 
         ),
     }
     let failed: Vec<f64> = done.iter().map(|t| t.failed as f64).collect();
-    if let Some((med, p95, max)) = summary_f64(&failed) {
+    if let Some(s) = summarize_f64(&failed) {
         println!(
-            "| {label}: requests failed in between | {} | {med} | {p95} | {max} | — | — |",
-            failed.len()
+            "| {label}: requests failed in between | {} | {} | {} | {} | — | — |",
+            s.n, s.median, s.p95, s.max
         );
     }
     if missed > 0 {
@@ -620,7 +544,7 @@ fn failover(f: &Failover, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> 
                 .collect::<Vec<_>>()
                 .join(", ")
         },
-        summary_f64(&cmd).map(|s| s.0).unwrap_or(0.0),
+        summarize_f64(&cmd).map(|s| s.median).unwrap_or(0.0),
         f.from_ip,
     );
     Ok(())
@@ -700,41 +624,45 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// (median, p95 by nearest rank, max), as [`summarize`] computes them.
-fn summary_f64(xs: &[f64]) -> Option<(f64, f64, f64)> {
-    let mut s = xs.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return None;
-    }
-    let median = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    let rank = (n * 95).div_ceil(100).max(1);
-    Some((median, s[rank - 1], s[n - 1]))
-}
-
 // ---------------------------------------------------------------------------------------
 // boot
 
-#[derive(Debug)]
+// The arguments of `boot`.
+#[derive(Debug, clap::Args)]
 struct Boot {
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    #[arg(long, default_value = "127.0.0.1:15001")]
     target: SocketAddr,
-    request: Arc<[u8]>,
+    #[arg(long, default_value = "/diagnostics")]
     path: String,
+    /// The vehicle service answers from this client IP (Envoy on loopback).
+    #[arg(long, default_value = "127.0.0.1")]
     expect_from: IpAddr,
-    interval: Duration,
-    timeout: Duration,
-    give_up: Duration,
+    #[arg(long, default_value_t = 2)]
+    interval_ms: u64,
+    #[arg(long, default_value_t = 200)]
+    timeout_ms: u64,
+    #[arg(long, default_value_t = 10)]
+    give_up_s: u64,
+    #[arg(long)]
     netd: PathBuf,
+    #[arg(long)]
     netd_config: PathBuf,
+    /// edge-netd's `state_dir`, wiped before every trial.
+    #[arg(long)]
     state_dir: PathBuf,
+    #[arg(long)]
     envoy: PathBuf,
+    #[arg(long)]
     envoy_config: PathBuf,
+    /// Per-trial logs of edge-netd and Envoy go here.
+    #[arg(long)]
     log_dir: PathBuf,
+    #[arg(long, default_value_t = 1000.0)]
+    aim_median_ms: f64,
+    #[arg(long, default_value_t = 1000.0)]
+    aim_max_ms: f64,
 }
 
 /// Kills the child on drop (SIGKILL) and reaps it.
@@ -765,7 +693,12 @@ fn tail(path: &PathBuf, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
+fn boot(b: &Boot) -> anyhow::Result<()> {
+    let (trials, aim) = (b.trials, (b.aim_median_ms, b.aim_max_ms));
+    let req = get_request(&b.target, &b.path);
+    let interval = Duration::from_millis(b.interval_ms);
+    let timeout = Duration::from_millis(b.timeout_ms);
+    let give_up = Duration::from_secs(b.give_up_s);
     std::fs::create_dir_all(&b.log_dir)?;
     let mut from_envoy = Vec::new();
     let mut from_netd = Vec::new();
@@ -803,7 +736,7 @@ fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
         let mut last = Outcome::Refused;
         let ok = loop {
             let sent = Instant::now();
-            let o = request(b.target, &b.request, b.timeout);
+            let o = request(b.target, &req, timeout);
             polls += 1;
             if matches!(&o, Outcome::Ok { from, path }
                 if from.parse::<IpAddr>().ok() == Some(b.expect_from) && path.starts_with(&b.path))
@@ -811,7 +744,7 @@ fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
                 break Some(Instant::now());
             }
             last = o;
-            if t_envoy.elapsed() > b.give_up {
+            if t_envoy.elapsed() > give_up {
                 break None;
             }
             for (what, g) in [("edge-netd", &mut netd), ("Envoy", &mut envoy)] {
@@ -824,7 +757,7 @@ fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
                     );
                 }
             }
-            if let Some(rest) = (sent + b.interval).checked_duration_since(Instant::now()) {
+            if let Some(rest) = (sent + interval).checked_duration_since(Instant::now()) {
                 thread::sleep(rest);
             }
         };
@@ -845,7 +778,7 @@ fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
             None => {
                 eprintln!(
                     "  offline boot trial {i}: no 200 within {:?}; last answer {}; logs in {}",
-                    b.give_up,
+                    give_up,
                     last.short(),
                     b.log_dir.display()
                 );
@@ -887,7 +820,7 @@ fn boot(b: &Boot, trials: usize, aim: (f64, f64)) -> anyhow::Result<()> {
         println!(
             "note: offline boot: {} of {trials} trials never answered within {:?}: {}",
             failures.len(),
-            b.give_up,
+            give_up,
             failures.join("; ")
         );
     }

@@ -57,29 +57,38 @@ pub fn get(port: u16, path: &str) -> std::io::Result<Reply> {
     request(port, "GET", path, &[], b"")
 }
 
-fn parse(raw: &[u8]) -> std::io::Result<Reply> {
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
+/// A whole response as read off the wire: status, headers (names lowercased, values
+/// trimmed) and body (de-chunked, or cut at `content-length`).
+pub(crate) fn parse(raw: &[u8]) -> std::io::Result<Reply> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let end = find(raw, b"\r\n\r\n").ok_or_else(|| {
+        bad(format!(
+            "no end of headers in {:?}",
+            String::from_utf8_lossy(raw)
+        ))
+    })?;
+    let head = String::from_utf8_lossy(&raw[..end]);
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status line"))?;
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(format!("no status line in {head:?}")))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
-    {
+    let mut body = raw[end + 4..].to_vec();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         body = dechunk(&body);
+    } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.truncate(n);
     }
     Ok(Reply {
         status,
@@ -90,9 +99,10 @@ fn parse(raw: &[u8]) -> std::io::Result<Reply> {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+    while let Some(eol) = find(b, b"\r\n") {
+        let size = String::from_utf8_lossy(&b[..eol]);
         let size =
-            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -101,4 +111,9 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[(start + size + 2).min(b.len())..];
     }
     out
+}
+
+/// Where `needle` first occurs in `hay`.
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use crate::http::Reply;
+use crate::http::{Reply, find};
 use crate::process::{EDGE_XDS_PORT, Process, envoy_native_bin, repo_root, target_bin};
 
 /// The cloud's service address (probe echo, fleet gRPC, fleet admin).
@@ -223,7 +223,7 @@ impl Netns {
                 }
                 raw.extend_from_slice(&chunk[..n]);
             }
-            parse_response(&raw)
+            crate::http::parse(&raw)
         })
     }
 
@@ -516,20 +516,15 @@ impl VehicleLab {
     }
 
     pub fn kill_fleet(&mut self) {
-        if let Some(mut p) = self.fleet.take() {
-            p.kill();
-        }
+        kill_slot(&mut self.fleet);
     }
 
     pub fn fleet_log(&self) -> String {
-        self.fleet
-            .as_ref()
-            .map(|p| p.log_text())
-            .unwrap_or_default()
+        log_of(self.fleet.as_ref())
     }
 
     pub fn netd_log(&self) -> String {
-        self.netd.as_ref().map(|p| p.log_text()).unwrap_or_default()
+        log_of(self.netd.as_ref())
     }
 
     /// Write the edge-netd config and start it in the vehicle namespace.
@@ -614,9 +609,7 @@ impl VehicleLab {
     }
 
     pub fn kill_netd(&mut self) {
-        if let Some(mut p) = self.netd.take() {
-            p.kill();
-        }
+        kill_slot(&mut self.netd);
     }
 
     /// GET from edge-netd's local API (inside the vehicle namespace).
@@ -665,9 +658,7 @@ impl Drop for VehicleLab {
         self.vehicle_services.clear();
         self.kill_netd();
         self.kill_fleet();
-        if let Some(mut p) = self.echo.take() {
-            p.kill();
-        }
+        kill_slot(&mut self.echo);
         // Namespaces are deleted by their own Drop, after this.
     }
 }
@@ -803,16 +794,11 @@ impl VehicleLab {
     }
 
     pub fn kill_envoy(&mut self) {
-        if let Some(mut p) = self.envoy.take() {
-            p.kill();
-        }
+        kill_slot(&mut self.envoy);
     }
 
     pub fn envoy_log(&self) -> String {
-        self.envoy
-            .as_ref()
-            .map(|p| p.log_text())
-            .unwrap_or_default()
+        log_of(self.envoy.as_ref())
     }
 
     /// GET from the vehicle Envoy's admin (inside the vehicle namespace).
@@ -861,6 +847,18 @@ impl VehicleLab {
         let addr = SocketAddr::from(([127, 0, 0, 1], VEHICLE_OUTBOUND_PORT));
         self.vehicle.http_request(addr, method, path, headers, body)
     }
+}
+
+/// Kill (SIGKILL and reap) the process in `slot`, if any, and empty the slot.
+fn kill_slot(slot: &mut Option<Process>) {
+    if let Some(mut p) = slot.take() {
+        p.kill();
+    }
+}
+
+/// The log so far of a lab process ("" if it was never started).
+fn log_of(p: Option<&Process>) -> String {
+    p.map(Process::log_text).unwrap_or_default()
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -1026,10 +1024,6 @@ fn fill(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> bool {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Take one CRLF-terminated line off the front of `buf` (reading as needed).
 fn take_line(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<String> {
     loop {
@@ -1181,58 +1175,4 @@ fn response_complete(raw: &[u8]) -> bool {
         }
     }
     false
-}
-
-fn parse_response(raw: &[u8]) -> std::io::Result<Reply> {
-    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    let end = find(raw, b"\r\n\r\n").ok_or_else(|| {
-        bad(format!(
-            "no end of headers in {:?}",
-            String::from_utf8_lossy(raw)
-        ))
-    })?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad(format!("no status line in {head:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body);
-    } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.truncate(n);
-    }
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = find(b, b"\r\n") {
-        let size = String::from_utf8_lossy(&b[..eol]);
-        let size =
-            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = eol + 2;
-        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
-        b = &b[(start + size + 2).min(b.len())..];
-    }
-    out
 }

@@ -1,0 +1,125 @@
+# The network-namespace lab of the link benchmarks, sourced by bench/edge_links.sh and
+# bench/vehicle_loop.sh (the topology of tests/src/netns.rs):
+#
+#   vehicle namespace $V                          cloud namespace $C
+#   wlan0 198.18.1.1/30 (tbf 50mbit) ── veth ──  cwlan0 198.18.1.2/30
+#   wwan0 198.18.2.1/30 (tbf 10mbit) ── veth ──  cwwan0 198.18.2.2/30
+#   dsrc0 198.18.3.1/30 (tbf  2mbit) ── veth ──  cdsrc0 198.18.3.2/30
+#                                                lo 198.18.0.1: the fleet (misaki-cp,
+#                                                gRPC :50051, admin :8080), probe echo :7007
+#
+# The vehicle routes 198.18.0.1 over all three (metrics 10, 20, 30) and ignores routes
+# whose link is down. edge-netd's API is 127.0.0.1:9470 in the vehicle namespace.
+#
+# The sourcing script sets, before calling these: V and C (namespace names), DIR (its
+# scratch dir), the array PIDS (every background process it starts, for lab_kill_pids),
+# CP (the misaki-cp binary) and NETD (the edge-netd binary).
+
+# Create both namespaces, the three uplinks and the routes over them.
+lab_up() {
+  local n=0 k spec
+  ip netns add $V; ip netns add $C
+  ip -n $V link set lo up; ip -n $C link set lo up
+  ip -n $C addr add 198.18.0.1/32 dev lo
+  for k in all default; do
+    ip netns exec $V sysctl -q -w net.ipv4.conf.$k.ignore_routes_with_linkdown=1 net.ipv4.conf.$k.rp_filter=0
+  done
+  for spec in "wlan0 cwlan0 1 50mbit" "wwan0 cwwan0 2 10mbit" "dsrc0 cdsrc0 3 2mbit"; do
+    set -- $spec; n=$((n+1))
+    ip link add $1 netns $V type veth peer name $2 netns $C
+    ip -n $V addr add 198.18.$3.1/30 dev $1; ip -n $C addr add 198.18.$3.2/30 dev $2
+    ip netns exec $V sysctl -q -w net.ipv4.conf.$1.ignore_routes_with_linkdown=1 net.ipv4.conf.$1.rp_filter=0
+    ip -n $V link set $1 up; ip -n $C link set $2 up
+    ip netns exec $V tc qdisc add dev $1 root tbf rate $4 burst 32kbit latency 50ms
+    ip -n $V route add 198.18.0.1/32 via 198.18.$3.2 dev $1 metric $((n*10))
+  done
+}
+
+# ---- cleanup (for the sourcing script's EXIT trap) -------------------------------------
+# SIGTERM every process in PIDS.
+lab_kill_pids() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+# SIGKILL anything still running in the two namespaces (only this run starts processes
+# there, e.g. children of a client killed by its timeout).
+lab_kill_ns() {
+  local ns p
+  for ns in $V $C; do
+    for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  done
+}
+# Delete both namespaces (their veths go with them).
+lab_down() {
+  ip netns del $V 2>/dev/null || true
+  ip netns del $C 2>/dev/null || true
+}
+
+# ---- configs ---------------------------------------------------------------------------
+# The lab policy's uplinks and classes (a policy document up to its `services:`).
+lab_policy_head() {
+  cat <<'YAML'
+version: 1
+uplinks:
+  - { name: wifi, kind: wifi, cost: 1 }
+  - { name: lte, kind: lte, metered: true, cost: 5 }
+  - { name: dsrc, kind: dsrc, cost: 2 }
+classes:
+  - { name: critical, timeout: 5s, retries: 1, uplinks: [wifi, lte, dsrc], max_loss_percent: 50 }
+  - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte], max_loss_percent: 50 }
+  - { name: bulk, timeout: 5s, retries: 1, uplinks: [wifi], deferrable: true, max_loss_percent: 50 }
+YAML
+}
+
+# edge-netd's config for the lab (vehicle bench-car, probes every 100 ms): $1 = state dir;
+# every further argument is appended as a line.
+lab_netd_config() {
+  local state=$1; shift
+  cat <<YAML
+vehicle_id: bench-car
+control_plane: http://198.18.0.1:50051
+api: 127.0.0.1:9470
+state_dir: $state
+heartbeat_interval: 1s
+uplinks:
+  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }
+  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }
+  - { name: dsrc, interface: dsrc0, kind: dsrc, cost: 2 }
+probe:
+  targets: ["198.18.0.1:7007"]
+  interval: 100ms
+  timeout: 200ms
+selection:
+  blackhole_after: 3
+  dwell: 1s
+YAML
+  for l in "$@"; do echo "$l"; done
+}
+
+# The nftables ruleset (table inet bh) that silently drops everything arriving on cwlan0,
+# for `ip netns exec $C nft -f`; undone by `nft delete table inet bh`.
+lab_blackhole_nft() {
+  printf 'table inet bh {\n chain input {\n  type filter hook input priority 0; policy accept;\n  iifname "cwlan0" drop\n }\n}\n'
+}
+
+# ---- processes -------------------------------------------------------------------------
+# Start, in the cloud namespace, the probe echo and the fleet (each a misaki-cp serving
+# $DIR/mesh.yaml; logs $DIR/echo.log and $DIR/fleet.log). Sets CP_PID (the fleet's).
+lab_start_cloud() {
+  ip netns exec $C "$CP" serve --policy "$DIR/mesh.yaml" --probe-addr 198.18.0.1:7007 >"$DIR/echo.log" 2>&1 & PIDS+=($!)
+  ip netns exec $C "$CP" serve --policy "$DIR/mesh.yaml" --xds-addr 198.18.0.1:50051 --admin-addr 198.18.0.1:8080 >"$DIR/fleet.log" 2>&1 & CP_PID=$!; PIDS+=($CP_PID)
+}
+
+# Start edge-netd in the vehicle namespace with $DIR/netd.yaml (log $DIR/netd.log).
+# Sets NETD_PID.
+lab_start_netd() {
+  ip netns exec $V env RUST_LOG=info NO_COLOR=1 "$NETD" --config "$DIR/netd.yaml" >"$DIR/netd.log" 2>&1 & NETD_PID=$!; PIDS+=($NETD_PID)
+}
+
+# $1 = port, $2 = path: GET http://127.0.0.1:$1$2 from the vehicle namespace (2 s at most).
+lab_vget() { ip netns exec $V curl -s --max-time 2 "http://127.0.0.1:$1$2"; }
+
+# $1 = pid → its utime+stime in clock ticks.
+lab_ticks() { awk '{print $14+$15}' /proc/$1/stat; }
+# $1 = pid → its VmRSS in KiB.
+lab_rss_kib() { awk '/^VmRSS/{print $2}' /proc/$1/status; }
