@@ -91,6 +91,7 @@ struct Metrics {
     online: Gauge,
     reports: Family<KindLabel, Counter>,
     link_changes: Counter,
+    policy_bytes: Counter,
 }
 
 #[derive(Debug)]
@@ -141,8 +142,8 @@ impl Registry {
         self.inner.events.subscribe()
     }
 
-    /// Register `misaki_fleet_vehicles_online`, `misaki_fleet_reports_total{kind}` and
-    /// `misaki_fleet_link_changes_total`.
+    /// Register `misaki_fleet_vehicles_online`, `misaki_fleet_reports_total{kind}`,
+    /// `misaki_fleet_link_changes_total` and `misaki_fleet_policy_bytes_total`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         let m = &self.inner.metrics;
         registry.register(
@@ -160,6 +161,19 @@ impl Registry {
             "Link records changed by LinkChange deltas",
             m.link_changes.clone(),
         );
+        registry.register(
+            "misaki_fleet_policy_bytes",
+            "Bytes of PolicyUpdate messages sent to vehicles (encoded, before zstd)",
+            m.policy_bytes.clone(),
+        );
+    }
+
+    /// Count a policy update of `bytes` sent to one vehicle.
+    pub(crate) fn sent_policy(&self, bytes: usize) {
+        self.inner
+            .metrics
+            .policy_bytes
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     /// End every open report stream (UNAVAILABLE, so vehicles reconnect elsewhere).

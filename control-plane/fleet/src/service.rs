@@ -90,7 +90,7 @@ impl FleetService for FleetApi {
         let _ = tx.try_send(Ok(ack));
         let mut sent_version = hello.policy_version.clone();
         if current.version != sent_version {
-            let _ = tx.try_send(Ok(policy_msg(&current)));
+            let _ = tx.try_send(Ok(policy_msg(&self.registry, &current)));
             sent_version = current.version.clone();
         }
         tracing::info!(vehicle = %vehicle, ?peer, daemon = %hello.daemon_version, "vehicle connected");
@@ -131,7 +131,7 @@ impl FleetService for FleetApi {
                             if update.version != sent_version {
                                 tracing::info!(version = %update.version, "pushing policy");
                                 sent_version = update.version.clone();
-                                if tx.send(Ok(policy_msg(&update))).await.is_err() { break None; }
+                                if tx.send(Ok(policy_msg(&registry, &update))).await.is_err() { break None; }
                             }
                         }
                         // wait_for's guard is not Send: drop it inside the branch future.
@@ -151,7 +151,9 @@ impl FleetService for FleetApi {
     }
 }
 
-fn policy_msg(p: &PolicyVersioned) -> ControlMessage {
+/// The message carrying `p`, counted as sent.
+fn policy_msg(registry: &Registry, p: &PolicyVersioned) -> ControlMessage {
+    registry.sent_policy(prost::Message::encoded_len(&p.update));
     ControlMessage {
         message: Some(pb::control_message::Message::Policy(p.update.clone())),
     }
@@ -240,6 +242,16 @@ mod tests {
             panic!("expected the policy right after the ack");
         };
         assert_eq!(p.classes[0].name, "critical");
+        // What crossed to the vehicle is counted.
+        let mut metrics = prometheus_client::registry::Registry::default();
+        registry.register_metrics(&mut metrics);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+        let want = format!(
+            "misaki_fleet_policy_bytes_total {}",
+            prost::Message::encoded_len(&p)
+        );
+        assert!(text.contains(&want), "{want} not in:\n{text}");
         assert_eq!(events.recv().await.unwrap().kind, FleetEventKind::Online);
         assert_eq!(registry.is_online("car-1"), Some(true));
 
