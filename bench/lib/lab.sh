@@ -110,10 +110,11 @@ lab_start_cloud() {
   ip netns exec $C "$CP" serve --policy "$DIR/mesh.yaml" --xds-addr 198.18.0.1:50051 --admin-addr 198.18.0.1:8080 >"$DIR/fleet.log" 2>&1 & CP_PID=$!; PIDS+=($CP_PID)
 }
 
-# Start edge-netd in the vehicle namespace with $DIR/netd.yaml (log $DIR/netd.log).
-# Sets NETD_PID.
+# Start edge-netd in the vehicle namespace with config $1 (default $DIR/netd.yaml), log
+# $2 (default $DIR/netd.log). Sets NETD_PID.
 lab_start_netd() {
-  ip netns exec $V env RUST_LOG=info NO_COLOR=1 "$NETD" --config "$DIR/netd.yaml" >"$DIR/netd.log" 2>&1 & NETD_PID=$!; PIDS+=($NETD_PID)
+  local config=${1:-$DIR/netd.yaml} log=${2:-$DIR/netd.log}
+  ip netns exec $V env RUST_LOG=info NO_COLOR=1 "$NETD" --config "$config" >"$log" 2>&1 & NETD_PID=$!; PIDS+=($NETD_PID)
 }
 
 # $1 = port, $2 = path: GET http://127.0.0.1:$1$2 from the vehicle namespace (2 s at most).
