@@ -32,7 +32,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{Address, RoutingPriority};
 use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, HeaderValue, HeaderValueOption,
@@ -65,6 +67,7 @@ use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
 use prost::{Message, Name};
@@ -208,6 +211,7 @@ impl Output {
         self.clusters.push(Cluster {
             name: failover_cluster(svc, first),
             lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+            circuit_breakers: Some(failover_retry_budget()),
             cluster_discovery_type: Some(cluster::ClusterDiscoveryType::ClusterType(
                 cluster::CustomClusterType {
                     name: "envoy.clusters.aggregate".to_string(),
@@ -329,6 +333,7 @@ fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
                             let share = per_try_timeout(class).min(Duration::from_secs(5));
                             for c in out.clusters.iter_mut().rev().take(bound.len()) {
                                 c.connect_timeout = Some(pb_duration(share));
+                                c.circuit_breakers = Some(failover_retry_budget());
                             }
                             for (first, _) in &bound {
                                 out.add_failover_cluster(&svc.name, first, &bound);
@@ -388,6 +393,30 @@ fn defer_cluster(addr: std::net::SocketAddr) -> Cluster {
             Location::Vehicle,
             &[(addr.ip().to_string(), addr.port())],
         )),
+        ..Default::default()
+    }
+}
+
+/// When an uplink dies, Envoy fails every request waiting for a connection on it at
+/// once, and they all want their retry together: Envoy's default limit of 3 concurrent
+/// retries per cluster would fail the rest (measured: 811 of 814 caught requests). A
+/// budget of 100 % of the active requests lets each of them cross once; the class's
+/// `retries` still bounds how often.
+fn failover_retry_budget() -> CircuitBreakers {
+    let threshold = |priority: RoutingPriority| circuit_breakers::Thresholds {
+        priority: priority as i32,
+        retry_budget: Some(circuit_breakers::thresholds::RetryBudget {
+            budget_percent: Some(Percent { value: 100.0 }),
+            min_retry_concurrency: Some(UInt32Value { value: 3 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    CircuitBreakers {
+        thresholds: vec![
+            threshold(RoutingPriority::Default),
+            threshold(RoutingPriority::High),
+        ],
         ..Default::default()
     }
 }

@@ -497,6 +497,18 @@ fn cross_uplink_retry_routes_to_an_aggregate_with_the_selected_uplink_first() {
     assert_eq!(retry.per_try_timeout.as_ref().unwrap().seconds, 3);
     let wifi = clusters.iter().find(|c| c.name == "out|maps|wifi").unwrap();
     assert_eq!(wifi.connect_timeout.as_ref().unwrap().seconds, 3);
+    // Every caught request may cross at once (Envoy's default is 3 concurrent retries).
+    for name in ["agg|maps|wifi", "out|maps|wifi"] {
+        let c = clusters.iter().find(|c| c.name == name).unwrap();
+        let t = &c
+            .circuit_breakers
+            .as_ref()
+            .expect("circuit breakers")
+            .thresholds;
+        assert_eq!(t.len(), 2, "{name}: default and high priority");
+        let budget = t[0].retry_budget.as_ref().expect("retry budget");
+        assert_eq!(budget.budget_percent.as_ref().unwrap().value, 100.0);
+    }
     // A selection change is still a route-only change.
     let mut moved = st.clone();
     moved.selected.insert("standard".into(), Some("lte".into()));
