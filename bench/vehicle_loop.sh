@@ -122,7 +122,7 @@ services:
   - { name: diagnostics, location: vehicle, port: 18090, routes: [/diagnostics], class: standard }
 YAML
 # The two failover modes: edge-netd's config differs only in `cross_uplink_retry`.
-lab_netd_config "$DIR/state" >"$DIR/netd-route.yaml"
+lab_netd_config "$DIR/state" "cross_uplink_retry: false" >"$DIR/netd-route.yaml"
 lab_netd_config "$DIR/state" "cross_uplink_retry: true" >"$DIR/netd-retry.yaml"
 lab_netd_config "$DIR/boot-state" "factory_policy: $DIR/mesh.yaml" >"$DIR/netd-boot.yaml"
 # misaki-cp-fed Envoy: the delta bootstrap pointed at the lab's fleet address.
@@ -369,13 +369,13 @@ cmp_cells() { # $1 = mode|measurement → "n | median | p95 | max"
   echo
   echo "edge-netd: probes every 100 ms, timeout 200 ms, \`blackhole_after: 3\`, \`dwell: 1s\`;"
   echo "lab policy: \`maps\` is class \`standard\` [wifi, lte] (timeout 5 s, 1 retry)."
-  echo "**Mode route** (edge-netd's default): \`GET /maps\` → ${ROUTE_ACTION[route]:-?}: the"
+  echo "**Mode route** (\`cross_uplink_retry: false\`): \`GET /maps\` → ${ROUTE_ACTION[route]:-?}: the"
   echo "selected uplink's cluster; a request stays on the uplink it started on."
-  echo "**Mode retry** (\`cross_uplink_retry: true\`): \`GET /maps\` → ${ROUTE_ACTION[retry]:-?}:"
+  echo "**Mode retry** (\`cross_uplink_retry: true\`, edge-netd's default): \`GET /maps\` → ${ROUTE_ACTION[retry]:-?}:"
   echo "an aggregate cluster (the selected uplink's cluster at priority 0, lte's after it),"
   echo "a retry moves down a priority; the bound clusters' connect timeout is the try's share"
-  echo "(2.5 s) too. Circuit breakers are Envoy's defaults: \`agg|maps|wifi\` allows"
-  echo "\`max_retries\` = ${MAX_RETRIES[retry]:-?} retries at once (\`out|maps|wifi\`: ${MAX_RETRIES[route]:-?})."
+  echo "(2.5 s) too. Circuit breakers: \`agg|maps|wifi\` allows"
+  echo "\`max_retries\` = ${MAX_RETRIES[retry]:-?} retries at once (mode route's \`out|maps|wifi\`: ${MAX_RETRIES[route]:-?})."
   echo "Between modes, edge-netd (state dir wiped) and the Envoy are restarted with the other"
   echo "config; everything else is the same."
   echo

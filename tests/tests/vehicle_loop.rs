@@ -233,9 +233,16 @@ fn traffic_follows_the_selected_uplink_on_carrier_loss() {
 
 #[test]
 fn traffic_follows_the_selected_uplink_on_a_silent_blackhole() {
-    let lab = vehicle("vblackhole", &NetdOptions::default(), None);
+    // Without cross-uplink retry: the route change alone moves the traffic.
+    let opts = NetdOptions {
+        extra: "cross_uplink_retry: false\n".into(),
+        ..Default::default()
+    };
+    let lab = vehicle("vblackhole", &opts, None);
     wait_selected(&lab, "standard", Some("wifi"));
     wait_via(&lab, "/maps/tile/1", "wifi");
+    let clusters = envoy_clusters(&lab);
+    assert!(!clusters.contains("agg|maps|"), "{clusters}");
 
     // Carrier stays up and the kernel keeps routing the cloud over wlan0 (metric 10):
     // only edge-netd's probes notice, and Envoy's clusters are bound to their uplinks.
@@ -546,16 +553,12 @@ fn a_flapping_link_causes_a_bounded_number_of_route_pushes() {
     );
 }
 
-/// With `cross_uplink_retry`, a request caught on an uplink that dies under it (sent
+/// With `cross_uplink_retry` (the default), a request caught on an uplink that dies under it (sent
 /// before edge-netd has noticed the blackhole) is retried inside Envoy over the class's
 /// next uplink and succeeds, instead of waiting out the class timeout.
 #[test]
 fn cross_uplink_retry_rescues_a_request_caught_on_a_dying_uplink() {
-    let opts = NetdOptions {
-        extra: "cross_uplink_retry: true\n".into(),
-        ..Default::default()
-    };
-    let lab = vehicle("vretry", &opts, None);
+    let lab = vehicle("vretry", &NetdOptions::default(), None);
     wait_selected(&lab, "standard", Some("wifi"));
     wait_via(&lab, "/maps/retry/0", "wifi");
     assert!(envoy_clusters(&lab).contains("agg|maps|wifi::"));
