@@ -34,7 +34,33 @@ const MAX_REPORT_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct FleetApi {
     registry: Registry,
-    policy: watch::Receiver<Arc<Policy>>,
+    /// The policy in its wire form, converted once per policy change (not once per
+    /// vehicle stream: a 3,000-service policy is ~180 KB to build).
+    policy: watch::Receiver<Arc<PolicyVersioned>>,
+}
+
+/// Follow `policy`, converting each new value once. The returned receiver's sender
+/// lives as long as `policy`'s, so its end still means "shutting down".
+fn wire_policy(mut policy: watch::Receiver<Arc<Policy>>) -> watch::Receiver<Arc<PolicyVersioned>> {
+    let first = Arc::new(policy_update(&policy.borrow_and_update()));
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while policy.changed().await.is_ok() {
+            let latest = Arc::clone(&policy.borrow_and_update());
+            let update = policy_update(&latest);
+            tx.send_if_modified(|cur| {
+                let changed = cur.version != update.version;
+                if changed {
+                    *cur = Arc::new(update);
+                }
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// The gRPC service to add to the control plane's tonic server, zstd both ways.
@@ -45,6 +71,7 @@ pub fn service(
     registry: Registry,
     policy: watch::Receiver<Arc<Policy>>,
 ) -> FleetServiceServer<FleetApi> {
+    let policy = wire_policy(policy);
     FleetServiceServer::new(FleetApi { registry, policy })
         .send_compressed(pb::COMPRESSION)
         .accept_compressed(pb::COMPRESSION)
@@ -79,8 +106,7 @@ impl FleetService for FleetApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let mut policy = self.policy.clone();
-        let latest = Arc::clone(&policy.borrow_and_update());
-        let current = policy_update(&latest);
+        let current = Arc::clone(&policy.borrow_and_update());
         let ack = ControlMessage {
             message: Some(pb::control_message::Message::Ack(pb::Ack {
                 seq: first.seq,
@@ -126,8 +152,7 @@ impl FleetService for FleetApi {
                                 break Some(Status::unavailable("control plane shutting down"));
                             }
                             // Clone the Arc so the watch guard is dropped before any await.
-                            let latest = Arc::clone(&policy.borrow_and_update());
-                            let update = policy_update(&latest);
+                            let update = Arc::clone(&policy.borrow_and_update());
                             if update.version != sent_version {
                                 tracing::info!(version = %update.version, "pushing policy");
                                 sent_version = update.version.clone();
