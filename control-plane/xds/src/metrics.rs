@@ -92,7 +92,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "push",
-            "Encoded size of xDS responses sent, by resource type",
+            "Encoded size of the resources in xDS responses sent, by resource type (the response envelope, delta wrappers and removed names not counted)",
             Unit::Bytes,
             self.push_bytes.clone(),
         );
