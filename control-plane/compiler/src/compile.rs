@@ -198,6 +198,47 @@ impl Output {
         }
     }
 
+    /// The vehicle-state clusters of a cloud/edge service: one bound cluster per uplink
+    /// its class allows and the vehicle has, plus the cross-uplink aggregates when on;
+    /// returns where the class's routes go now.
+    fn add_uplink_clusters(
+        &mut self,
+        svc: &Service,
+        class: &TrafficClass,
+        state: &VehicleState,
+    ) -> Target {
+        let mut bound = Vec::new();
+        for uplink in &class.uplinks {
+            if let Some(iface) = state.interfaces.get(uplink) {
+                let cluster = uplink_cluster(&svc.name, uplink);
+                self.add_cluster(cluster.clone(), svc, class, false, Some(iface));
+                bound.push((uplink.as_str(), cluster));
+            }
+        }
+        // Crossing uplinks needs somewhere to cross to, and retries.
+        let failover = state.cross_uplink_retry && bound.len() > 1 && class.retries > 0;
+        if failover {
+            // A connect that hangs on a dead uplink must also end within the try's
+            // share, so the retry can cross.
+            let share = per_try_timeout(class).min(Duration::from_secs(5));
+            for c in self.clusters.iter_mut().rev().take(bound.len()) {
+                c.connect_timeout = Some(pb_duration(share));
+                c.circuit_breakers = Some(failover_retry_limit());
+            }
+            for (first, _) in &bound {
+                self.add_failover_cluster(&svc.name, first, &bound);
+            }
+        }
+        match state.uplink_for(&class.name, &class.uplinks) {
+            Some(u) if failover => Target::Failover(failover_cluster(&svc.name, u)),
+            Some(u) => Target::Cluster(uplink_cluster(&svc.name, u)),
+            None if class.deferrable && state.defer_to.is_some() => {
+                Target::Cluster(DEFER_CLUSTER.to_string())
+            }
+            None => Target::NoUplink,
+        }
+    }
+
     /// An aggregate cluster over `svc`'s uplink clusters, `first`'s at priority 0, the
     /// others in the class's order after it.
     fn add_failover_cluster(&mut self, svc: &str, first: &str, bound: &[(&str, String)]) {
@@ -315,38 +356,9 @@ fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
                         Target::Cluster(cluster)
                     }
                     Some(state) => {
-                        let mut bound = Vec::new();
-                        for uplink in &class.uplinks {
-                            if let Some(iface) = state.interfaces.get(uplink) {
-                                let cluster = uplink_cluster(&svc.name, uplink);
-                                out.add_cluster(cluster.clone(), svc, class, false, Some(iface));
-                                bound.push((uplink.as_str(), cluster));
-                            }
-                        }
-                        // Crossing uplinks needs somewhere to cross to, and retries.
-                        let failover =
-                            state.cross_uplink_retry && bound.len() > 1 && class.retries > 0;
-                        if failover {
-                            // A connect that hangs on a dead uplink must also end within
-                            // the try's share, so the retry can cross.
-                            let share = per_try_timeout(class).min(Duration::from_secs(5));
-                            for c in out.clusters.iter_mut().rev().take(bound.len()) {
-                                c.connect_timeout = Some(pb_duration(share));
-                                c.circuit_breakers = Some(failover_retry_limit());
-                            }
-                            for (first, _) in &bound {
-                                out.add_failover_cluster(&svc.name, first, &bound);
-                            }
-                        }
-                        match state.uplink_for(&class.name, &class.uplinks) {
-                            Some(u) if failover => Target::Failover(failover_cluster(&svc.name, u)),
-                            Some(u) => Target::Cluster(uplink_cluster(&svc.name, u)),
-                            None if class.deferrable && state.defer_to.is_some() => {
-                                defer = true;
-                                Target::Cluster(DEFER_CLUSTER.to_string())
-                            }
-                            None => Target::NoUplink,
-                        }
+                        let target = out.add_uplink_clusters(svc, class, state);
+                        defer |= target.is_defer();
+                        target
                     }
                 };
                 outbound_hosts.push(virtual_host(svc, class, &target));
@@ -421,6 +433,12 @@ fn failover_retry_limit() -> CircuitBreakers {
 /// The class's timeout shared among its tries (with cross-uplink retries).
 fn per_try_timeout(class: &TrafficClass) -> Duration {
     class.timeout / class.retries.saturating_add(1)
+}
+
+impl Target {
+    fn is_defer(&self) -> bool {
+        matches!(self, Target::Cluster(c) if c == DEFER_CLUSTER)
+    }
 }
 
 /// Where a service's routes send requests.
