@@ -139,6 +139,48 @@ fn start_local_xds(
     xds
 }
 
+/// Store-and-forward: ingest listener, queue (blocking open: lock + recovery), and the
+/// forwarder following the engine's selection and policy.
+async fn start_store_forward(
+    sf: &config::StoreForwardConfig,
+    engine: &Engine,
+    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    registry: &mut prometheus_client::registry::Registry,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<misaki_saf::StoreForward, RunError> {
+    let ingest = tokio::net::TcpListener::bind(sf.listen)
+        .await
+        .map_err(|source| RunError::SafBind {
+            addr: sf.listen,
+            source,
+        })?;
+    let qcfg = sf.queue_config();
+    let queue = tokio::task::spawn_blocking(move || misaki_queue::Queue::open(qcfg))
+        .await
+        .map_err(|e| {
+            RunError::Queue(misaki_queue::OpenError::Io {
+                path: sf.queue_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
+    tracing::info!(dir = %sf.queue_dir.display(), messages = queue.len(), "store-and-forward queue open");
+    let uplinks = store_forward::SelectionUplinks::new(snapshots.clone());
+    let saf = misaki_saf::StoreForward::start(
+        sf.saf_config(),
+        Arc::new(queue),
+        engine.mesh_policy(),
+        uplinks,
+        stopped,
+    )?;
+    saf.register_metrics(registry);
+    tokio::spawn({
+        let saf = saf.clone();
+        async move { saf.serve(ingest).await }
+    });
+    tracing::info!(listen = %sf.listen, "store-and-forward ingest listening");
+    Ok(saf)
+}
+
 /// Run the daemon until `shutdown` completes.
 pub async fn run(
     config: Config,
@@ -171,37 +213,7 @@ pub async fn run(
     let saf = match &config.store_forward {
         None => None,
         Some(sf) => {
-            let ingest = tokio::net::TcpListener::bind(sf.listen)
-                .await
-                .map_err(|source| RunError::SafBind {
-                    addr: sf.listen,
-                    source,
-                })?;
-            let qcfg = sf.queue_config();
-            let queue = tokio::task::spawn_blocking(move || misaki_queue::Queue::open(qcfg))
-                .await
-                .map_err(|e| {
-                    RunError::Queue(misaki_queue::OpenError::Io {
-                        path: sf.queue_dir.clone(),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })??;
-            tracing::info!(dir = %sf.queue_dir.display(), messages = queue.len(), "store-and-forward queue open");
-            let uplinks = store_forward::SelectionUplinks::new(snapshots.clone());
-            let saf = misaki_saf::StoreForward::start(
-                sf.saf_config(),
-                Arc::new(queue),
-                engine.mesh_policy(),
-                uplinks,
-                stopped(),
-            )?;
-            saf.register_metrics(&mut registry);
-            tokio::spawn({
-                let saf = saf.clone();
-                async move { saf.serve(ingest).await }
-            });
-            tracing::info!(listen = %sf.listen, "store-and-forward ingest listening");
-            Some(saf)
+            Some(start_store_forward(sf, &engine, &snapshots, &mut registry, stopped()).await?)
         }
     };
 
