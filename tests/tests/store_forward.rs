@@ -498,7 +498,12 @@ fn deferred_request_goes_through_edge_netd_and_the_real_cloud_envoy_to_the_servi
         seen, expected,
         "the service sees the plain body (no content-encoding) and the key"
     );
-    let st = v.api_json("/saf/status").expect("/saf/status");
+    // The service may answer before edge-netd has counted the delivery: wait for it.
+    let st = wait_for(LONG, || {
+        let st = v.api_json("/saf/status")?;
+        (st["totals"]["delivered"].as_u64()? >= 1).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("delivery never counted: {:?}", v.api_json("/saf/status")));
     assert!(
         st["totals"]["wire_bytes"].as_u64().unwrap() < st["totals"]["body_bytes"].as_u64().unwrap(),
         "sent compressed: {st}"
