@@ -74,14 +74,7 @@ NETD=$ROOT/target/vehicle/edge-netd
 # uncommitted changes, as of the build (not of the report: the tree may move meanwhile).
 COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- control-plane edge-netd proto Cargo.lock 2>/dev/null || echo ' (with uncommitted changes in control-plane/edge-netd/proto)')
 for b in "$CP" "$NETD"; do [ -x "$b" ] || { echo "$b is not built (run without SKIP_BUILD)" >&2; exit 1; }; done
-# The Envoy executable itself, not the .venv's Python wrapper (its start would count).
-ENVOY=${MISAKI_ENVOY:-$ROOT/.venv/bin/envoy}
-[ -e "$ENVOY" ] || { echo "no Envoy at $ENVOY: run scripts/setup.sh or set MISAKI_ENVOY" >&2; exit 1; }
-if [ "$(head -c2 "$ENVOY")" = '#!' ]; then
-  ENVOY=$(ls "$(dirname "$ENVOY")"/../lib/python*/site-packages/envoy/_bin/envoy 2>/dev/null | head -1)
-  [ -x "$ENVOY" ] || { echo "cannot find the Envoy executable behind the .venv script" >&2; exit 1; }
-fi
-ENVOY_VERSION=$("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/\1/p')
+lab_envoy
 
 # ---- lab ------------------------------------------------------------------------------
 V=cs-v-$$; C=cs-c-$$; DIR=$(mktemp -d /tmp/config-scale.XXXXXX)
@@ -108,25 +101,8 @@ trap 'exit 130' INT TERM
 # Watchdog: the whole run stays bounded even if something hangs between waits.
 ( sleep 540 & echo $! >"$DIR/watchdog.sleep"; wait $!; echo "config_scale.sh: watchdog: 9 minutes, giving up" >&2; kill -TERM $$ ) & WATCHDOG=$!
 
-cs_lab_up() {
-  local n=0 spec k
-  ip netns add $V; ip netns add $C
-  ip -n $V link set lo up; ip -n $C link set lo up
-  ip -n $C addr add 198.18.0.1/32 dev lo
-  for k in all default; do
-    ip netns exec $V sysctl -q -w net.ipv4.conf.$k.ignore_routes_with_linkdown=1 net.ipv4.conf.$k.rp_filter=0
-  done
-  for spec in "wlan0 cwlan0 1" "wwan0 cwwan0 2"; do
-    set -- $spec; n=$((n+1))
-    ip link add $1 netns $V type veth peer name $2 netns $C
-    ip -n $V addr add 198.18.$3.1/30 dev $1; ip -n $C addr add 198.18.$3.2/30 dev $2
-    ip netns exec $V sysctl -q -w net.ipv4.conf.$1.rp_filter=0
-    ip -n $V link set $1 up; ip -n $C link set $2 up
-    ip -n $V route add 198.18.0.1/32 via 198.18.$3.2 dev $1 metric $((n*10))
-  done
-}
 log "lab: namespaces $V (vehicle: wlan0, wwan0) and $C (cloud), files in $DIR"
-cs_lab_up
+lab_up "wlan0 cwlan0 1" "wwan0 cwwan0 2"   # unshaped: this measures config, not links
 
 vcurl() { ip netns exec $V curl -s --max-time 3 "$@"; }
 ccurl() { ip netns exec $C curl -s --max-time 3 "$@"; }

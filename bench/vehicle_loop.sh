@@ -81,15 +81,7 @@ if [ -z "${NO_BEFORE:-}" ]; then
   B_CP=$BEFORE_DIR/target/release/misaki-cp
 fi
 
-# The Envoy executable itself: PyPI's .venv/bin/envoy is a Python script that execs it,
-# which would add the interpreter's start to the boot time.
-ENVOY=${MISAKI_ENVOY:-$ROOT/.venv/bin/envoy}
-[ -e "$ENVOY" ] || { echo "no Envoy at $ENVOY: run scripts/setup.sh or set MISAKI_ENVOY" >&2; exit 1; }
-if [ "$(head -c2 "$ENVOY")" = '#!' ]; then
-  ENVOY=$(ls "$(dirname "$ENVOY")"/../lib/python*/site-packages/envoy/_bin/envoy 2>/dev/null | head -1)
-  [ -x "$ENVOY" ] || { echo "cannot find the Envoy executable behind the .venv script" >&2; exit 1; }
-fi
-ENVOY_VERSION=$("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/\1/p')
+lab_envoy
 
 # ---- lab (bench/lib/lab.sh) ------------------------------------------------------------
 V=vl-v-$$; C=vl-c-$$; DIR=$(mktemp -d /tmp/vehicle-loop.XXXXXX)

@@ -1,5 +1,5 @@
-# The network-namespace lab of the link benchmarks, sourced by bench/edge_links.sh and
-# bench/vehicle_loop.sh (the topology of tests/src/netns.rs):
+# The network-namespace lab of the link benchmarks, sourced by bench/edge_links.sh,
+# bench/vehicle_loop.sh and bench/config_scale.sh (the topology of tests/src/netns.rs):
 #
 #   vehicle namespace $V                          cloud namespace $C
 #   wlan0 198.18.1.1/30 (tbf 50mbit) ── veth ──  cwlan0 198.18.1.2/30
@@ -15,24 +15,39 @@
 # scratch dir), the array PIDS (every background process it starts, for lab_kill_pids),
 # CP (the misaki-cp binary) and NETD (the edge-netd binary).
 
-# Create both namespaces, the three uplinks and the routes over them.
+# Create both namespaces, the uplinks and the routes over them. Each argument is one
+# uplink, "IFACE PEER OCTET [TBF_RATE]" (no rate: unshaped); none: the three above.
 lab_up() {
   local n=0 k spec
+  [ $# -gt 0 ] || set -- "wlan0 cwlan0 1 50mbit" "wwan0 cwwan0 2 10mbit" "dsrc0 cdsrc0 3 2mbit"
   ip netns add $V; ip netns add $C
   ip -n $V link set lo up; ip -n $C link set lo up
   ip -n $C addr add 198.18.0.1/32 dev lo
   for k in all default; do
     ip netns exec $V sysctl -q -w net.ipv4.conf.$k.ignore_routes_with_linkdown=1 net.ipv4.conf.$k.rp_filter=0
   done
-  for spec in "wlan0 cwlan0 1 50mbit" "wwan0 cwwan0 2 10mbit" "dsrc0 cdsrc0 3 2mbit"; do
+  for spec in "$@"; do
     set -- $spec; n=$((n+1))
     ip link add $1 netns $V type veth peer name $2 netns $C
     ip -n $V addr add 198.18.$3.1/30 dev $1; ip -n $C addr add 198.18.$3.2/30 dev $2
     ip netns exec $V sysctl -q -w net.ipv4.conf.$1.ignore_routes_with_linkdown=1 net.ipv4.conf.$1.rp_filter=0
     ip -n $V link set $1 up; ip -n $C link set $2 up
-    ip netns exec $V tc qdisc add dev $1 root tbf rate $4 burst 32kbit latency 50ms
+    [ -z "${4:-}" ] || ip netns exec $V tc qdisc add dev $1 root tbf rate $4 burst 32kbit latency 50ms
     ip -n $V route add 198.18.0.1/32 via 198.18.$3.2 dev $1 metric $((n*10))
   done
+}
+
+# Set ENVOY to the Envoy executable itself (PyPI's .venv/bin/envoy is a Python script
+# that execs it, which would add the interpreter's start to every timing) and
+# ENVOY_VERSION. ROOT is the repository.
+lab_envoy() {
+  ENVOY=${MISAKI_ENVOY:-$ROOT/.venv/bin/envoy}
+  [ -e "$ENVOY" ] || { echo "no Envoy at $ENVOY: run scripts/setup.sh or set MISAKI_ENVOY" >&2; exit 1; }
+  if [ "$(head -c2 "$ENVOY")" = '#!' ]; then
+    ENVOY=$(ls "$(dirname "$ENVOY")"/../lib/python*/site-packages/envoy/_bin/envoy 2>/dev/null | head -1)
+    [ -x "$ENVOY" ] || { echo "cannot find the Envoy executable behind the .venv script" >&2; exit 1; }
+  fi
+  ENVOY_VERSION=$("$ENVOY" --version | sed -n 's/.*version: [^/]*\/\([^/]*\)\/.*/\1/p')
 }
 
 # ---- cleanup (for the sourcing script's EXIT trap) -------------------------------------

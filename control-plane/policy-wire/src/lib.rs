@@ -65,11 +65,7 @@ fn from_pb<D: Copy, W: Copy + Into<i32>>(table: &[(D, W)], v: i32) -> Option<D> 
 
 /// The wire value of an uplink kind.
 pub fn kind_to_wire(k: UplinkKind) -> pb::UplinkKind {
-    KINDS
-        .iter()
-        .find(|(d, _)| *d == k)
-        .map(|(_, w)| *w)
-        .expect("every kind has a wire value")
+    pb::UplinkKind::try_from(to_pb(&KINDS, k)).expect("the table holds wire values")
 }
 
 /// The uplink kind of a wire value (`None` for unspecified or unknown values).

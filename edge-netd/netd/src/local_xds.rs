@@ -44,20 +44,27 @@ pub struct LocalSource {
 
 /// The vehicle state of an engine snapshot under `config`.
 pub fn vehicle_state(config: &Config, links: &LinkSnapshot) -> VehicleState {
-    VehicleState {
+    let mut state = VehicleState {
         interfaces: config
             .uplinks
             .iter()
             .map(|u| (u.name.clone(), u.interface.clone()))
             .collect(),
-        selected: links
-            .selections
-            .iter()
-            .map(|s| (s.class.clone(), s.uplink.clone()))
-            .collect(),
+        selected: Default::default(),
         defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
         cross_uplink_retry: config.cross_uplink_retry,
-    }
+    };
+    set_selected(&mut state, links);
+    state
+}
+
+/// Take the engine's current selection into `state`.
+fn set_selected(state: &mut VehicleState, links: &LinkSnapshot) {
+    state.selected = links
+        .selections
+        .iter()
+        .map(|s| (s.class.clone(), s.uplink.clone()))
+        .collect();
 }
 
 impl LocalSource {
@@ -89,13 +96,13 @@ impl LocalSource {
 
     /// Put a policy and state in force; returns how many client kinds got a changed
     /// snapshot. Does nothing (no compile) when neither changed.
-    pub fn update(&self, policy: Arc<Policy>, state: VehicleState) -> usize {
+    pub fn update(&self, policy: Arc<Policy>, state: &VehicleState) -> usize {
         let mut inner = self.inner.lock().expect("local xDS lock");
-        if Arc::ptr_eq(&inner.policy, &policy) && inner.state == state {
+        if Arc::ptr_eq(&inner.policy, &policy) && inner.state == *state {
             return 0;
         }
         inner.policy = policy;
-        inner.state = state;
+        inner.state = state.clone();
         inner.entries.retain(|_, tx| tx.receiver_count() > 0);
         let mut changed = 0;
         for (proxyless, tx) in &inner.entries {
@@ -145,10 +152,12 @@ pub async fn follow(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    // Only the selection moves; the config's part is built once. The engine publishes
+    // every probe's RTT, so this loop runs often and must stay cheap.
+    let mut state = vehicle_state(&config, &links.borrow_and_update());
     loop {
-        let state = vehicle_state(&config, &links.borrow_and_update());
         let current = policy.borrow_and_update().clone();
-        let changed = source.update(current, state);
+        let changed = source.update(current, &state);
         if changed > 0 {
             tracing::debug!(changed, "local xDS snapshot changed");
         }
@@ -157,6 +166,7 @@ pub async fn follow(
             r = links.changed() => if r.is_err() { return },
             r = policy.changed() => if r.is_err() { return },
         }
+        set_selected(&mut state, &links.borrow_and_update());
     }
 }
 
@@ -207,9 +217,9 @@ mod tests {
         let src = LocalSource::new("car-7", p.clone(), state(Some("wifi")), "x-");
         let mut rx = src.watch(&node("car-7", Role::Vehicle));
         let before = rx.borrow_and_update().clone();
-        assert_eq!(src.update(p.clone(), state(Some("wifi"))), 0);
+        assert_eq!(src.update(p.clone(), &state(Some("wifi"))), 0);
         assert!(!rx.has_changed().unwrap());
-        assert_eq!(src.update(p.clone(), state(Some("lte"))), 1);
+        assert_eq!(src.update(p.clone(), &state(Some("lte"))), 1);
         let after = rx.borrow_and_update().clone();
         for t in [
             ResourceType::Cluster,

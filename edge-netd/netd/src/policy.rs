@@ -70,8 +70,6 @@ pub struct VehiclePolicy {
     /// `""` before any policy was received.
     pub version: String,
     pub classes: Vec<ClassSpec>,
-    /// Cost per uplink name from the policy (overrides the config's cost).
-    pub costs: Vec<(String, u32)>,
     /// The wire form, kept to persist it unchanged.
     pub wire: Option<pb::PolicyUpdate>,
     /// The same policy as the mesh's domain model: what the local xDS tier compiles
@@ -105,11 +103,6 @@ impl VehiclePolicy {
         VehiclePolicy {
             version: wire.version.clone(),
             classes,
-            costs: mesh
-                .uplinks
-                .values()
-                .map(|u| (u.name.clone(), u.cost))
-                .collect(),
             wire: Some(wire),
             mesh: Arc::new(mesh),
         }
@@ -120,7 +113,6 @@ impl VehiclePolicy {
         VehiclePolicy {
             version: String::new(),
             classes: Vec::new(),
-            costs: Vec::new(),
             wire: None,
             mesh: Arc::new(empty_mesh()),
         }
@@ -144,11 +136,10 @@ impl VehiclePolicy {
 
     /// Cost of an uplink: the policy's if it names it, else the config's.
     pub fn cost(&self, uplink: &UplinkConfig) -> u32 {
-        self.costs
-            .iter()
-            .find(|(n, _)| *n == uplink.name)
-            .map(|(_, c)| *c)
-            .unwrap_or(uplink.cost)
+        self.mesh
+            .uplinks
+            .get(&uplink.name)
+            .map_or(uplink.cost, |u| u.cost)
     }
 }
 
