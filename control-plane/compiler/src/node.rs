@@ -40,6 +40,9 @@ pub struct NodeInfo {
     pub vehicle_id: Option<String>,
     /// A proxyless gRPC client rather than an Envoy.
     pub proxyless: bool,
+    /// The client speaks incremental (delta) xDS, so it can take resources on demand.
+    /// Not part of the `Node`: the xDS server sets it from the stream's protocol.
+    pub delta: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,6 +95,7 @@ impl NodeInfo {
             role,
             vehicle_id,
             proxyless: node.user_agent_name.starts_with("gRPC"),
+            delta: false,
         })
     }
 }

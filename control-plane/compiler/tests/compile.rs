@@ -28,6 +28,7 @@ fn vehicle() -> NodeInfo {
         role: Role::Vehicle,
         vehicle_id: Some("car-1".into()),
         proxyless: false,
+        delta: false,
     }
 }
 
@@ -37,6 +38,7 @@ fn cloud() -> NodeInfo {
         role: Role::Cloud,
         vehicle_id: None,
         proxyless: false,
+        delta: false,
     }
 }
 

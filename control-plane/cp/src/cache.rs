@@ -19,14 +19,14 @@ use misaki_policy::Policy;
 use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
 
-/// What a node's snapshot depends on besides the policy. Today the compiled output
-/// depends only on the role and whether the client is proxyless gRPC; when fleet
-/// state feeds the compiler (per-vehicle uplink choice) vehicles with differing state
-/// will get keys of their own.
+/// What a node's snapshot depends on besides the policy: the role, whether the client
+/// is proxyless gRPC, and whether it speaks delta xDS (vehicle Envoys on delta take
+/// undeclared services on demand).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CompileKey {
     pub role: Role,
     pub proxyless: bool,
+    pub delta: bool,
 }
 
 impl CompileKey {
@@ -34,6 +34,7 @@ impl CompileKey {
         CompileKey {
             role: node.role,
             proxyless: node.proxyless,
+            delta: node.delta,
         }
     }
 
@@ -44,6 +45,7 @@ impl CompileKey {
             role: self.role,
             vehicle_id: None,
             proxyless: self.proxyless,
+            delta: self.delta,
         }
     }
 }

@@ -17,6 +17,7 @@ fn vehicle(id: &str) -> NodeInfo {
         role: Role::Vehicle,
         vehicle_id: Some(id.into()),
         proxyless: false,
+        delta: false,
     }
 }
 
@@ -26,6 +27,7 @@ fn cloud() -> NodeInfo {
         role: Role::Cloud,
         vehicle_id: None,
         proxyless: false,
+        delta: false,
     }
 }
 

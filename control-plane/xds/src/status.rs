@@ -205,6 +205,7 @@ mod tests {
             role: Role::Vehicle,
             vehicle_id: Some("car-1".into()),
             proxyless: false,
+            delta: false,
         }
     }
 

@@ -224,7 +224,10 @@ async fn serve<P: Protocol>(
         },
     };
     let node = match NodeInfo::from_node(P::node(&first)) {
-        Ok(n) => n,
+        Ok(n) => NodeInfo {
+            delta: P::KIND == StreamKind::Delta,
+            ..n
+        },
         Err(e) => {
             metrics.node_error();
             return e.into();

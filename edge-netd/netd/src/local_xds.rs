@@ -30,8 +30,25 @@ use crate::engine::Snapshot as LinkSnapshot;
 struct Inner {
     policy: Arc<Policy>,
     state: VehicleState,
-    /// One compiled snapshot per kind of client (Envoy, proxyless gRPC).
-    entries: HashMap<bool, watch::Sender<Arc<Snapshot>>>,
+    /// One compiled snapshot per kind of client, keyed by [`ClientKind`].
+    entries: HashMap<ClientKind, watch::Sender<Arc<Snapshot>>>,
+}
+
+/// What a local client's snapshot depends on besides policy and state: proxyless gRPC
+/// or Envoy, and delta or SotW xDS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKind {
+    proxyless: bool,
+    delta: bool,
+}
+
+impl ClientKind {
+    fn of(node: &NodeInfo) -> Self {
+        ClientKind {
+            proxyless: node.proxyless,
+            delta: node.delta,
+        }
+    }
 }
 
 /// The snapshots the local tier serves. Cheap to clone.
@@ -85,12 +102,13 @@ impl LocalSource {
         }
     }
 
-    fn node(&self, proxyless: bool) -> NodeInfo {
+    fn node(&self, kind: ClientKind) -> NodeInfo {
         NodeInfo {
             id: String::new(),
             role: Role::Vehicle,
             vehicle_id: Some(self.vehicle_id.to_string()),
-            proxyless,
+            proxyless: kind.proxyless,
+            delta: kind.delta,
         }
     }
 
@@ -105,10 +123,10 @@ impl LocalSource {
         inner.state = state.clone();
         inner.entries.retain(|_, tx| tx.receiver_count() > 0);
         let mut changed = 0;
-        for (proxyless, tx) in &inner.entries {
+        for (kind, tx) in &inner.entries {
             let snap = compile_vehicle(
                 &inner.policy,
-                &self.node(*proxyless),
+                &self.node(*kind),
                 &inner.state,
                 &self.prefix,
             );
@@ -128,17 +146,18 @@ impl SnapshotSource for LocalSource {
                 "serving a local xDS client as this vehicle");
         }
         let mut inner = self.inner.lock().expect("local xDS lock");
-        if let Some(tx) = inner.entries.get(&node.proxyless) {
+        let kind = ClientKind::of(node);
+        if let Some(tx) = inner.entries.get(&kind) {
             return tx.subscribe();
         }
         let snap = compile_vehicle(
             &inner.policy,
-            &self.node(node.proxyless),
+            &self.node(kind),
             &inner.state,
             &self.prefix,
         );
         let (tx, rx) = watch::channel(Arc::new(snap));
-        inner.entries.insert(node.proxyless, tx);
+        inner.entries.insert(kind, tx);
         rx
     }
 }
@@ -197,6 +216,7 @@ mod tests {
             role,
             vehicle_id: Some(vehicle.into()),
             proxyless: false,
+            delta: false,
         }
     }
 
@@ -207,7 +227,7 @@ mod tests {
         let a = src.watch(&node("whatever", Role::Vehicle)).borrow().clone();
         let b = src.watch(&node("car-7", Role::Cloud)).borrow().clone();
         assert!(Arc::ptr_eq(&a, &b), "one snapshot for every Envoy");
-        let direct = compile_vehicle(&p, &src.node(false), &state(Some("wifi")), "x-");
+        let direct = compile_vehicle(&p, &src.node(ClientKind { proxyless: false, delta: false }), &state(Some("wifi")), "x-");
         assert_eq!(*a, direct);
     }
 

@@ -469,6 +469,7 @@ mod tests {
                 role: Role::Vehicle,
                 vehicle_id: Some("car-1".into()),
                 proxyless: false,
+                delta: false,
             },
             kind,
             connected_since: at(since_ms),
@@ -603,6 +604,7 @@ mod tests {
         let p = StreamStatus {
             node: NodeInfo {
                 proxyless: true,
+                delta: false,
                 ..stream("app", StreamKind::Sotw, 30).node
             },
             ..stream("app", StreamKind::Sotw, 30)
