@@ -73,6 +73,7 @@ use prost::{Message, Name};
 
 use crate::local::VehicleState;
 use crate::node::{NodeInfo, Role};
+use crate::scope::{Presence, Scope};
 use crate::snapshot::{Resource, Resources, Snapshot};
 
 /// Listener and route-configuration names (one route configuration per listener).
@@ -85,6 +86,9 @@ pub const CLASS_HEADER: &str = "x-misaki-class";
 
 /// Response header saying why the mesh itself answered (e.g. `no-uplink`).
 pub const REASON_HEADER: &str = "x-misaki-reason";
+
+/// `x-misaki-reason` of a request for a service outside a closed vehicle scope.
+pub const NOT_IN_SCOPE: &str = "not-in-scope";
 
 /// Cluster of edge-netd's store-and-forward ingest (deferrable classes without uplink).
 pub const DEFER_CLUSTER: &str = "misaki|defer";
@@ -134,12 +138,13 @@ fn compile_for(
     state: Option<&VehicleState>,
     version_prefix: &str,
 ) -> Snapshot {
+    let scope = Scope::of(policy);
     let mut out = match node.role {
-        Role::Vehicle => vehicle(policy, state),
+        Role::Vehicle => vehicle(policy, &scope, state),
         Role::Cloud => cloud(policy),
     };
     if node.proxyless {
-        out.add_api_listeners(policy, node.role);
+        out.add_api_listeners(policy, &scope, node.role);
     }
     out.into_snapshot(version_prefix)
 }
@@ -178,13 +183,17 @@ impl Output {
     /// Proxyless gRPC clients resolve `xds:///<service>` through a Listener named after
     /// the service whose `api_listener` points at the role's route configuration; the
     /// service's Host-matched virtual host (domain = service name) does the rest.
-    fn add_api_listeners(&mut self, policy: &Policy, role: Role) {
+    fn add_api_listeners(&mut self, policy: &Policy, scope: &Scope<'_>, role: Role) {
         let route_config = match role {
             Role::Vehicle => VEHICLE_OUTBOUND,
             Role::Cloud => CLOUD_INBOUND,
         };
         for svc in policy.services.values() {
-            if role == Role::Cloud && svc.location == Location::Vehicle {
+            let absent = match role {
+                Role::Cloud => svc.location == Location::Vehicle,
+                Role::Vehicle => scope.presence(svc, false) == Presence::Absent,
+            };
+            if absent {
                 continue;
             }
             let hcm = hcm(route_config, Vec::new());
@@ -332,12 +341,15 @@ impl Output {
     }
 }
 
-fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
+fn vehicle(policy: &Policy, scope: &Scope<'_>, state: Option<&VehicleState>) -> Output {
     let mut out = Output::default();
     let mut outbound_hosts = Vec::new();
     let mut inbound_hosts = Vec::new();
     let mut defer = false;
     for svc in policy.services.values() {
+        if scope.presence(svc, false) == Presence::Absent {
+            continue;
+        }
         let class = policy.class_of(svc);
         match svc.location {
             Location::Vehicle => {
@@ -375,8 +387,14 @@ fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
         m.vehicle_outbound_port,
         Vec::new(),
     ));
-    out.routes
-        .push(route_config(VEHICLE_OUTBOUND, outbound_hosts));
+    let mut outbound = route_config(VEHICLE_OUTBOUND, outbound_hosts);
+    if scope.is_closed() {
+        // Say why rather than Envoy's bare 404: the service may exist in the mesh.
+        if let Some(by_path) = outbound.virtual_hosts.last_mut() {
+            by_path.routes.push(not_in_scope());
+        }
+    }
+    out.routes.push(outbound);
     if !inbound_hosts.is_empty() {
         out.listeners.push(http_listener(
             VEHICLE_INBOUND,
@@ -388,6 +406,30 @@ fn vehicle(policy: &Policy, state: Option<&VehicleState>) -> Output {
             .push(route_config(VEHICLE_INBOUND, inbound_hosts));
     }
     out
+}
+
+/// The last route of a closed scope: a request for a service outside it.
+fn not_in_scope() -> Route {
+    Route {
+        name: "not-in-scope".to_string(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status: 404,
+            body: Some(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(
+                    "no service of this vehicle consumes a service at this host or path (see `consumes` in the mesh policy)\n"
+                        .to_string(),
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        response_headers_to_add: vec![header(REASON_HEADER, NOT_IN_SCOPE)],
+        ..Default::default()
+    }
 }
 
 /// Edge-netd's store-and-forward ingest on the vehicle's loopback: a static cluster,

@@ -7,10 +7,12 @@
 mod compile;
 mod local;
 pub mod node;
+mod scope;
 pub mod snapshot;
 
 pub use compile::{
-    CLASS_HEADER, CLOUD_INBOUND, DEFER_CLUSTER, REASON_HEADER, VEHICLE_INBOUND, VEHICLE_OUTBOUND,
-    compile, compile_vehicle, failover_cluster, inbound_cluster, outbound_cluster, uplink_cluster,
+    CLASS_HEADER, CLOUD_INBOUND, DEFER_CLUSTER, NOT_IN_SCOPE, REASON_HEADER, VEHICLE_INBOUND,
+    VEHICLE_OUTBOUND, compile, compile_vehicle, failover_cluster, inbound_cluster,
+    outbound_cluster, uplink_cluster,
 };
 pub use local::VehicleState;

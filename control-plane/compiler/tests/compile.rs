@@ -523,3 +523,57 @@ fn cross_uplink_retry_routes_to_an_aggregate_with_the_selected_uplink_first() {
         Some("agg|maps|lte")
     );
 }
+
+/// The quickstart with its vehicle service declaring what it consumes.
+fn quickstart_consuming(list: &str) -> Policy {
+    let anchor = "    routes: [\"/diagnostics\"]\n    class: standard\n";
+    assert!(QUICKSTART.contains(anchor), "test bug: quickstart changed");
+    let text = QUICKSTART.replacen(anchor, &format!("{anchor}    consumes: {list}\n"), 1);
+    misaki_policy::parse("mesh.yaml", &text).expect("valid")
+}
+
+#[test]
+fn a_closed_scope_holds_only_declared_services_and_says_why_for_the_rest() {
+    let p = quickstart_consuming("[maps]");
+    let s = compile(&p, &vehicle(), "p-");
+    let clusters = names(&s, ResourceType::Cluster);
+    assert!(clusters.contains(&outbound_cluster("maps")));
+    assert!(clusters.contains(&inbound_cluster("diagnostics")));
+    assert!(
+        !clusters.contains(&outbound_cluster("hazard-alerts")),
+        "{clusters:?}"
+    );
+    let by_path = outbound_by_path(&s);
+    let last = by_path.routes.last().expect("routes");
+    let Some(route::Action::DirectResponse(d)) = &last.action else {
+        panic!("last route is not the not-in-scope answer: {last:?}")
+    };
+    assert_eq!(d.status, 404);
+    assert!(
+        last.response_headers_to_add
+            .iter()
+            .any(|h| h.header.as_ref().unwrap().value == misaki_compiler::NOT_IN_SCOPE)
+    );
+    // Every other route of the vehicle still routes to a held cluster.
+    for r in &by_path.routes[..by_path.routes.len() - 1] {
+        let Some(route::Action::Route(a)) = &r.action else {
+            panic!("{r:?}")
+        };
+        let Some(route_action::ClusterSpecifier::Cluster(c)) = &a.cluster_specifier else {
+            panic!("{a:?}")
+        };
+        assert!(clusters.contains(c), "{c}");
+    }
+    // Proxyless clients get listeners only for what is in scope.
+    let mut proxyless = vehicle();
+    proxyless.proxyless = true;
+    let s = compile(&p, &proxyless, "p-");
+    let listeners = names(&s, ResourceType::Listener);
+    assert!(listeners.contains(&"maps".to_string()));
+    assert!(!listeners.contains(&"hazard-alerts".to_string()));
+    // The cloud side is not scoped.
+    assert_eq!(
+        compile(&p, &cloud(), "p-"),
+        compile(&quickstart(), &cloud(), "p-")
+    );
+}

@@ -79,6 +79,7 @@ pub(crate) mod tests {
                     }],
                     routes: vec!["/telemetry".into()],
                     class: "critical".into(),
+                    consumes: None,
                 },
             )]
             .into_iter()

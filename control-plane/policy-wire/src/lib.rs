@@ -126,6 +126,9 @@ pub fn to_wire(policy: &Policy) -> pb::PolicyUpdate {
                     .collect(),
                 routes: s.routes.clone(),
                 class: s.class.clone(),
+                consumes: s.consumes.as_ref().map(|names| pb::ServiceNames {
+                    names: names.clone(),
+                }),
             })
             .collect(),
         mesh: Some(pb::MeshSettings {
@@ -251,6 +254,12 @@ pub fn render(update: &pb::PolicyUpdate) -> String {
             format!("routes: {}", list(s.routes.iter().map(|r| quoted(r)))),
             format!("class: {}", quoted(&s.class)),
         ];
+        if let Some(c) = &s.consumes {
+            f.push(format!(
+                "consumes: {}",
+                list(c.names.iter().map(|n| quoted(n)))
+            ));
+        }
         if !s.endpoints.is_empty() {
             f.push(format!(
                 "endpoints: {}",

@@ -206,6 +206,7 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
                 ),
                 0usize..n_classes,
                 1usize..3,
+                prop::option::of(prop::collection::btree_set(0usize..5, 0..3)),
             );
             (
                 Just(uplinks),
@@ -242,10 +243,11 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
                 )
                 .collect();
             let class_names: Vec<&String> = classes.keys().collect();
+            let n_services = services.len();
             let services = services
                 .into_iter()
                 .enumerate()
-                .map(|(i, (loc, grpc, eps, class, n_routes))| {
+                .map(|(i, (loc, grpc, eps, class, n_routes, consumes))| {
                     let location = Location::ALL[loc].1;
                     let mut endpoints: Vec<Endpoint> = eps
                         .into_iter()
@@ -269,6 +271,13 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
                         endpoints,
                         routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
                         class: class_names[class].clone(),
+                        // Only vehicle services may declare what they call.
+                        consumes: consumes.filter(|_| location == Location::Vehicle).map(|c| {
+                            c.into_iter()
+                                .filter(|&j| j < n_services)
+                                .map(|j| format!("svc-{j}"))
+                                .collect()
+                        }),
                     };
                     (name, s)
                 })

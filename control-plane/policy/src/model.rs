@@ -203,6 +203,10 @@ pub struct Service {
     pub routes: Vec<String>,
     /// The traffic class (priority) its developers annotated it with; in `Policy::classes`.
     pub class: String,
+    /// Vehicle services only: the services it calls (each in `Policy::services`).
+    /// `None`: not declared. When every vehicle service declares it, a vehicle's
+    /// sidecar holds only these and the vehicle's own services.
+    pub consumes: Option<Vec<String>>,
 }
 
 impl Policy {

@@ -50,6 +50,7 @@ const SERVICE_FIELDS: &[&str] = &[
     "endpoints",
     "routes",
     "class",
+    "consumes",
 ];
 
 /// Default whole-request timeout of a class.
@@ -140,6 +141,8 @@ pub(crate) struct ServiceDraft {
     pub port: Option<(u16, Loc, String)>,
     pub routes: Vec<Named>,
     pub class: Option<Named>,
+    /// `consumes`, each name where it was written (checked against the services later).
+    pub consumes: Vec<Named>,
     pub value: Service,
 }
 
@@ -514,6 +517,7 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
                 path: class_path.clone(),
             })
         });
+    let consumes = read_consumes(r, &f, location);
     Some(ServiceDraft {
         value: Service {
             name: name.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
@@ -524,11 +528,36 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
             endpoints,
             routes: routes.iter().map(|n| n.text.clone()).collect(),
             class: class.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
+            consumes: consumes
+                .as_ref()
+                .map(|c| c.iter().map(|n| n.text.clone()).collect()),
         },
         name,
         location,
         port,
         routes,
         class,
+        consumes: consumes.unwrap_or_default(),
     })
+}
+
+/// `consumes`: the services a vehicle service calls, which scopes what the vehicle's
+/// sidecar holds. Only vehicle services have one: other sidecars serve their own.
+fn read_consumes(
+    r: &mut Reader<'_>,
+    f: &Fields<'_, '_>,
+    location: Option<Location>,
+) -> Option<Vec<Named>> {
+    let node = f.get("consumes")?;
+    let path = f.path("consumes");
+    if matches!(location, Some(Location::Edge | Location::Cloud)) {
+        r.error(
+            node,
+            &path,
+            ErrorKind::InvalidValue,
+            "`consumes` is for vehicle services (it scopes the vehicle sidecar); edge and cloud sidecars serve only their own services",
+        );
+        return None;
+    }
+    read_string_list(r, node, &path, "service names", |_, _, _, _| true)
 }

@@ -240,7 +240,7 @@ fn unknown_field_is_named_with_a_suggestion_and_the_allowed_fields() {
     assert_eq!(
         msg,
         "unknown field `protocl`; did you mean `protocol`?; allowed fields here: \
-         name, location, protocol, port, endpoints, routes, class"
+         name, location, protocol, port, endpoints, routes, class, consumes"
     );
 }
 
@@ -1002,4 +1002,64 @@ proptest! {
             }
         }
     }
+}
+
+/// MINI plus a vehicle service `car` (line 15) that consumes `list` (line 20).
+fn with_consumer(list: &str) -> String {
+    format!(
+        "{MINI}  - name: car\n    location: vehicle\n    port: 8080\n    routes: [\"/car\"]\n    class: std\n    consumes: {list}\n"
+    )
+}
+
+#[test]
+fn consumes_names_services_and_is_kept() {
+    let p = parse("p.yaml", &with_consumer("[app]")).unwrap();
+    assert_eq!(p.services["car"].consumes, Some(vec!["app".to_string()]));
+    assert_eq!(p.services["app"].consumes, None, "not declared");
+    let p = parse("p.yaml", &with_consumer("[]")).unwrap();
+    assert_eq!(
+        p.services["car"].consumes,
+        Some(vec![]),
+        "declared: nothing"
+    );
+}
+
+#[test]
+fn consumes_of_an_unknown_service_is_located_with_a_suggestion() {
+    let msg = the_error(
+        &with_consumer("[app, apq]"),
+        20,
+        21,
+        "services[1].consumes[1]",
+        ErrorKind::UnknownReference,
+    );
+    assert!(
+        msg.contains("unknown service `apq`; did you mean `app`?"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn consumes_twice_the_same_service_is_a_duplicate() {
+    let msg = the_error(
+        &with_consumer("[app, app]"),
+        20,
+        21,
+        "services[1].consumes[1]",
+        ErrorKind::Duplicate,
+    );
+    assert!(msg.contains("listed twice"), "{msg}");
+}
+
+#[test]
+fn consumes_on_a_cloud_service_is_an_error() {
+    let text = mini_with("    class: std\n", "    class: std\n    consumes: [app]\n");
+    let msg = the_error(
+        &text,
+        15,
+        15,
+        "services[0].consumes",
+        ErrorKind::InvalidValue,
+    );
+    assert!(msg.contains("for vehicle services"), "{msg}");
 }

@@ -43,8 +43,7 @@ pub(crate) fn merge(files: Vec<FileDraft>, whole: &Loc, errors: &mut Errors) -> 
         "class",
         errors,
     );
-    // Services are not referenced by name; this only reports duplicates.
-    unique_names(
+    let services = unique_names(
         files
             .iter()
             .flat_map(|f| &f.services.items)
@@ -61,6 +60,13 @@ pub(crate) fn merge(files: Vec<FileDraft>, whole: &Loc, errors: &mut Errors) -> 
         }
     }
     check_services(&files, &classes, &mesh_value, errors);
+    for consumed in files
+        .iter()
+        .flat_map(|f| &f.services.items)
+        .flat_map(|s| &s.consumes)
+    {
+        check_reference(consumed, &services, ("service", "services"), errors);
+    }
 
     if !errors.is_empty() {
         return None;

@@ -124,12 +124,8 @@ impl LocalSource {
         inner.entries.retain(|_, tx| tx.receiver_count() > 0);
         let mut changed = 0;
         for (kind, tx) in &inner.entries {
-            let snap = compile_vehicle(
-                &inner.policy,
-                &self.node(*kind),
-                &inner.state,
-                &self.prefix,
-            );
+            let snap =
+                compile_vehicle(&inner.policy, &self.node(*kind), &inner.state, &self.prefix);
             changed +=
                 usize::from(tx.send_if_modified(|cur| Snapshot::replace_if_changed(cur, snap)));
         }
@@ -150,12 +146,7 @@ impl SnapshotSource for LocalSource {
         if let Some(tx) = inner.entries.get(&kind) {
             return tx.subscribe();
         }
-        let snap = compile_vehicle(
-            &inner.policy,
-            &self.node(kind),
-            &inner.state,
-            &self.prefix,
-        );
+        let snap = compile_vehicle(&inner.policy, &self.node(kind), &inner.state, &self.prefix);
         let (tx, rx) = watch::channel(Arc::new(snap));
         inner.entries.insert(kind, tx);
         rx
@@ -227,7 +218,15 @@ mod tests {
         let a = src.watch(&node("whatever", Role::Vehicle)).borrow().clone();
         let b = src.watch(&node("car-7", Role::Cloud)).borrow().clone();
         assert!(Arc::ptr_eq(&a, &b), "one snapshot for every Envoy");
-        let direct = compile_vehicle(&p, &src.node(ClientKind { proxyless: false, delta: false }), &state(Some("wifi")), "x-");
+        let direct = compile_vehicle(
+            &p,
+            &src.node(ClientKind {
+                proxyless: false,
+                delta: false,
+            }),
+            &state(Some("wifi")),
+            "x-",
+        );
         assert_eq!(*a, direct);
     }
 

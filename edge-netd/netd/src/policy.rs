@@ -250,6 +250,7 @@ mod tests {
                 }],
                 routes: vec!["/telemetry".into()],
                 class: "bulk".into(),
+                consumes: None,
             }],
             mesh: None,
         }
