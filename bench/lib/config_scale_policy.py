@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mesh policies for bench/config_scale.sh (Python stdlib only).
 
-    config_scale_policy.py --services N [--step K]      (N = 0: the 4-service lab policy)
+    config_scale_policy.py --services N [--step K] [--consumes C]   (N = 0: the 4-service lab policy)
 
 Prints a policy document (version 1) on stdout:
 
@@ -15,6 +15,10 @@ Prints a policy document (version 1) on stdout:
   `/vsvc-<k>`, class standard);
 * N = 0: the lab's services (maps standard, telemetry bulk, hazard-alerts critical at
   the edge, diagnostics on the vehicle), endpoints as in bench/vehicle_loop.sh.
+
+--consumes C (N > 0): every vehicle service declares `consumes: [svc-0 .. svc-<C-1>]`
+(C >= 2 includes the edit target), so a vehicle holds only those C cloud services;
+without it nothing is declared.
 
 --step K applies the first K of these cumulative edits (each step is one edit of one
 thing relative to step K-1), to the edit target T (`svc-1`, class standard; lab: `maps`):
@@ -44,11 +48,12 @@ services:
 CLASSES = ["critical", "standard", "bulk"]
 
 
-def svc_line(name, location, port, endpoints, route, cls):
+def svc_line(name, location, port, endpoints, route, cls, consumes=None):
     eps = ", ".join('"%s"' % e for e in endpoints)
     ep = (", endpoints: [%s]" % eps) if endpoints else ""
-    return "  - { name: %s, location: %s, port: %d%s, routes: [%s], class: %s }\n" % (
-        name, location, port, ep, route, cls)
+    cons = (", consumes: [%s]" % ", ".join(consumes)) if consumes is not None else ""
+    return "  - { name: %s, location: %s, port: %d%s, routes: [%s], class: %s%s }\n" % (
+        name, location, port, ep, route, cls, cons)
 
 
 def services(n):
@@ -75,6 +80,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, required=True)
     ap.add_argument("--step", type=int, default=0, choices=range(len(STEPS)))
+    ap.add_argument("--consumes", type=int, default=None)
     a = ap.parse_args()
     svcs = services(a.services)
     target = svcs[0] if a.services == 0 else svcs[1]
@@ -89,7 +95,10 @@ def main():
     if a.step >= 4:
         target[5] = "bulk"
     out = [HEAD % {"std_timeout": std_timeout}]
-    out.extend(svc_line(*s) for s in svcs)
+    consumes = None
+    if a.consumes is not None and a.services > 0:
+        consumes = ["svc-%d" % i for i in range(min(a.consumes, a.services))]
+    out.extend(svc_line(*s, consumes=consumes if s[1] == "vehicle" else None) for s in svcs)
     sys.stdout.write("".join(out))
 
 

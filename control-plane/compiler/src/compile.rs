@@ -28,6 +28,7 @@
 //! every endpoint is an IP address (STRICT_DNS with inline endpoints otherwise: EDS
 //! endpoints cannot be DNS names).
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost, retry_policy, route, route_action, route_match,
+    ScopedRouteConfiguration, VirtualHost, retry_policy, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig as AggregateClusterConfig;
 use envoy_types::pb::envoy::extensions::compression::zstd::decompressor::v3::Zstd as ZstdDecompressor;
@@ -73,8 +74,9 @@ use prost::{Message, Name};
 
 use crate::local::VehicleState;
 use crate::node::{NodeInfo, Role};
+use crate::on_demand;
 use crate::scope::{Presence, Scope};
-use crate::snapshot::{Resource, Resources, Snapshot};
+use crate::snapshot::{Resource, ResourceType, Resources, Snapshot};
 
 /// Listener and route-configuration names (one route configuration per listener).
 pub const VEHICLE_OUTBOUND: &str = "vehicle_outbound";
@@ -139,8 +141,13 @@ fn compile_for(
     version_prefix: &str,
 ) -> Snapshot {
     let scope = Scope::of(policy);
+    // Envoys on delta xDS can fetch what they do not hold yet; SotW and proxyless
+    // gRPC clients cannot. Nor can an aggregate cluster (cross-uplink retry): Envoy
+    // fetches the cluster a route names, never an aggregate's members.
+    let on_demand =
+        node.delta && !node.proxyless && !state.is_some_and(|s| s.cross_uplink_retry);
     let mut out = match node.role {
-        Role::Vehicle => vehicle(policy, &scope, state),
+        Role::Vehicle => vehicle(policy, &scope, state, on_demand),
         Role::Cloud => cloud(policy),
     };
     if node.proxyless {
@@ -156,28 +163,56 @@ struct Output {
     endpoints: Vec<ClusterLoadAssignment>,
     listeners: Vec<Listener>,
     routes: Vec<RouteConfiguration>,
+    scoped_routes: Vec<ScopedRouteConfiguration>,
+    /// Resources sent only to clients that ask for them by name.
+    on_demand: BTreeSet<(ResourceType, String)>,
 }
 
 impl Output {
     fn into_snapshot(self, prefix: &str) -> Snapshot {
-        fn versioned<M: Message + Name>(
+        let on_demand = &self.on_demand;
+        let versioned = |t: ResourceType, items: Vec<Arc<Resource>>| {
+            let (lazy, eager): (Vec<_>, Vec<_>) = items
+                .into_iter()
+                .partition(|r| on_demand.contains(&(t, r.name.to_string())));
+            Resources::with_on_demand(prefix, eager, lazy)
+        };
+        fn encoded<M: Message + Name>(
             prefix: &str,
-            items: Vec<M>,
+            items: &[M],
             name: impl Fn(&M) -> &str,
-        ) -> Resources {
-            Resources::from_items(
-                prefix,
-                items
-                    .iter()
-                    .map(|m| Arc::new(Resource::new(prefix, name(m), m))),
-            )
+        ) -> Vec<Arc<Resource>> {
+            items
+                .iter()
+                .map(|m| Arc::new(Resource::new(prefix, name(m), m)))
+                .collect()
         }
+        use ResourceType as T;
         Snapshot::new(
-            versioned(prefix, self.clusters, |c| &c.name),
-            versioned(prefix, self.endpoints, |c| &c.cluster_name),
-            versioned(prefix, self.listeners, |l| &l.name),
-            versioned(prefix, self.routes, |r| &r.name),
+            versioned(T::Cluster, encoded(prefix, &self.clusters, |c| &c.name)),
+            versioned(
+                T::Endpoint,
+                encoded(prefix, &self.endpoints, |c| &c.cluster_name),
+            ),
+            versioned(T::Listener, encoded(prefix, &self.listeners, |l| &l.name)),
+            versioned(T::Route, encoded(prefix, &self.routes, |r| &r.name)),
         )
+        .with_scoped_routes(versioned(
+            T::ScopedRoute,
+            encoded(prefix, &self.scoped_routes, |s| &s.name),
+        ))
+    }
+
+    /// Mark what was added since `clusters`/`endpoints` resources as on demand.
+    fn on_demand_since(&mut self, clusters: usize, endpoints: usize) {
+        for c in &self.clusters[clusters..] {
+            self.on_demand
+                .insert((ResourceType::Cluster, c.name.clone()));
+        }
+        for e in &self.endpoints[endpoints..] {
+            self.on_demand
+                .insert((ResourceType::Endpoint, e.cluster_name.clone()));
+        }
     }
 
     /// Proxyless gRPC clients resolve `xds:///<service>` through a Listener named after
@@ -205,6 +240,35 @@ impl Output {
                 ..Default::default()
             });
         }
+    }
+
+    /// The vehicle's outbound listener over scoped routes (see [`crate::on_demand`]);
+    /// `hosts` are the services' routes in the order of `presences`.
+    fn add_scoped_outbound(
+        &mut self,
+        port: u16,
+        presences: &[(&str, Presence)],
+        hosts: Vec<(VirtualHost, Vec<Route>)>,
+    ) {
+        let mut scopes = on_demand::Scopes::default();
+        for ((svc, presence), (by_host, by_path)) in presences.iter().zip(hosts) {
+            scopes.add(svc, &by_host, by_path, *presence == Presence::Eager);
+        }
+        let built = scopes.finish(VEHICLE_OUTBOUND);
+        for (rc, lazy) in built.routes {
+            if lazy {
+                self.on_demand
+                    .insert((ResourceType::Route, rc.name.clone()));
+            }
+            self.routes.push(rc);
+        }
+        self.scoped_routes = built.scopes;
+        let mut hcm = hcm(VEHICLE_OUTBOUND, on_demand::filters());
+        hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::ScopedRoutes(
+            on_demand::scoped_routes(VEHICLE_OUTBOUND),
+        ));
+        self.listeners
+            .push(listener(VEHICLE_OUTBOUND, "127.0.0.1", port, &hcm));
     }
 
     /// The vehicle-state clusters of a cloud/edge service: one bound cluster per uplink
@@ -341,15 +405,23 @@ impl Output {
     }
 }
 
-fn vehicle(policy: &Policy, scope: &Scope<'_>, state: Option<&VehicleState>) -> Output {
+fn vehicle(
+    policy: &Policy,
+    scope: &Scope<'_>,
+    state: Option<&VehicleState>,
+    on_demand: bool,
+) -> Output {
     let mut out = Output::default();
     let mut outbound_hosts = Vec::new();
     let mut inbound_hosts = Vec::new();
+    let mut presences = Vec::new();
     let mut defer = false;
     for svc in policy.services.values() {
-        if scope.presence(svc, false) == Presence::Absent {
+        let presence = scope.presence(svc, on_demand);
+        if presence == Presence::Absent {
             continue;
         }
+        let (clusters_before, endpoints_before) = (out.clusters.len(), out.endpoints.len());
         let class = policy.class_of(svc);
         match svc.location {
             Location::Vehicle => {
@@ -376,25 +448,33 @@ fn vehicle(policy: &Policy, scope: &Scope<'_>, state: Option<&VehicleState>) -> 
                 outbound_hosts.push(virtual_host(svc, class, &target));
             }
         }
+        if presence == Presence::OnDemand {
+            out.on_demand_since(clusters_before, endpoints_before);
+        }
+        presences.push((svc.name.as_str(), presence));
     }
     if let Some(addr) = state.and_then(|s| s.defer_to).filter(|_| defer) {
         out.clusters.push(defer_cluster(addr));
     }
     let m = &policy.mesh;
-    out.listeners.push(http_listener(
-        VEHICLE_OUTBOUND,
-        "127.0.0.1",
-        m.vehicle_outbound_port,
-        Vec::new(),
-    ));
-    let mut outbound = route_config(VEHICLE_OUTBOUND, outbound_hosts);
-    if scope.is_closed() {
-        // Say why rather than Envoy's bare 404: the service may exist in the mesh.
-        if let Some(by_path) = outbound.virtual_hosts.last_mut() {
-            by_path.routes.push(not_in_scope());
+    if presences.iter().any(|(_, p)| *p == Presence::OnDemand) {
+        out.add_scoped_outbound(m.vehicle_outbound_port, &presences, outbound_hosts);
+    } else {
+        out.listeners.push(http_listener(
+            VEHICLE_OUTBOUND,
+            "127.0.0.1",
+            m.vehicle_outbound_port,
+            Vec::new(),
+        ));
+        let mut outbound = route_config(VEHICLE_OUTBOUND, outbound_hosts);
+        if scope.is_closed() {
+            // Say why rather than Envoy's bare 404: the service may exist in the mesh.
+            if let Some(by_path) = outbound.virtual_hosts.last_mut() {
+                by_path.routes.push(not_in_scope());
+            }
         }
+        out.routes.push(outbound);
     }
-    out.routes.push(outbound);
     if !inbound_hosts.is_empty() {
         out.listeners.push(http_listener(
             VEHICLE_INBOUND,
@@ -691,14 +771,18 @@ fn hcm(name: &str, mut filters: Vec<HttpFilter>) -> HttpConnectionManager {
 
 /// An HTTP listener whose routes are the route configuration of the same name.
 fn http_listener(name: &str, ip: &str, port: u16, filters: Vec<HttpFilter>) -> Listener {
-    let hcm = hcm(name, filters);
+    listener(name, ip, port, &hcm(name, filters))
+}
+
+/// A listener running `hcm`.
+fn listener(name: &str, ip: &str, port: u16, hcm: &HttpConnectionManager) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket(ip, port)),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
                 name: "envoy.filters.network.http_connection_manager".to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(&hcm))),
+                config_type: Some(filter::ConfigType::TypedConfig(any(hcm))),
             }],
             ..Default::default()
         }],
@@ -819,7 +903,7 @@ fn http2_upstream() -> HttpProtocolOptions {
     }
 }
 
-fn ads() -> ConfigSource {
+pub(crate) fn ads() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
             AggregatedConfigSource {},
@@ -829,7 +913,7 @@ fn ads() -> ConfigSource {
     }
 }
 
-fn any<M: Message + Name>(m: &M) -> Any {
+pub(crate) fn any<M: Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),

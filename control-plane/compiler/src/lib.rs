@@ -7,6 +7,7 @@
 mod compile;
 mod local;
 pub mod node;
+mod on_demand;
 mod scope;
 pub mod snapshot;
 
@@ -16,3 +17,4 @@ pub use compile::{
     outbound_cluster, uplink_cluster,
 };
 pub use local::VehicleState;
+pub use on_demand::SCOPE_HEADER;

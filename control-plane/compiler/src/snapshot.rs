@@ -6,12 +6,15 @@
 //!   restarted server (new prefix) never reuses a version;
 //! - resources are `Arc`-shared: nodes that compile to identical resources hold the
 //!   same allocation (fleet-scale memory, issue 5);
-//! - a type's SotW `version` is a hash over its resources' (name, version) pairs;
+//! - a type's SotW `version` is a hash over its resources' (name, version, on demand)
+//!   triples, so it changes when a resource moves between eager and on demand;
+//! - an on-demand resource is part of no wildcard subscription: a client gets it only
+//!   by subscribing to its name (Envoy's on-demand scopes and clusters);
 //! - names and versions are [`SharedStr`]s: an xDS stream that remembers what it
 //!   sent or what its client holds shares them with the snapshot instead of copying.
 
 use std::borrow::Borrow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -21,21 +24,26 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
 
-/// The four resource types misaki serves, in push order (CDS → EDS → LDS → RDS).
+/// The resource types misaki serves, in push order (CDS → EDS → LDS → SRDS → RDS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceType {
     Cluster,
     Endpoint,
     Listener,
+    ScopedRoute,
     Route,
 }
 
 impl ResourceType {
+    /// How many types there are: the length of every per-type array.
+    pub const COUNT: usize = 5;
+
     /// All types, in the order pushes must go out.
-    pub const PUSH_ORDER: [ResourceType; 4] = [
+    pub const PUSH_ORDER: [ResourceType; Self::COUNT] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
+        ResourceType::ScopedRoute,
         ResourceType::Route,
     ];
 
@@ -46,6 +54,9 @@ impl ResourceType {
                 "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
             }
             ResourceType::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
+            ResourceType::ScopedRoute => {
+                "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+            }
             ResourceType::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         }
     }
@@ -60,14 +71,19 @@ impl ResourceType {
             ResourceType::Cluster => "cds",
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
+            ResourceType::ScopedRoute => "srds",
             ResourceType::Route => "rds",
         }
     }
 
-    /// LDS and CDS are "full state" in SotW: every reply carries all resources, and a
-    /// resource missing from a reply is deleted by the client.
+    /// CDS, LDS and SRDS are "full state" in SotW: every reply carries all resources,
+    /// and a resource missing from a reply is deleted by the client (Envoy's
+    /// `ScopedRdsConfigSubscription` removes scopes absent from a SotW update).
     pub const fn is_full_state(self) -> bool {
-        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+        matches!(
+            self,
+            ResourceType::Cluster | ResourceType::Listener | ResourceType::ScopedRoute
+        )
     }
 
     pub const fn index(self) -> usize {
@@ -252,33 +268,78 @@ impl Resource {
 /// The resources of one type for one node.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
-    /// SotW `version_info` for this type: derived from the resources' versions.
+    /// SotW `version_info` for this type: derived from the resources' versions and
+    /// which of them are on demand.
     pub version: SharedStr,
+    /// Every resource, eager and on demand, by name.
     pub items: BTreeMap<String, Arc<Resource>>,
+    /// Names of the resources sent only to clients that subscribe to them by name.
+    on_demand: BTreeSet<String>,
 }
 
 impl Resources {
+    /// Resources that every wildcard subscription gets.
     pub fn from_items(prefix: &str, items: impl IntoIterator<Item = Arc<Resource>>) -> Self {
-        let items: BTreeMap<String, Arc<Resource>> =
-            items.into_iter().map(|r| (r.name.to_string(), r)).collect();
+        Self::with_on_demand(prefix, items, [])
+    }
+
+    /// `eager` resources plus `on_demand` ones, which no wildcard subscription covers.
+    /// A name in both sets is on demand.
+    pub fn with_on_demand(
+        prefix: &str,
+        eager: impl IntoIterator<Item = Arc<Resource>>,
+        on_demand: impl IntoIterator<Item = Arc<Resource>>,
+    ) -> Self {
+        let mut items: BTreeMap<String, Arc<Resource>> =
+            eager.into_iter().map(|r| (r.name.to_string(), r)).collect();
+        let mut lazy = BTreeSet::new();
+        for r in on_demand {
+            lazy.insert(r.name.to_string());
+            items.insert(r.name.to_string(), r);
+        }
         let mut h = Xxh3::new();
         for (name, r) in &items {
             h.update(name.as_bytes());
             h.update(&[0]);
             h.update(r.version.as_bytes());
-            h.update(&[0]);
+            // The marker keeps the version of an all-eager type what it always was.
+            h.update(if lazy.contains(name) { &[1] } else { &[0] });
         }
         Resources {
             version: format!("{prefix}{:016x}", h.digest()).into(),
             items,
+            on_demand: lazy,
         }
+    }
+
+    /// Whether `name` is an on-demand resource of this type (false if it does not exist).
+    pub fn is_on_demand(&self, name: &str) -> bool {
+        self.on_demand.contains(name)
+    }
+
+    /// Whether any resource of this type is on demand.
+    pub fn has_on_demand(&self) -> bool {
+        !self.on_demand.is_empty()
+    }
+
+    /// The resources a wildcard subscription covers, sorted by name.
+    pub fn eager(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.items
+            .iter()
+            .filter(|(n, _)| !self.on_demand.contains(n.as_str()))
+            .map(|(_, r)| r)
+    }
+
+    /// How many resources a wildcard subscription covers.
+    pub fn eager_len(&self) -> usize {
+        self.items.len() - self.on_demand.len()
     }
 }
 
 /// Everything one node should have.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    by_type: [Resources; 4],
+    by_type: [Resources; ResourceType::COUNT],
 }
 
 impl Snapshot {
@@ -289,8 +350,19 @@ impl Snapshot {
         routes: Resources,
     ) -> Self {
         Snapshot {
-            by_type: [clusters, endpoints, listeners, routes],
+            by_type: [clusters, endpoints, listeners, Resources::default(), routes],
         }
+    }
+
+    /// This snapshot with `resources` as its content of type `t`.
+    pub fn with(mut self, t: ResourceType, resources: Resources) -> Self {
+        self.by_type[t.index()] = resources;
+        self
+    }
+
+    /// This snapshot with `scoped_routes` as its SRDS content.
+    pub fn with_scoped_routes(self, scoped_routes: Resources) -> Self {
+        self.with(ResourceType::ScopedRoute, scoped_routes)
     }
 
     pub fn get(&self, t: ResourceType) -> &Resources {
@@ -350,6 +422,53 @@ mod tests {
         assert_eq!(format!("{s} {s:?}"), "abc \"abc\"");
         assert!(s.starts_with("ab"));
         assert_eq!(String::from(s), "abc");
+    }
+
+    fn cluster(name: &str) -> Arc<Resource> {
+        let c = Cluster {
+            name: name.into(),
+            ..Default::default()
+        };
+        Arc::new(Resource::new("x1-", name, &c))
+    }
+
+    #[test]
+    fn on_demand_resources_are_kept_apart_and_change_the_version() {
+        let all_eager = Resources::from_items("x1-", [cluster("a"), cluster("b")]);
+        let lazy_b = Resources::with_on_demand("x1-", [cluster("a")], [cluster("b")]);
+        assert_eq!(lazy_b.items.len(), 2, "named lookup sees both");
+        assert!(lazy_b.is_on_demand("b") && !lazy_b.is_on_demand("a"));
+        assert!(!lazy_b.is_on_demand("missing"));
+        assert!(lazy_b.has_on_demand() && !all_eager.has_on_demand());
+        let eager: Vec<&str> = lazy_b.eager().map(|r| r.name.as_str()).collect();
+        assert_eq!(eager, ["a"]);
+        assert_eq!(lazy_b.eager_len(), 1);
+        assert_ne!(
+            all_eager.version, lazy_b.version,
+            "moving to on demand is a change"
+        );
+        assert_eq!(
+            all_eager,
+            Resources::with_on_demand("x1-", [cluster("a"), cluster("b")], []),
+        );
+    }
+
+    #[test]
+    fn scoped_routes_sit_between_listeners_and_routes() {
+        let s = Snapshot::new(
+            Resources::default(),
+            Resources::default(),
+            Resources::default(),
+            Resources::from_items("x1-", [cluster("r")]),
+        );
+        assert!(s.get(ResourceType::ScopedRoute).items.is_empty());
+        let srds = Resources::from_items("x1-", [cluster("scope")]);
+        let s = s.with_scoped_routes(srds.clone());
+        assert_eq!(s.get(ResourceType::ScopedRoute), &srds);
+        assert!(s.get(ResourceType::Route).items.contains_key("r"));
+        let order: Vec<&str> = ResourceType::PUSH_ORDER.map(|t| t.short()).to_vec();
+        assert_eq!(order, ["cds", "eds", "lds", "srds", "rds"]);
+        assert!(ResourceType::ScopedRoute.is_full_state());
     }
 
     #[test]

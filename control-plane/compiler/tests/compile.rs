@@ -577,3 +577,84 @@ fn a_closed_scope_holds_only_declared_services_and_says_why_for_the_rest() {
         compile(&quickstart(), &cloud(), "p-")
     );
 }
+
+#[test]
+fn a_delta_vehicle_gets_undeclared_services_on_demand_through_scopes() {
+    use envoy_types::pb::envoy::config::route::v3::ScopedRouteConfiguration;
+    let p = quickstart();
+    let mut node = vehicle();
+    node.delta = true;
+    let s = compile(&p, &node, "p-");
+    let clusters = s.get(ResourceType::Cluster);
+    assert!(clusters.is_on_demand(&outbound_cluster("maps")));
+    assert!(
+        !clusters.is_on_demand(&inbound_cluster("diagnostics")),
+        "own services are held"
+    );
+    // The outbound listener takes scopes over SRDS instead of one table.
+    let listeners: Vec<Listener> = decode(&s, ResourceType::Listener);
+    let out = listeners
+        .iter()
+        .find(|l| l.name == "vehicle_outbound")
+        .unwrap();
+    assert!(matches!(
+        hcm_of(out).route_specifier,
+        Some(http_connection_manager::RouteSpecifier::ScopedRoutes(_))
+    ));
+    let filters: Vec<String> = hcm_of(out)
+        .http_filters
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.http.lua",
+            "envoy.filters.http.on_demand",
+            "envoy.filters.http.router"
+        ]
+    );
+    // Each scope's table is in the snapshot (a fetch never hangs); on demand unless
+    // it holds a service the vehicle keeps.
+    let scopes: Vec<ScopedRouteConfiguration> = decode(&s, ResourceType::ScopedRoute);
+    let routes = s.get(ResourceType::Route);
+    for sc in &scopes {
+        assert!(
+            routes.items.contains_key(&sc.route_configuration_name),
+            "{}",
+            sc.name
+        );
+        assert_eq!(
+            sc.on_demand,
+            routes.is_on_demand(&sc.route_configuration_name),
+            "{}",
+            sc.name
+        );
+    }
+    let by_name = |n: &str| {
+        scopes
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap_or_else(|| panic!("{n}"))
+    };
+    assert!(by_name("vehicle_outbound/host/maps").on_demand);
+    assert!(by_name("vehicle_outbound/path/maps").on_demand);
+    assert!(!by_name("vehicle_outbound/host/diagnostics").on_demand);
+    // Every route goes to a cluster of the snapshot.
+    for rc in decode::<RouteConfiguration>(&s, ResourceType::Route) {
+        for r in rc.virtual_hosts.iter().flat_map(|v| &v.routes) {
+            if let Some(route::Action::Route(a)) = &r.action {
+                let Some(route_action::ClusterSpecifier::Cluster(c)) = &a.cluster_specifier else {
+                    panic!("{a:?}")
+                };
+                assert!(clusters.items.contains_key(c), "{c}");
+            }
+        }
+    }
+    // SotW keeps the full single table; declaring everything needs no scopes.
+    let sotw = compile(&p, &vehicle(), "p-");
+    assert!(sotw.get(ResourceType::ScopedRoute).items.is_empty());
+    assert!(!sotw.get(ResourceType::Cluster).has_on_demand());
+    let closed = compile(&quickstart_consuming("[maps]"), &node, "p-");
+    assert!(closed.get(ResourceType::ScopedRoute).items.is_empty());
+}

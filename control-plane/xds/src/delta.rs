@@ -13,13 +13,20 @@
 //!   response;
 //! - a NACK is recorded, and since the client is still marked as holding the rejected
 //!   versions they are not resent until the resource changes;
-//! - wildcard: `*`, or (legacy) an empty first subscription for CDS/LDS; explicitly
-//!   unsubscribing a name that the wildcard also covers is answered with the resource
-//!   or its removal, as the protocol requires;
-//! - pushes go CDS → EDS → LDS → RDS; removed clusters go out last, in their own CDS
-//!   response, when other types change in the same push (make-before-break);
-//! - warming: added or changed clusters are followed by their EDS assignments, and
-//!   added or changed listeners by the subscribed routes, even if unchanged.
+//! - wildcard: `*`, or (legacy) an empty first subscription for CDS/LDS/SRDS; it stays
+//!   until `*` is unsubscribed, whatever names later requests add (Envoy's on-demand
+//!   CDS only adds names); explicitly unsubscribing a name that the wildcard also
+//!   covers is answered with the resource or its removal, as the protocol requires;
+//! - on demand: a wildcard covers only the eager resources; an on-demand resource is
+//!   sent only to a stream that subscribes to its name (next to `*` or alone), updates
+//!   go only there, and its removal too. A resource that leaves a stream's
+//!   subscription because the snapshot made it on demand goes out as removed; one the
+//!   client unsubscribed is just forgotten;
+//! - pushes go CDS → EDS → LDS → SRDS → RDS; removed clusters go out last, in their
+//!   own CDS response, when other types change in the same push (make-before-break);
+//! - warming: added or changed clusters are followed by their EDS assignments, added
+//!   or changed listeners by the subscribed scopes and routes, and added or changed
+//!   scopes by the routes they name, even if unchanged.
 //!
 //! Names and versions the state keeps are [`SharedStr`]s taken from the snapshot's
 //! resources whenever the snapshot has them, so 10,000 streams tracking the same
@@ -30,18 +37,19 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::route::v3::ScopedRouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 #[cfg(test)]
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryResponse, Resource as WireResource,
 };
-use misaki_compiler::snapshot::{Resource, ResourceType, SharedStr, Snapshot};
+use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use prost::Message;
 use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
-use crate::stream::{Protocol, StreamCtx};
+use crate::stream::{Protocol, StreamCtx, warmed_by};
 use crate::wire::{WireMessage, field_len, put_field, put_header, put_str, str_len};
 
 /// A delta response decided on but not yet encoded (see [`crate::sotw::SotwReply`]).
@@ -141,9 +149,72 @@ struct TypeState {
     version: Option<SharedStr>,
 }
 
+/// Whether a subscription (`names`, `wildcard`) covers `name` of `res`'s type: by
+/// name, or by the wildcard unless it is on demand.
+fn covers(names: &BTreeSet<SharedStr>, wildcard: bool, res: &Resources, name: &str) -> bool {
+    names.contains(name) || (wildcard && !res.is_on_demand(name))
+}
+
 impl TypeState {
-    fn subscribed(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    fn subscribed(&self, res: &Resources, name: &str) -> bool {
+        covers(&self.names, self.wildcard, res, name)
+    }
+
+    /// Apply one request's subscription changes to this type (`first`: the stream's
+    /// first request of it). Returns the names to answer even if the client seems to
+    /// hold them.
+    fn apply(
+        &mut self,
+        res: &Resources,
+        t: ResourceType,
+        first: bool,
+        req: DeltaDiscoveryRequest,
+    ) -> BTreeSet<SharedStr> {
+        let items = &res.items;
+        if first {
+            self.has = req
+                .initial_resource_versions
+                .into_iter()
+                .map(|(n, v)| match items.get(&n) {
+                    Some(r) if r.version == v => (r.name.clone(), r.version.clone()),
+                    Some(r) => (r.name.clone(), v.into()),
+                    None => (n.into(), v.into()),
+                })
+                .collect();
+            // Legacy wildcard: a first request that subscribes to nothing.
+            self.wildcard = req.resource_names_subscribe.is_empty() && t.is_full_state();
+        }
+        let mut force = BTreeSet::new();
+        for n in req.resource_names_subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else {
+                // Explicit subscriptions are answered even if the client seems to hold
+                // the resource (it may have forgotten it) — except on the first request,
+                // where `initial_resource_versions` says exactly what it holds.
+                let n = intern(items, n);
+                if !(first && self.has.contains_key(&n)) {
+                    force.insert(n.clone());
+                }
+                self.names.insert(n);
+            }
+        }
+        for n in req.resource_names_unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(n.as_str());
+                if self.subscribed(res, &n) {
+                    // Still covered by the wildcard: the client cannot tell whether to
+                    // keep it, so say (resource or removal).
+                    force.insert(intern(items, n));
+                }
+            }
+        }
+        // Unsubscribed resources need no removal message; just stop tracking them.
+        let (wildcard, names) = (self.wildcard, &self.names);
+        self.has.retain(|n, _| covers(names, wildcard, res, n));
+        force
     }
 }
 
@@ -178,7 +249,7 @@ impl Plan {
 #[derive(Debug)]
 pub(crate) struct Delta {
     snapshot: Arc<Snapshot>,
-    types: [TypeState; 4],
+    types: [TypeState; ResourceType::COUNT],
     last_nonce: u64,
 }
 
@@ -191,6 +262,15 @@ fn eds_name(cluster: &Resource) -> SharedStr {
         .map(|e| e.service_name)
         .filter(|s| !s.is_empty())
         .map_or_else(|| cluster.name.clone(), SharedStr::from)
+}
+
+/// The route configuration a scope names. Decoded only for scopes that just changed.
+fn scope_route(scope: &Resource) -> Option<SharedStr> {
+    ScopedRouteConfiguration::decode(scope.body.value.as_slice())
+        .ok()
+        .map(|s| s.route_configuration_name)
+        .filter(|s| !s.is_empty())
+        .map(SharedStr::from)
 }
 
 /// `name` as a [`SharedStr`], shared with the snapshot's resource of that name if
@@ -211,29 +291,31 @@ impl Delta {
         if !st.requested {
             return plan;
         }
-        let items = &self.snapshot.get(t).items;
+        let res = self.snapshot.get(t);
+        let items = &res.items;
         let mut consider = |r: &Arc<Resource>| {
             if force.contains(&r.name) || st.has.get(&r.name) != Some(&r.version) {
                 plan.items.push(r.clone());
             }
         };
         if st.wildcard {
-            items.values().for_each(&mut consider);
-        } else {
-            st.names
-                .iter()
-                .filter_map(|n| items.get(n.as_str()))
-                .for_each(&mut consider);
+            res.eager().for_each(&mut consider);
         }
+        st.names
+            .iter()
+            .filter(|n| !st.wildcard || res.is_on_demand(n))
+            .filter_map(|n| items.get(n.as_str()))
+            .for_each(&mut consider);
+        // Held resources that are gone, or that the subscription no longer covers.
         let mut removed: BTreeSet<&SharedStr> = st
             .has
             .keys()
-            .filter(|n| !items.contains_key(n.as_str()))
+            .filter(|n| !items.contains_key(n.as_str()) || !st.subscribed(res, n))
             .collect();
         removed.extend(
             force
                 .iter()
-                .filter(|n| st.subscribed(n) && !items.contains_key(n.as_str())),
+                .filter(|n| st.subscribed(res, n) && !items.contains_key(n.as_str())),
         );
         plan.removed = removed.into_iter().cloned().collect();
         plan
@@ -273,40 +355,30 @@ impl Delta {
     }
 
     /// Names of `child` that warming requires after `parent_items` were sent.
-    fn warming(&self, parent: ResourceType, parent_items: &[Arc<Resource>]) -> BTreeSet<SharedStr> {
-        let (child, names): (ResourceType, BTreeSet<SharedStr>) = match parent {
-            _ if parent_items.is_empty() => return BTreeSet::new(),
-            ResourceType::Cluster => (
-                ResourceType::Endpoint,
-                parent_items.iter().map(|c| eds_name(c)).collect(),
-            ),
-            // Which routes a listener uses is inside its filter chains; resending every
-            // subscribed route is simpler and routes are few per node.
-            ResourceType::Listener => (
-                ResourceType::Route,
-                self.snapshot
-                    .get(ResourceType::Route)
-                    .items
-                    .values()
-                    .map(|r| r.name.clone())
-                    .collect(),
-            ),
-            _ => return BTreeSet::new(),
+    fn warming(
+        &self,
+        parent: ResourceType,
+        child: ResourceType,
+        parent_items: &[Arc<Resource>],
+    ) -> BTreeSet<SharedStr> {
+        if parent_items.is_empty() {
+            return BTreeSet::new();
+        }
+        let res = self.snapshot.get(child);
+        let names: BTreeSet<SharedStr> = match parent {
+            ResourceType::Cluster => parent_items.iter().map(|c| eds_name(c)).collect(),
+            ResourceType::ScopedRoute => {
+                parent_items.iter().filter_map(|s| scope_route(s)).collect()
+            }
+            // Which scopes and routes a listener uses is inside its filter chains;
+            // resending every subscribed one is simpler and they are few per node.
+            _ => res.items.values().map(|r| r.name.clone()).collect(),
         };
         let st = &self.types[child.index()];
-        let items = &self.snapshot.get(child).items;
         names
             .into_iter()
-            .filter(|n| st.subscribed(n) && items.contains_key(n.as_str()))
+            .filter(|n| st.subscribed(res, n) && res.items.contains_key(n.as_str()))
             .collect()
-    }
-
-    fn child(t: ResourceType) -> Option<ResourceType> {
-        match t {
-            ResourceType::Cluster => Some(ResourceType::Endpoint),
-            ResourceType::Listener => Some(ResourceType::Route),
-            _ => None,
-        }
     }
 }
 
@@ -345,57 +417,14 @@ impl Protocol for Delta {
 
         let first = !st.requested;
         st.requested = true;
-        let items = &self.snapshot.get(t).items;
-        if first {
-            st.has = req
-                .initial_resource_versions
-                .into_iter()
-                .map(|(n, v)| match items.get(&n) {
-                    Some(r) if r.version == v => (r.name.clone(), r.version.clone()),
-                    Some(r) => (r.name.clone(), v.into()),
-                    None => (n.into(), v.into()),
-                })
-                .collect();
-            // Legacy wildcard: a first request that subscribes to nothing.
-            st.wildcard = req.resource_names_subscribe.is_empty() && t.is_full_state();
-        }
-        let mut force = BTreeSet::new();
-        for n in req.resource_names_subscribe {
-            if n == "*" {
-                st.wildcard = true;
-            } else {
-                // Explicit subscriptions are answered even if the client seems to hold
-                // the resource (it may have forgotten it) — except on the first request,
-                // where `initial_resource_versions` says exactly what it holds.
-                let n = intern(items, n);
-                if !(first && st.has.contains_key(&n)) {
-                    force.insert(n.clone());
-                }
-                st.names.insert(n);
-            }
-        }
-        for n in req.resource_names_unsubscribe {
-            if n == "*" {
-                st.wildcard = false;
-            } else {
-                st.names.remove(n.as_str());
-                if st.wildcard {
-                    // Still covered by the wildcard: the client cannot tell whether to
-                    // keep it, so say (resource or removal).
-                    force.insert(intern(items, n));
-                }
-            }
-        }
-        // Unsubscribed resources need no removal message; just stop tracking them.
-        let (wildcard, names) = (st.wildcard, &st.names);
-        st.has.retain(|n, _| wildcard || names.contains(n));
+        let force = st.apply(self.snapshot.get(t), t, first, req);
 
         let plan = self.plan(t, &force);
         let sent = plan.items.clone();
         let mut out = Vec::new();
         out.extend(self.commit(t, plan, first, ctx));
-        if let Some(child) = Self::child(t) {
-            let force = self.warming(t, &sent);
+        for &child in warmed_by(t) {
+            let force = self.warming(t, child, &sent);
             if !force.is_empty() {
                 let p = self.plan(child, &force);
                 out.extend(self.commit(child, p, false, ctx));
@@ -414,16 +443,21 @@ impl Protocol for Delta {
                 s.plan(t, force)
             }
         };
-        let cds = plan_if_changed(self, ResourceType::Cluster, &none);
-        let eds_force = self.warming(ResourceType::Cluster, &cds.items);
-        let eds = plan_if_changed(self, ResourceType::Endpoint, &eds_force);
-        let lds = plan_if_changed(self, ResourceType::Listener, &none);
-        let rds_force = self.warming(ResourceType::Listener, &lds.items);
-        let rds = plan_if_changed(self, ResourceType::Route, &rds_force);
+        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute};
+        let cds = plan_if_changed(self, Cluster, &none);
+        let eds_force = self.warming(Cluster, Endpoint, &cds.items);
+        let eds = plan_if_changed(self, Endpoint, &eds_force);
+        let lds = plan_if_changed(self, Listener, &none);
+        let srds_force = self.warming(Listener, ScopedRoute, &lds.items);
+        let srds = plan_if_changed(self, ScopedRoute, &srds_force);
+        let mut rds_force = self.warming(Listener, Route, &lds.items);
+        rds_force.extend(self.warming(ScopedRoute, Route, &srds.items));
+        let rds = plan_if_changed(self, Route, &rds_force);
 
         // Make-before-break: clusters (and their assignments) that went away are
         // removed only after everything that may still point at them has moved.
-        let others_change = !eds.items.is_empty() || !lds.is_empty() || !rds.is_empty();
+        let others_change =
+            !eds.items.is_empty() || !lds.is_empty() || !srds.is_empty() || !rds.is_empty();
         let make_before_break = !cds.removed.is_empty() && others_change;
         let (cds, cds_removals, eds, eds_removals) = if make_before_break {
             let (cds, cds_rm) = cds.split_removals();
@@ -434,12 +468,13 @@ impl Protocol for Delta {
         };
         let mut out = Vec::new();
         for (t, p) in [
-            (ResourceType::Cluster, cds),
-            (ResourceType::Endpoint, eds),
-            (ResourceType::Listener, lds),
-            (ResourceType::Route, rds),
-            (ResourceType::Cluster, cds_removals),
-            (ResourceType::Endpoint, eds_removals),
+            (Cluster, cds),
+            (Endpoint, eds),
+            (Listener, lds),
+            (ScopedRoute, srds),
+            (Route, rds),
+            (Cluster, cds_removals),
+            (Endpoint, eds_removals),
         ] {
             out.extend(self.commit(t, p, false, ctx));
         }
@@ -520,5 +555,109 @@ mod tests {
                 removed: removed.into_iter().map(SharedStr::from).collect(),
             });
         }
+    }
+
+    fn cluster(name: &str, tag: &str) -> Arc<Resource> {
+        let c = Cluster {
+            name: name.into(),
+            alt_stat_name: tag.into(),
+            ..Default::default()
+        };
+        Arc::new(Resource::new("v-", name, &c))
+    }
+
+    fn scope(name: &str, route: &str, tag: u32) -> Arc<Resource> {
+        let s = ScopedRouteConfiguration {
+            name: name.into(),
+            route_configuration_name: route.into(),
+            on_demand: tag % 2 == 1,
+            ..Default::default()
+        };
+        Arc::new(Resource::new("v-", name, &s))
+    }
+
+    fn request(t: ResourceType, subscribe: &[&str], unsubscribe: &[&str]) -> DeltaDiscoveryRequest {
+        let strings = |v: &[&str]| v.iter().map(|n| n.to_string()).collect();
+        DeltaDiscoveryRequest {
+            type_url: t.type_url().into(),
+            resource_names_subscribe: strings(subscribe),
+            resource_names_unsubscribe: strings(unsubscribe),
+            ..Default::default()
+        }
+    }
+
+    fn clusters(cds: Resources) -> Arc<Snapshot> {
+        let empty = Resources::default;
+        Arc::new(Snapshot::new(cds, empty(), empty(), empty()))
+    }
+
+    /// `(type, names sent, names removed)` of each reply.
+    fn summary(out: &[DeltaReply]) -> Vec<(ResourceType, Vec<&str>, Vec<&str>)> {
+        out.iter()
+            .map(|r| {
+                let names = r.items.iter().map(|i| i.name.as_str()).collect();
+                (r.t, names, r.removed.iter().map(|n| n.as_str()).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_demand_cluster_is_sent_next_to_the_wildcard_only_when_named() {
+        use ResourceType::Cluster as C;
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let cds =
+            |od: &str| Resources::with_on_demand("v-", [cluster("a", "1")], [cluster("od", od)]);
+        let mut d = Delta::new(clusters(cds("1")));
+        let out = d.on_request(request(C, &["*"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["a"], vec![])]);
+        // Envoy's on-demand CDS adds a name without repeating "*".
+        let out = d.on_request(request(C, &["od"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["od"], vec![])]);
+        assert!(d.types[C.index()].wildcard, "the wildcard stays");
+        let out = d.on_request(request(C, &["missing"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec![], vec!["missing"])], "fails fast");
+        let out = d.on_snapshot(clusters(cds("2")), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["od"], vec![])]);
+        assert!(d.on_request(request(C, &[], &["od"]), &ctx).is_empty());
+        assert!(!d.types[C.index()].has.contains_key("od"), "forgotten");
+        assert!(d.on_snapshot(clusters(cds("3")), &ctx).is_empty());
+    }
+
+    #[test]
+    fn cluster_that_becomes_on_demand_leaves_the_wildcard_as_removed() {
+        use ResourceType::Cluster as C;
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let (a, b) = (cluster("a", "1"), cluster("b", "1"));
+        let mut d = Delta::new(clusters(Resources::from_items(
+            "v-",
+            [a.clone(), b.clone()],
+        )));
+        let out = d.on_request(request(C, &[], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["a", "b"], vec![])]);
+        let out = d.on_snapshot(clusters(Resources::with_on_demand("v-", [a], [b])), &ctx);
+        assert_eq!(summary(&out), [(C, vec![], vec!["b"])]);
+    }
+
+    #[test]
+    fn changed_scope_is_followed_by_the_route_it_names() {
+        use ResourceType::{Route as R, ScopedRoute as S};
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let snap = |tag: u32| {
+            let empty = Resources::default;
+            let routes = Resources::from_items("v-", [route("r1"), route("r2")]);
+            let scopes =
+                Resources::from_items("v-", [scope("s1", "r1", tag), scope("s2", "r2", 0)]);
+            Arc::new(Snapshot::new(empty(), empty(), empty(), routes).with_scoped_routes(scopes))
+        };
+        let mut d = Delta::new(snap(0));
+        let out = d.on_request(request(S, &[], &[]), &ctx);
+        assert_eq!(summary(&out), [(S, vec!["s1", "s2"], vec![])]);
+        let out = d.on_request(request(R, &["r1", "r2"], &[]), &ctx);
+        assert_eq!(summary(&out), [(R, vec!["r1", "r2"], vec![])]);
+        let out = d.on_snapshot(snap(1), &ctx);
+        assert_eq!(
+            summary(&out),
+            [(S, vec!["s1"], vec![]), (R, vec!["r1"], vec![])]
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Naming rule: `misaki_xds_<name>[_<unit>]`, counters get `_total` from the
 //! exposition format. Labels are low-cardinality only: `kind` (`sotw`/`delta`) and
-//! `type` (`cds`/`eds`/`lds`/`rds`). Node ids never become labels: a fleet of 10,000
+//! `type` (`cds`/`eds`/`lds`/`srds`/`rds`). Node ids never become labels: a fleet of 10,000
 //! vehicles would make 10,000 series; per-node detail lives in the `/nodes` JSON.
 //!
 //! Handles for every label value are created up front, so the hot path increments an
@@ -37,7 +37,7 @@ pub(crate) struct Metrics {
     nacks: Family<Labels, Counter>,
     stale: Family<Labels, Counter>,
     node_errors: Counter,
-    by_type: [PerType; 4],
+    by_type: [PerType; ResourceType::COUNT],
     sotw_streams: Gauge,
     delta_streams: Gauge,
 }

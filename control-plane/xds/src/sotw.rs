@@ -8,20 +8,28 @@
 //!   recorded and that exact `version_info` is never sent again for that type on this
 //!   stream; the stream waits for new content;
 //! - a reply carries every subscribed resource that exists, each name once (content is
-//!   built from a `BTreeMap`, so names are unique and sorted); for CDS/LDS this is the
-//!   required full state, for EDS/RDS it is simply the simplest correct choice;
+//!   built from a `BTreeMap`, so names are unique and sorted); for CDS/LDS/SRDS this is
+//!   the required full state (Envoy drops scopes missing from a SotW SRDS reply), for
+//!   EDS/RDS it is simply the simplest correct choice;
+//! - wildcard: `*`, or (legacy) an empty `resource_names` for CDS/LDS/SRDS until a name
+//!   is requested (Envoy always subscribes SRDS that way). A wildcard covers the eager
+//!   resources only; an on-demand resource goes out only to a stream that names it
+//!   (next to `*` or alone), and leaves its replies when the name is dropped;
 //! - a type is sent only when its content for this stream's subscription changed, or
 //!   the request subscribed to something new (newly requested names are answered even
 //!   if unchanged), or warming needs it (below); names that do not exist yet stay
 //!   subscribed and go out when they appear;
-//! - pushes go CDS → EDS → LDS → RDS; clusters that disappear while other types change
-//!   are removed last (make-before-break): CDS(old ∪ new), EDS, LDS, RDS, CDS(new);
+//! - pushes go CDS → EDS → LDS → SRDS → RDS; clusters that disappear while other types
+//!   change are removed last (make-before-break): CDS(old ∪ new), EDS, LDS, SRDS, RDS,
+//!   CDS(new);
 //! - warming: a CDS reply that adds or changes a cluster is followed by an EDS reply
 //!   even if the assignments did not change (Envoy keeps an updated cluster warming
-//!   until it gets one); likewise LDS → RDS;
-//! - `version_info` is the snapshot's type version when the reply is the type's whole
-//!   content, else that version plus a hash of the reply's (name, version) pairs, so a
-//!   version always identifies exactly one content and stays unique per server run.
+//!   until it gets one); likewise LDS → SRDS and RDS, and SRDS → RDS;
+//! - `version_info` is the snapshot's type version when the reply is exactly the
+//!   type's eager resources (what a wildcard covers; the type version also covers
+//!   which resources are on demand), else that version plus a hash of the reply's
+//!   (name, version) pairs, so a version always identifies exactly one content and
+//!   stays unique per server run.
 
 use std::collections::BTreeSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -36,7 +44,7 @@ use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
-use crate::stream::{Protocol, StreamCtx};
+use crate::stream::{Protocol, StreamCtx, warmed_by};
 use crate::wire::{WireMessage, field_len, put_field, put_str, str_len};
 
 /// A response decided on but not yet encoded. The server writes it with
@@ -142,7 +150,7 @@ struct Plan {
 #[derive(Debug)]
 pub(crate) struct Sotw {
     snapshot: Arc<Snapshot>,
-    types: [TypeState; 4],
+    types: [TypeState; ResourceType::COUNT],
     last_nonce: u64,
 }
 
@@ -184,6 +192,13 @@ fn diff(new: &[Arc<Resource>], old: &[Arc<Resource>]) -> (bool, bool) {
     (touched, removed)
 }
 
+/// Whether `items` (unique names, all from `res`) is exactly `res`'s eager resources:
+/// the content whose `version_info` is the bare type version.
+fn is_eager_set(res: &Resources, items: &[Arc<Resource>]) -> bool {
+    items.len() == res.eager_len()
+        && (!res.has_on_demand() || items.iter().all(|r| !res.is_on_demand(&r.name)))
+}
+
 /// The `version_info` for a reply (see the module invariants).
 fn reply_version(res: &Resources, items: &[Arc<Resource>], whole_type: bool) -> SharedStr {
     if whole_type {
@@ -201,25 +216,39 @@ impl Sotw {
     /// Everything of type `t` this stream subscribes to and that exists, sorted.
     fn content(&self, t: ResourceType) -> Vec<Arc<Resource>> {
         let st = &self.types[t.index()];
-        let items = &self.snapshot.get(t).items;
+        let res = self.snapshot.get(t);
         if st.wildcard {
-            items.values().cloned().collect()
+            // The eager resources plus the on-demand ones this stream names.
+            res.items
+                .values()
+                .filter(|r| st.names.contains(r.name.as_str()) || !res.is_on_demand(&r.name))
+                .cloned()
+                .collect()
         } else {
             st.names
                 .iter()
-                .filter_map(|n| items.get(n).cloned())
+                .filter_map(|n| res.items.get(n).cloned())
                 .collect()
         }
     }
 
     fn plan(&mut self, t: ResourceType, force: bool) -> Option<Plan> {
         let items = self.content(t);
-        let whole = items.len() == self.snapshot.get(t).items.len();
+        let whole = is_eager_set(self.snapshot.get(t), &items);
         self.plan_items(t, items, whole, force)
     }
 
+    /// [`Self::plan`], skipped when `t`'s content did not change and nothing forces it.
+    fn plan_if_changed(&mut self, old: &Snapshot, t: ResourceType, force: bool) -> Option<Plan> {
+        if self.unchanged(old, t) && !force {
+            None
+        } else {
+            self.plan(t, force)
+        }
+    }
+
     /// Decide whether `items` must go out for `t`. `whole_type` says `items` is exactly
-    /// the snapshot's content of `t`.
+    /// the snapshot's eager content of `t`.
     fn plan_items(
         &mut self,
         t: ResourceType,
@@ -278,20 +307,91 @@ impl Sotw {
         }
     }
 
-    /// Send `plan` and, if it adds or changes CDS/LDS resources, the EDS/RDS reply that
-    /// warming waits for.
+    /// Send `plan` and, if it adds or changes resources, the replies warming waits for.
     fn commit_with_warming(&mut self, plan: Plan, ctx: &StreamCtx, out: &mut Vec<SotwReply>) {
-        let child = match plan.t {
-            ResourceType::Cluster if plan.touched => Some(ResourceType::Endpoint),
-            ResourceType::Listener if plan.touched => Some(ResourceType::Route),
-            _ => None,
-        };
+        let children = if plan.touched { warmed_by(plan.t) } else { &[] };
         out.push(self.commit(plan, ctx));
-        if let Some(child) = child
-            && let Some(p) = self.plan(child, true)
+        for &child in children {
+            if let Some(p) = self.plan(child, true) {
+                out.push(self.commit(p, ctx));
+            }
+        }
+    }
+
+    /// The replies of a snapshot change: CDS first, then `rest` (EDS, LDS, SRDS, RDS
+    /// plans, in push order), and removed clusters last when `rest` changes anything.
+    fn push_with_clusters(
+        &mut self,
+        old: &Snapshot,
+        rest: [Option<Plan>; 4],
+        ctx: &StreamCtx,
+    ) -> Vec<SotwReply> {
+        let mut out = Vec::new();
+        // Nothing to decide for CDS when the client already holds exactly the current
+        // clusters: it subscribes to all of them and its last CDS reply was the whole
+        // type at this very version (`version_info` is the bare type version only for
+        // whole-type replies). Then nothing went away and nothing changed, so no CDS
+        // reply and no make-before-break; skip building and diffing the content, which
+        // a fleet-wide change would otherwise do for every stream. A stream that never
+        // asked for CDS gets none either.
+        let cds_st = &self.types[ResourceType::Cluster.index()];
+        let cds_settled = !cds_st.requested
+            || (cds_st.wildcard
+                && self.unchanged(old, ResourceType::Cluster)
+                && cds_st.version.as_deref()
+                    == Some(self.snapshot.get(ResourceType::Cluster).version.as_str()));
+        if cds_settled {
+            for p in rest.into_iter().flatten() {
+                out.push(self.commit(p, ctx));
+            }
+            return out;
+        }
+
+        let cds_items = self.content(ResourceType::Cluster);
+        let removed: Vec<Arc<Resource>> = {
+            let st = &self.types[ResourceType::Cluster.index()];
+            st.sent
+                .iter()
+                .filter(|r| cds_items.binary_search_by(|c| c.name.cmp(&r.name)).is_err())
+                .cloned()
+                .collect()
+        };
+        let removes = !removed.is_empty();
+        let make_before_break = removes && rest.iter().any(Option::is_some);
+        let whole = is_eager_set(self.snapshot.get(ResourceType::Cluster), &cds_items);
+
+        let cds = if make_before_break {
+            // Old ∪ new: the clusters listeners and routes still point at stay until
+            // they have moved on.
+            let mut keep = cds_items.clone();
+            keep.extend(removed);
+            keep.sort_by(|a, b| a.name.cmp(&b.name));
+            self.plan_items(ResourceType::Cluster, keep, false, false)
+        } else if self.unchanged(old, ResourceType::Cluster) && !removes {
+            None
+        } else {
+            self.plan_items(ResourceType::Cluster, cds_items.clone(), whole, false)
+        };
+        let cds_touched = cds.as_ref().is_some_and(|p| p.touched);
+        if let Some(p) = cds {
+            out.push(self.commit(p, ctx));
+        }
+        let [eds, lds, srds, rds] = rest;
+        // Warming: a changed cluster waits for EDS even if its endpoints did not change.
+        let eds = if cds_touched {
+            self.plan(ResourceType::Endpoint, true)
+        } else {
+            eds
+        };
+        for p in [eds, lds, srds, rds].into_iter().flatten() {
+            out.push(self.commit(p, ctx));
+        }
+        if make_before_break
+            && let Some(p) = self.plan_items(ResourceType::Cluster, cds_items, whole, false)
         {
             out.push(self.commit(p, ctx));
         }
+        out
     }
 
     fn unchanged(&self, old: &Snapshot, t: ResourceType) -> bool {
@@ -358,89 +458,15 @@ impl Protocol for Sotw {
 
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<SotwReply> {
         let old = std::mem::replace(&mut self.snapshot, snapshot);
-        let mut out = Vec::new();
-        let plan_if_changed = |s: &mut Self, t: ResourceType, force: bool| {
-            if s.unchanged(&old, t) && !force {
-                None
-            } else {
-                s.plan(t, force)
-            }
-        };
-
-        // Plan LDS/RDS/EDS first: whether anything besides CDS changes decides whether
-        // removed clusters must wait until the end.
-        let lds = plan_if_changed(self, ResourceType::Listener, false);
-        let rds = plan_if_changed(
-            self,
-            ResourceType::Route,
-            lds.as_ref().is_some_and(|p| p.touched),
-        );
-        let eds = plan_if_changed(self, ResourceType::Endpoint, false);
-
-        // Nothing to decide for CDS when the client already holds exactly the current
-        // clusters: it subscribes to all of them and its last CDS reply was the whole
-        // type at this very version (`version_info` is the bare type version only for
-        // whole-type replies). Then nothing went away and nothing changed, so no CDS
-        // reply and no make-before-break; skip building and diffing the content, which
-        // a fleet-wide change would otherwise do for every stream. A stream that never
-        // asked for CDS gets none either.
-        let cds_st = &self.types[ResourceType::Cluster.index()];
-        let cds_settled = !cds_st.requested
-            || (cds_st.wildcard
-                && self.unchanged(&old, ResourceType::Cluster)
-                && cds_st.version.as_deref()
-                    == Some(self.snapshot.get(ResourceType::Cluster).version.as_str()));
-        if cds_settled {
-            for p in [eds, lds, rds].into_iter().flatten() {
-                out.push(self.commit(p, ctx));
-            }
-            return out;
-        }
-
-        let cds_items = self.content(ResourceType::Cluster);
-        let removed: Vec<Arc<Resource>> = {
-            let st = &self.types[ResourceType::Cluster.index()];
-            st.sent
-                .iter()
-                .filter(|r| cds_items.binary_search_by(|c| c.name.cmp(&r.name)).is_err())
-                .cloned()
-                .collect()
-        };
-        let removes = !removed.is_empty();
-        let make_before_break = removes && (eds.is_some() || lds.is_some() || rds.is_some());
-        let whole = cds_items.len() == self.snapshot.get(ResourceType::Cluster).items.len();
-
-        let cds = if make_before_break {
-            // Old ∪ new: the clusters listeners and routes still point at stay until
-            // they have moved on.
-            let mut keep = cds_items.clone();
-            keep.extend(removed);
-            keep.sort_by(|a, b| a.name.cmp(&b.name));
-            self.plan_items(ResourceType::Cluster, keep, false, false)
-        } else if self.unchanged(&old, ResourceType::Cluster) && !removes {
-            None
-        } else {
-            self.plan_items(ResourceType::Cluster, cds_items.clone(), whole, false)
-        };
-        let cds_touched = cds.as_ref().is_some_and(|p| p.touched);
-        if let Some(p) = cds {
-            out.push(self.commit(p, ctx));
-        }
-        // Warming: a changed cluster waits for EDS even if its endpoints did not change.
-        let eds = if cds_touched {
-            self.plan(ResourceType::Endpoint, true)
-        } else {
-            eds
-        };
-        for p in [eds, lds, rds].into_iter().flatten() {
-            out.push(self.commit(p, ctx));
-        }
-        if make_before_break
-            && let Some(p) = self.plan_items(ResourceType::Cluster, cds_items, whole, false)
-        {
-            out.push(self.commit(p, ctx));
-        }
-        out
+        // Plan the other types first: whether anything besides CDS changes decides
+        // whether removed clusters must wait until the end.
+        let lds = self.plan_if_changed(&old, ResourceType::Listener, false);
+        let lds_touched = lds.as_ref().is_some_and(|p| p.touched);
+        let srds = self.plan_if_changed(&old, ResourceType::ScopedRoute, lds_touched);
+        let srds_touched = srds.as_ref().is_some_and(|p| p.touched);
+        let rds = self.plan_if_changed(&old, ResourceType::Route, lds_touched || srds_touched);
+        let eds = self.plan_if_changed(&old, ResourceType::Endpoint, false);
+        self.push_with_clusters(&old, [eds, lds, srds, rds], ctx)
     }
 }
 
@@ -536,5 +562,84 @@ mod tests {
         let mut eds = TypeState::default();
         assert!(!eds.subscribe(ResourceType::Endpoint, vec![]));
         assert!(!eds.wildcard);
+        // Envoy subscribes SRDS with no names: a wildcard, like CDS/LDS.
+        let mut srds = TypeState::default();
+        assert!(srds.subscribe(ResourceType::ScopedRoute, vec![]));
+        assert!(srds.wildcard);
+    }
+
+    fn request(t: ResourceType, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: t.type_url().into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn reply_names(reply: &SotwReply) -> Vec<&str> {
+        reply.items.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    fn types(out: &[SotwReply]) -> Vec<ResourceType> {
+        out.iter().map(|r| r.t).collect()
+    }
+
+    /// Listener "l" at version `l`, one scope "s" at version `scope`, route "r" at 1
+    /// (empty bodies: only versions matter here).
+    fn routing(l: &str, scope: &str) -> Arc<Snapshot> {
+        let one = |n: &str, v: &str| Resources::from_items("v-", [r(n, v)]);
+        let empty = Resources::default;
+        Arc::new(
+            Snapshot::new(empty(), empty(), one("l", l), one("r", "1"))
+                .with_scoped_routes(one("s", scope)),
+        )
+    }
+
+    #[test]
+    fn on_demand_cluster_goes_only_to_a_stream_that_names_it() {
+        let ctx = StreamCtx::for_test(StreamKind::Sotw);
+        let cds = Resources::with_on_demand("v-", [cluster("a")], [cluster("od")]);
+        let type_version = cds.version.clone();
+        let empty = Resources::default;
+        let mut s = Sotw::new(Arc::new(Snapshot::new(cds, empty(), empty(), empty())));
+        let out = s.on_request(request(ResourceType::Cluster, &[], ""), &ctx);
+        assert_eq!(reply_names(&out[0]), ["a"]);
+        assert_eq!(
+            out[0].version, type_version,
+            "the eager set is the whole type"
+        );
+        let nonce = out[0].nonce.clone();
+        let out = s.on_request(request(ResourceType::Cluster, &["*", "od"], &nonce), &ctx);
+        assert_eq!(reply_names(&out[0]), ["a", "od"]);
+        assert_ne!(out[0].version, type_version, "one version, one content");
+        let nonce = out[0].nonce.clone();
+        let out = s.on_request(request(ResourceType::Cluster, &["*"], &nonce), &ctx);
+        assert_eq!(
+            reply_names(&out[0]),
+            ["a"],
+            "full state: dropped by omission"
+        );
+        assert_eq!(out[0].version, type_version);
+    }
+
+    #[test]
+    fn changed_listener_warms_scopes_then_routes_and_changed_scope_warms_routes() {
+        use ResourceType::{Listener, Route, ScopedRoute};
+        let ctx = StreamCtx::for_test(StreamKind::Sotw);
+        let mut s = Sotw::new(routing("1", "1"));
+        for (t, names) in [(Listener, &[][..]), (ScopedRoute, &[]), (Route, &["r"])] {
+            assert_eq!(types(&s.on_request(request(t, names, ""), &ctx)), [t]);
+        }
+        let out = s.on_snapshot(routing("2", "1"), &ctx);
+        assert_eq!(types(&out), [Listener, ScopedRoute, Route]);
+        let out = s.on_snapshot(routing("2", "2"), &ctx);
+        assert_eq!(
+            types(&out),
+            [ScopedRoute, Route],
+            "a changed scope warms routes"
+        );
+        assert_eq!(reply_names(&out[1]), ["r"]);
+        assert!(s.on_snapshot(routing("2", "2"), &ctx).is_empty());
     }
 }

@@ -62,7 +62,7 @@ pub struct StreamStatus {
     pub node: NodeInfo,
     pub kind: StreamKind,
     pub connected_since: SystemTime,
-    pub types: [TypeStatus; 4],
+    pub types: [TypeStatus; ResourceType::COUNT],
 }
 
 type Entry = Arc<Mutex<StreamStatus>>;

@@ -33,8 +33,9 @@ use crate::status::{NackRecord, StreamHandle, StreamKind, StreamRegistry};
 use crate::wire::WireMessage;
 
 /// Responses queued per stream before the stream's task waits for the client. Enough
-/// for one full push (CDS, EDS, LDS, RDS and a final CDS) without waiting.
-const STREAM_BUFFER: usize = 6;
+/// for one full push (CDS, EDS, LDS, SRDS, RDS and the final CDS and EDS removals)
+/// without waiting.
+const STREAM_BUFFER: usize = 7;
 
 /// What the per-stream channel carries. Boxed: tokio's channel allocates its slots
 /// 32 at a time whatever its capacity, so a pointer-sized item keeps that block at a
@@ -97,6 +98,23 @@ impl StreamCtx {
         self.metrics.of(t).stale.inc();
         debug!(r#type = t.short(), nonce, "stale nonce: request ignored");
     }
+
+    /// A context for driving a state machine in unit tests, with its own registry.
+    #[cfg(test)]
+    pub fn for_test(kind: StreamKind) -> Self {
+        let node = NodeInfo {
+            id: "car-1".into(),
+            role: misaki_compiler::node::Role::Vehicle,
+            vehicle_id: Some("car-1".into()),
+            proxyless: false,
+            delta: kind == StreamKind::Delta,
+        };
+        StreamCtx {
+            node_id: node.id.clone(),
+            status: StreamRegistry::new().register(node, kind),
+            metrics: Metrics::default(),
+        }
+    }
 }
 
 /// One ADS variant's per-stream protocol state machine.
@@ -114,6 +132,18 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn new(snapshot: Arc<Snapshot>) -> Self;
     fn on_request(&mut self, req: Self::Req, ctx: &StreamCtx) -> Vec<Self::Out>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<Self::Out>;
+}
+
+/// The types a client must be sent after an added or changed resource of type `t`,
+/// even if unchanged, because Envoy keeps the parent warming until it gets them: a
+/// cluster waits for EDS, a listener for its scopes and routes, a scope for its routes.
+pub(crate) const fn warmed_by(t: ResourceType) -> &'static [ResourceType] {
+    match t {
+        ResourceType::Cluster => &[ResourceType::Endpoint],
+        ResourceType::Listener => &[ResourceType::ScopedRoute, ResourceType::Route],
+        ResourceType::ScopedRoute => &[ResourceType::Route],
+        ResourceType::Endpoint | ResourceType::Route => &[],
+    }
 }
 
 /// What a stream task needs from the server.

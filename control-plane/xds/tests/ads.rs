@@ -12,7 +12,11 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::Key;
+use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::key::{
+    Fragment, fragment,
+};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, ScopedRouteConfiguration};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -31,6 +35,7 @@ use tonic::{Code, Streaming};
 const CDS: ResourceType = ResourceType::Cluster;
 const EDS: ResourceType = ResourceType::Endpoint;
 const LDS: ResourceType = ResourceType::Listener;
+const SRDS: ResourceType = ResourceType::ScopedRoute;
 const RDS: ResourceType = ResourceType::Route;
 
 /// How long to wait for something that must arrive.
@@ -47,19 +52,34 @@ struct Spec {
     endpoints: Vec<(&'static str, u32)>,
     listeners: Vec<(&'static str, u32)>,
     routes: Vec<(&'static str, u32)>,
+    /// Scopes: (name, route configuration it names, tag).
+    scopes: Vec<(&'static str, &'static str, u32)>,
+    /// On-demand clusters and routes: in no wildcard subscription.
+    od_clusters: Vec<(&'static str, u32)>,
+    od_routes: Vec<(&'static str, u32)>,
 }
 
 const PREFIX: &str = "test1-";
 
+fn cluster(&(n, tag): &(&'static str, u32)) -> Arc<Resource> {
+    let c = Cluster {
+        name: n.into(),
+        alt_stat_name: format!("v{tag}"),
+        ..Default::default()
+    };
+    Arc::new(Resource::new(PREFIX, n, &c))
+}
+
+fn route(&(n, tag): &(&'static str, u32)) -> Arc<Resource> {
+    let r = RouteConfiguration {
+        name: n.into(),
+        internal_only_headers: vec![format!("x-v{tag}")],
+        ..Default::default()
+    };
+    Arc::new(Resource::new(PREFIX, n, &r))
+}
+
 fn snapshot(s: &Spec) -> Arc<Snapshot> {
-    let clusters = s.clusters.iter().map(|&(n, tag)| {
-        let c = Cluster {
-            name: n.into(),
-            alt_stat_name: format!("v{tag}"),
-            ..Default::default()
-        };
-        Arc::new(Resource::new(PREFIX, n, &c))
-    });
     let endpoints = s.endpoints.iter().map(|&(n, tag)| {
         let c = ClusterLoadAssignment {
             cluster_name: n.into(),
@@ -79,20 +99,37 @@ fn snapshot(s: &Spec) -> Arc<Snapshot> {
         };
         Arc::new(Resource::new(PREFIX, n, &l))
     });
-    let routes = s.routes.iter().map(|&(n, tag)| {
-        let r = RouteConfiguration {
+    let scopes = s.scopes.iter().map(|&(n, route, tag)| {
+        let sc = ScopedRouteConfiguration {
             name: n.into(),
-            internal_only_headers: vec![format!("x-v{tag}")],
+            route_configuration_name: route.into(),
+            on_demand: true,
+            key: Some(Key {
+                fragments: vec![Fragment {
+                    r#type: Some(fragment::Type::StringKey(format!("{n}-{tag}"))),
+                }],
+            }),
             ..Default::default()
         };
-        Arc::new(Resource::new(PREFIX, n, &r))
+        Arc::new(Resource::new(PREFIX, n, &sc))
     });
-    Arc::new(Snapshot::new(
-        Resources::from_items(PREFIX, clusters),
-        Resources::from_items(PREFIX, endpoints),
-        Resources::from_items(PREFIX, listeners),
-        Resources::from_items(PREFIX, routes),
-    ))
+    Arc::new(
+        Snapshot::new(
+            Resources::with_on_demand(
+                PREFIX,
+                s.clusters.iter().map(cluster),
+                s.od_clusters.iter().map(cluster),
+            ),
+            Resources::from_items(PREFIX, endpoints),
+            Resources::from_items(PREFIX, listeners),
+            Resources::with_on_demand(
+                PREFIX,
+                s.routes.iter().map(route),
+                s.od_routes.iter().map(route),
+            ),
+        )
+        .with_scoped_routes(Resources::from_items(PREFIX, scopes)),
+    )
 }
 
 /// Two clusters with endpoints, one listener with its route.
@@ -102,6 +139,30 @@ fn base() -> Spec {
         endpoints: vec![("a", 1), ("b", 1)],
         listeners: vec![("l", 1)],
         routes: vec![("r", 1)],
+        ..Default::default()
+    }
+}
+
+/// [`base`] plus a scope "s1" on route "r", an on-demand cluster "od" and an
+/// on-demand route "r-od".
+fn on_demand() -> Spec {
+    Spec {
+        scopes: vec![("s1", "r", 1)],
+        od_clusters: vec![("od", 1)],
+        od_routes: vec![("r-od", 1)],
+        ..base()
+    }
+}
+
+/// [`on_demand`] with a change to every type.
+fn every_type_changed() -> Spec {
+    Spec {
+        clusters: vec![("a", 2), ("b", 1)],
+        endpoints: vec![("a", 1), ("b", 2)],
+        listeners: vec![("l", 2)],
+        routes: vec![("r", 2)],
+        scopes: vec![("s1", "r", 2)],
+        ..on_demand()
     }
 }
 
@@ -111,6 +172,7 @@ fn resource_name(a: &Any) -> String {
         CDS => Cluster::decode(b).unwrap().name,
         EDS => ClusterLoadAssignment::decode(b).unwrap().cluster_name,
         LDS => Listener::decode(b).unwrap().name,
+        SRDS => ScopedRouteConfiguration::decode(b).unwrap().name,
         RDS => RouteConfiguration::decode(b).unwrap().name,
     }
 }
@@ -340,6 +402,15 @@ impl Sotw {
         r
     }
 
+    /// The types of the next `n` responses.
+    async fn recv_types(&mut self, n: usize) -> Vec<ResourceType> {
+        let mut types = Vec::new();
+        for _ in 0..n {
+            types.push(type_of(&self.recv().await.type_url));
+        }
+        types
+    }
+
     async fn recv_type(&mut self, t: ResourceType) -> DiscoveryResponse {
         let r = self.recv().await;
         assert_eq!(
@@ -363,22 +434,23 @@ impl Sotw {
         }
     }
 
+    /// First subscription of `t` to `names`: the response, ACKed.
+    async fn take(&mut self, t: ResourceType, names: &[&str]) -> DiscoveryResponse {
+        self.request(t, names, None).await;
+        let r = self.recv_type(t).await;
+        self.ack(&r).await;
+        r
+    }
+
     /// The usual Envoy start: wildcard CDS, EDS for its clusters, wildcard LDS, RDS.
     /// Returns the four ACKed responses.
     async fn bootstrap(&mut self, eds: &[&str], rds: &[&str]) -> [DiscoveryResponse; 4] {
-        self.request(CDS, &[], None).await;
-        let cds = self.recv_type(CDS).await;
-        self.ack(&cds).await;
-        self.request(EDS, eds, None).await;
-        let eds = self.recv_type(EDS).await;
-        self.ack(&eds).await;
-        self.request(LDS, &[], None).await;
-        let lds = self.recv_type(LDS).await;
-        self.ack(&lds).await;
-        self.request(RDS, rds, None).await;
-        let rds = self.recv_type(RDS).await;
-        self.ack(&rds).await;
-        [cds, eds, lds, rds]
+        [
+            self.take(CDS, &[]).await,
+            self.take(EDS, eds).await,
+            self.take(LDS, &[]).await,
+            self.take(RDS, rds).await,
+        ]
     }
 }
 
@@ -426,6 +498,21 @@ impl Delta {
         .await;
     }
 
+    /// Subscribe to `names` of `t`: the response, ACKed.
+    async fn take(&mut self, t: ResourceType, names: &[&str]) -> DeltaDiscoveryResponse {
+        self.subscribe(t, names).await;
+        let r = self.recv_type(t).await;
+        self.ack(&r).await;
+        r
+    }
+
+    /// Receive a response of type `t` and ACK it: `(names sent, names removed)`.
+    async fn recv_ack(&mut self, t: ResourceType) -> (Vec<String>, Vec<String>) {
+        let r = self.recv_type(t).await;
+        self.ack(&r).await;
+        (sorted(delta_names(&r)), sorted(r.removed_resources))
+    }
+
     async fn nack(&mut self, r: &DeltaDiscoveryResponse, message: &str) {
         self.send(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
@@ -452,6 +539,15 @@ impl Delta {
         n.dedup();
         assert_eq!(n.len(), len, "a name twice in one reply");
         r
+    }
+
+    /// The types of the next `n` responses.
+    async fn recv_types(&mut self, n: usize) -> Vec<ResourceType> {
+        let mut types = Vec::new();
+        for _ in 0..n {
+            types.push(type_of(&self.recv().await.type_url));
+        }
+        types
     }
 
     async fn recv_type(&mut self, t: ResourceType) -> DeltaDiscoveryResponse {
@@ -630,28 +726,116 @@ async fn sotw_requested_name_that_does_not_exist_yet_is_sent_when_it_appears() {
 }
 
 #[tokio::test]
-async fn sotw_change_to_every_type_is_pushed_in_cds_eds_lds_rds_order() {
-    let h = Harness::start(&base()).await;
+async fn sotw_change_to_every_type_is_pushed_in_cds_eds_lds_srds_rds_order() {
+    let h = Harness::start(&on_demand()).await;
     let mut c = h.sotw().await;
     c.bootstrap(&["a", "b"], &["r"]).await;
+    c.take(SRDS, &[]).await;
+    // Warming: a new scope is followed by the routes.
+    let rds = c.recv_type(RDS).await;
+    c.ack(&rds).await;
     c.assert_quiet().await;
 
-    h.publish(&Spec {
-        clusters: vec![("a", 2), ("b", 1)],
-        endpoints: vec![("a", 1), ("b", 2)],
-        listeners: vec![("l", 2)],
-        routes: vec![("r", 2)],
-    });
-    let order: Vec<ResourceType> = [
-        c.recv().await,
-        c.recv().await,
-        c.recv().await,
-        c.recv().await,
-    ]
-    .iter()
-    .map(|r| type_of(&r.type_url))
-    .collect();
-    assert_eq!(order, [CDS, EDS, LDS, RDS]);
+    h.publish(&every_type_changed());
+    assert_eq!(c.recv_types(5).await, [CDS, EDS, LDS, SRDS, RDS]);
+    c.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn sotw_scopes_are_a_full_state_wildcard_and_changed_scopes_warm_routes() {
+    let mut spec = on_demand();
+    let h = Harness::start(&spec).await;
+    let mut c = h.sotw().await;
+    c.take(LDS, &[]).await;
+    let srds = c.take(SRDS, &[]).await;
+    assert_eq!(names(&srds), ["s1"], "Envoy subscribes SRDS with no names");
+    assert_eq!(srds.version_info, snapshot(&spec).get(SRDS).version);
+    c.take(RDS, &["r"]).await;
+    c.assert_quiet().await;
+    let s = h
+        .stream_status_when(|s| !s["types"]["srds"]["last_acked_version"].is_null())
+        .await;
+    assert_eq!(s["types"]["srds"]["last_acked_version"], srds.version_info);
+
+    // Added, then changed: every scope goes out, then the routes (warming).
+    for scopes in [
+        vec![("s1", "r", 1), ("s2", "r", 1)],
+        vec![("s1", "r", 2), ("s2", "r", 1)],
+    ] {
+        spec.scopes = scopes;
+        h.publish(&spec);
+        let r = c.recv_type(SRDS).await;
+        assert_eq!(names(&r), ["s1", "s2"]);
+        c.ack(&r).await;
+        let r = c.recv_type(RDS).await;
+        assert_eq!(names(&r), ["r"]);
+        c.ack(&r).await;
+        c.assert_quiet().await;
+    }
+    // Removed: left out of the full state, nothing to warm.
+    spec.scopes = vec![("s1", "r", 2)];
+    h.publish(&spec);
+    let r = c.recv_type(SRDS).await;
+    assert_eq!(names(&r), ["s1"]);
+    c.ack(&r).await;
+    c.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn sotw_on_demand_route_is_fetched_by_name_when_a_scope_needs_it() {
+    let mut spec = on_demand();
+    let h = Harness::start(&spec).await;
+    let mut c = h.sotw().await;
+    let rds = c.take(RDS, &["r"]).await;
+    // Envoy adds an on-demand scope's route to its RDS names on first use.
+    c.request(RDS, &["r", "r-od"], Some(&rds)).await;
+    let rds = c.recv_type(RDS).await;
+    assert_eq!(names(&rds), ["r", "r-od"]);
+    c.ack(&rds).await;
+    spec.od_routes = vec![("r-od", 2)];
+    h.publish(&spec);
+    let rds = c.recv_type(RDS).await;
+    assert_eq!(names(&rds), ["r", "r-od"]);
+}
+
+#[tokio::test]
+async fn sotw_on_demand_cluster_goes_only_to_the_stream_that_names_it() {
+    let mut spec = on_demand();
+    let h = Harness::start(&spec).await;
+    let mut c = h.sotw().await;
+    let cds = c.take(CDS, &[]).await;
+    assert_eq!(names(&cds), ["a", "b"], "not part of the wildcard");
+    assert_eq!(cds.version_info, snapshot(&spec).get(CDS).version);
+    let mut other = h.sotw().await;
+    other.take(CDS, &[]).await;
+
+    c.request(CDS, &["*", "od"], Some(&cds)).await;
+    let mut last = c.recv_type(CDS).await;
+    assert_eq!(names(&last), ["a", "b", "od"]);
+    c.ack(&last).await;
+    c.assert_quiet().await;
+
+    // Changed, removed, back: only the stream that names it hears of it.
+    for (od, expected) in [
+        (vec![("od", 2)], &["a", "b", "od"][..]),
+        (vec![], &["a", "b"]),
+        (vec![("od", 3)], &["a", "b", "od"]),
+    ] {
+        spec.od_clusters = od;
+        h.publish(&spec);
+        last = c.recv_type(CDS).await;
+        assert_eq!(names(&last), expected);
+        c.ack(&last).await;
+        other.assert_quiet().await;
+    }
+
+    // Dropped from the names: left out of the full state, then no more updates.
+    c.request(CDS, &["*"], Some(&last)).await;
+    let r = c.recv_type(CDS).await;
+    assert_eq!(names(&r), ["a", "b"]);
+    c.ack(&r).await;
+    spec.od_clusters = vec![("od", 4)];
+    h.publish(&spec);
     c.assert_quiet().await;
 }
 
@@ -703,6 +887,7 @@ async fn sotw_removed_clusters_go_last_after_endpoints_listeners_and_routes() {
         endpoints: vec![("b", 1), ("c", 1)],
         listeners: vec![("l", 1)],
         routes: vec![("r", 2)],
+        ..Default::default()
     });
     let cds1 = c.recv_type(CDS).await;
     assert_eq!(names(&cds1), ["a", "b", "c"], "old and new clusters first");
@@ -1055,6 +1240,25 @@ async fn delta_unsubscribing_a_name_also_covered_by_the_wildcard_resends_it() {
 }
 
 #[tokio::test]
+async fn delta_change_to_every_type_goes_out_in_cds_eds_lds_srds_rds_order() {
+    let h = Harness::start(&on_demand()).await;
+    let mut d = h.delta().await;
+    for (t, names) in [
+        (CDS, &[][..]),
+        (EDS, &["a", "b"]),
+        (LDS, &[]),
+        (SRDS, &[]),
+        (RDS, &["r"]),
+    ] {
+        d.take(t, names).await;
+    }
+    d.assert_quiet().await;
+    h.publish(&every_type_changed());
+    assert_eq!(d.recv_types(5).await, [CDS, EDS, LDS, SRDS, RDS]);
+    d.assert_quiet().await;
+}
+
+#[tokio::test]
 async fn delta_nack_is_recorded_and_the_rejected_version_is_not_resent() {
     let h = Harness::start(&base()).await;
     let mut d = h.delta().await;
@@ -1098,6 +1302,93 @@ async fn delta_nack_is_recorded_and_the_rejected_version_is_not_resent() {
 }
 
 #[tokio::test]
+async fn delta_scopes_are_a_wildcard_and_their_routes_are_fetched_by_name() {
+    let mut spec = on_demand();
+    let h = Harness::start(&spec).await;
+    let mut d = h.delta().await;
+    d.take(LDS, &[]).await;
+    let srds = d.take(SRDS, &[]).await;
+    assert_eq!(
+        delta_names(&srds),
+        ["s1"],
+        "Envoy subscribes SRDS with no names"
+    );
+    d.take(RDS, &["r"]).await;
+    d.assert_quiet().await;
+    let s = h
+        .stream_status_when(|s| !s["types"]["srds"]["last_acked_version"].is_null())
+        .await;
+    assert_eq!(
+        s["types"]["srds"]["last_acked_version"],
+        srds.system_version_info
+    );
+
+    // Added: only the new scope; its on-demand route is not subscribed, so no RDS.
+    spec.scopes.push(("s2", "r-od", 1));
+    h.publish(&spec);
+    assert_eq!(d.recv_ack(SRDS).await, (vec!["s2".into()], vec![]));
+    d.assert_quiet().await;
+    // First use of the on-demand scope: Envoy asks for its route by name.
+    assert_eq!(delta_names(&d.take(RDS, &["r-od"]).await), ["r-od"]);
+    // Changed: the scope, then the route it names (warming).
+    spec.scopes = vec![("s1", "r", 1), ("s2", "r-od", 2)];
+    h.publish(&spec);
+    assert_eq!(d.recv_ack(SRDS).await, (vec!["s2".into()], vec![]));
+    assert_eq!(d.recv_ack(RDS).await, (vec!["r-od".into()], vec![]));
+    d.assert_quiet().await;
+    // Removed.
+    spec.scopes = vec![("s1", "r", 1)];
+    h.publish(&spec);
+    assert_eq!(d.recv_ack(SRDS).await, (vec![], vec!["s2".into()]));
+    d.assert_quiet().await;
+}
+
+#[tokio::test]
+async fn delta_on_demand_cluster_goes_only_to_the_stream_that_names_it() {
+    let mut spec = on_demand();
+    let h = Harness::start(&spec).await;
+    let mut d = h.delta().await;
+    let cds = d.take(CDS, &["*"]).await;
+    assert_eq!(
+        sorted(delta_names(&cds)),
+        ["a", "b"],
+        "not part of the wildcard"
+    );
+    let mut other = h.delta().await;
+    other.take(CDS, &["*"]).await;
+
+    // Envoy's on-demand CDS adds the name without repeating "*".
+    assert_eq!(delta_names(&d.take(CDS, &["od"]).await), ["od"]);
+    // A name that does not exist is answered at once, so the lookup fails fast.
+    let r = d.take(CDS, &["nope"]).await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, ["nope"]);
+    d.assert_quiet().await;
+
+    for (od, expected) in [
+        (vec![("od", 2)], (vec!["od".to_string()], vec![])),
+        (vec![], (vec![], vec!["od".to_string()])),
+        (vec![("od", 3)], (vec!["od".to_string()], vec![])),
+    ] {
+        spec.od_clusters = od;
+        h.publish(&spec);
+        assert_eq!(d.recv_ack(CDS).await, expected);
+        other.assert_quiet().await;
+    }
+
+    // Unsubscribed: nothing to say, and no more updates; the wildcard stays.
+    d.unsubscribe(CDS, &["od"]).await;
+    d.assert_quiet().await;
+    spec.od_clusters = vec![("od", 4)];
+    h.publish(&spec);
+    d.assert_quiet().await;
+    spec.clusters = vec![("a", 2), ("b", 1)];
+    h.publish(&spec);
+    assert_eq!(d.recv_ack(CDS).await, (vec!["a".into()], vec![]));
+    assert_eq!(other.recv_ack(CDS).await, (vec!["a".into()], vec![]));
+}
+
+#[tokio::test]
 async fn nacks_are_counted_in_metrics_by_type() {
     let h = Harness::start(&base()).await;
     let mut reg = prometheus_client::registry::Registry::default();
@@ -1122,5 +1413,9 @@ async fn nacks_are_counted_in_metrics_by_type() {
     assert!(
         text.contains("misaki_xds_push_bytes_total{type=\"cds\"}"),
         "{text}"
+    );
+    assert!(
+        text.contains("misaki_xds_push_bytes_total{type=\"srds\"} 0"),
+        "every type has its series from the start: {text}"
     );
 }
