@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use misaki_e2e::http::Reply;
 use misaki_e2e::netns::{
-    CLOUD_ADDR, CLOUD_SERVICE_PORT, LAB_POLICY, NETD_INGEST_PORT, NetdOptions, VehicleLab,
-    ensure_user, uplink_of_ip,
+    CLOUD_ADDR, CLOUD_SERVICE_PORT, FLEET_ADMIN_PORT, LAB_POLICY, NETD_INGEST_PORT, NetdOptions,
+    VehicleLab, ensure_user, uplink_of_ip,
 };
 use misaki_e2e::process::wait_for;
 
@@ -433,6 +433,49 @@ fn offline_boot_serves_vehicle_local_services_and_fails_cloud_requests_fast() {
     assert!(envoy.try_wait().is_none(), "Envoy exited");
 }
 
+/// What misaki-cp counted as sent to vehicles: PolicyUpdate bytes, whole updates,
+/// delta updates (`/metrics`; the lab's fleet serves one vehicle).
+#[derive(Debug, Clone, Copy)]
+struct PolicySent {
+    bytes: u64,
+    full: u64,
+    delta: u64,
+}
+
+fn fleet_policy_sent(lab: &VehicleLab) -> PolicySent {
+    let addr = std::net::SocketAddr::new(CLOUD_ADDR.parse().expect("literal"), FLEET_ADMIN_PORT);
+    let (status, text) = lab
+        .cloud
+        .http_get(addr, "/metrics")
+        .expect("misaki-cp /metrics");
+    assert_eq!(status, 200, "{text}");
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    PolicySent {
+        bytes: value("misaki_fleet_policy_bytes_total "),
+        full: value("misaki_fleet_policy_updates_total{kind=\"full\"} "),
+        delta: value("misaki_fleet_policy_updates_total{kind=\"delta\"} "),
+    }
+}
+
+/// `n` cloud services of class standard, one policy line each.
+fn filler_services(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "  - {{ name: filler-{i}, location: cloud, port: {CLOUD_SERVICE_PORT}, \
+                 endpoints: [\"{CLOUD_ADDR}:{CLOUD_SERVICE_PORT}\"], routes: [/filler-{i}], class: standard }}\n"
+            )
+        })
+        .collect()
+}
+
+/// Bound on the PolicyUpdate of a one-service edit: a delta is a few hundred bytes.
+const ONE_EDIT_BYTES: u64 = 4096;
+
 #[test]
 fn a_policy_edit_reaches_the_vehicle_envoy_through_edge_netd() {
     let lab = vehicle("vedit", &NetdOptions::default(), None);
@@ -443,15 +486,44 @@ fn a_policy_edit_reaches_the_vehicle_envoy_through_edge_netd() {
         .expect("request to the vehicle Envoy");
     assert_ne!(r.status, 200, "/weather is routed before it exists: {r:?}");
 
+    // A mesh whose whole policy is well over the bound below, so only a delta passes.
+    let mesh = format!("{LAB_POLICY}{}", filler_services(100));
+    lab.write_fleet_policy(&mesh);
+    let grown = wait_for(LONG, || fleet_policy_version(&lab).filter(|v| *v != before))
+        .expect("misaki-cp never took the grown policy");
+    wait_version_everywhere(&lab, &grown);
+    let sent = fleet_policy_sent(&lab);
+
     lab.write_fleet_policy(&format!(
-        "{LAB_POLICY}  - {{ name: weather, location: cloud, port: {CLOUD_SERVICE_PORT}, \
+        "{mesh}  - {{ name: weather, location: cloud, port: {CLOUD_SERVICE_PORT}, \
          endpoints: [\"{CLOUD_ADDR}:{CLOUD_SERVICE_PORT}\"], routes: [/weather], class: standard }}\n"
     ));
     let r = wait_via(&lab, "/weather/now", "wifi");
     assert!(r.body.contains("path=/weather/now"), "{r:?}");
     let edited = fleet_policy_version(&lab).expect("misaki-cp /policy version");
-    assert_ne!(edited, before, "misaki-cp still serves the old policy");
+    assert_ne!(edited, grown, "misaki-cp still serves the old policy");
+    // edge-netd's /links, misaki-cp's /policy and /fleet/{vehicle}: one version string.
     wait_version_everywhere(&lab, &edited);
+
+    // The edit crossed as one small delta; the vehicle stored the whole policy.
+    let now = fleet_policy_sent(&lab);
+    let whole = std::fs::metadata(lab.dir.path().join("state/policy.pb"))
+        .expect("edge-netd's stored policy")
+        .len();
+    assert!(
+        whole > ONE_EDIT_BYTES,
+        "the whole policy is only {whole} bytes"
+    );
+    assert_eq!(
+        (now.full - sent.full, now.delta - sent.delta),
+        (0, 1),
+        "one delta expected: before {sent:?}, after {now:?}"
+    );
+    let bytes = now.bytes - sent.bytes;
+    assert!(
+        bytes < ONE_EDIT_BYTES,
+        "the edit cost {bytes} bytes (whole policy: {whole})"
+    );
 }
 
 /// `(real, effective, saved, fs)` uids and the effective capabilities of a process.

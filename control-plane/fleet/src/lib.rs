@@ -11,11 +11,12 @@
 //!   offline a vehicle that already reconnected.
 //! - Every state change is announced on [`Registry::subscribe`] with the vehicle's id,
 //!   so the compiler can recompute just that node.
-//! - No policy logic here: the policy is only converted to its wire form
-//!   ([`policy_update`]) and pushed.
+//! - No policy logic here: the policy is only converted to its wire form, whole or
+//!   as deltas from recent versions ([`PolicyHistory`], by `misaki-policy-wire`), and
+//!   pushed.
 //!
 //! Code map: `registry` (state, JSON, metrics, events), `service` (gRPC server),
-//! `policy` (Policy → `PolicyUpdate`), `echo` (UDP probe responder).
+//! `policy` (Policy → `PolicyUpdate`, history and deltas), `echo` (UDP probe responder).
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -25,6 +26,6 @@ mod registry;
 mod service;
 
 pub use echo::run_probe_echo;
-pub use policy::{PolicyVersioned, policy_update};
+pub use policy::{HISTORY_LEN, PolicyHistory, PolicyVersioned, UpdateKind, policy_update};
 pub use registry::{FleetEvent, FleetEventKind, OFFLINE_AFTER_HEARTBEATS, Registry, RegistryError};
-pub use service::{FleetApi, service};
+pub use service::{FleetApi, MAX_DELTA_RESYNCS, service};

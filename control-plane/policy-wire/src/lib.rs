@@ -15,6 +15,9 @@
 //!   string shown everywhere (misaki-cp `/policy`, `/fleet/{vehicle}`, edge-netd
 //!   `/links`).
 //! - Uplink kinds, locations, protocols and priorities are mapped in one table each.
+//! - Incremental updates are made and applied here too ([`diff`], [`apply`]), at the
+//!   wire level: a delta applied gives the whole update, which is then validated by
+//!   [`from_wire`] like any other, so there is one validation path.
 #![deny(rust_2018_idioms, unsafe_code)]
 #![warn(missing_debug_implementations)]
 
@@ -24,6 +27,10 @@ use std::time::Duration;
 use misaki_policy::{Location, Policy, PolicyErrors, Protocol, RoutePriority, UplinkKind};
 use misaki_proto::fleet_v1 as pb;
 use prost::Message;
+
+mod delta;
+
+pub use delta::{DeltaError, apply, diff, is_delta};
 
 /// Uplink kinds: policy ⇄ wire.
 const KINDS: [(UplinkKind, pb::UplinkKind); 6] = [
@@ -136,6 +143,8 @@ pub fn to_wire(policy: &Policy) -> pb::PolicyUpdate {
             vehicle_inbound_port: u32::from(m.vehicle_inbound_port),
             cloud_inbound_port: u32::from(m.cloud_inbound_port),
         }),
+        // A whole policy: no delta fields.
+        ..Default::default()
     };
     update.version = content_version(&update);
     update
@@ -146,7 +155,8 @@ pub fn version(policy: &Policy) -> String {
     to_wire(policy).version
 }
 
-/// A hash of the update's content (its `version` field excluded).
+/// A hash of the update's content (its `version` field excluded). Meant for whole
+/// updates, whose delta fields are empty and so encode to nothing.
 fn content_version(update: &pb::PolicyUpdate) -> String {
     let mut unversioned = update.clone();
     unversioned.version.clear();
@@ -280,3 +290,6 @@ pub fn render(update: &pb::PolicyUpdate) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod delta_tests;

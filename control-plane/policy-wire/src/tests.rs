@@ -167,7 +167,7 @@ prop_compose! {
 
 /// Valid policies by construction: names from fixed pools, references into them,
 /// routes and vehicle ports unique, mesh ports distinct from vehicle ports.
-fn arb_policy() -> impl Strategy<Value = Policy> {
+pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
     let uplinks = prop::sample::subsequence(vec!["wifi", "lte", "5g-a", "dsrc"], 1..=4)
         .prop_flat_map(|names| {
             names

@@ -12,10 +12,15 @@
 //!   logged and counted, and the previous policy stays. Applying it also publishes its
 //!   mesh form ([`Engine::mesh_policy`]) for store-and-forward; the stored policy is
 //!   published at construction, so the receiver never waits for the cloud.
+//! - A delta is applied only to the policy it was made against
+//!   ([`VehiclePolicy::updated`]). A rejected delta is published as
+//!   [`Snapshot::policy_resync`] (a new `seq` each time), which the reporter sends to
+//!   the control plane so it answers with the policy from the version held here; a
+//!   rejected whole policy is not (resending it would not help).
 
 use crate::config::{Config, UplinkConfig};
 use crate::monitor::{LinkStatus, MonitorEvent};
-use crate::policy::{self, VehiclePolicy};
+use crate::policy::{self, UpdateError, VehiclePolicy};
 use crate::probe::{Outcome, ProbeResult, ProbeWindow};
 use crate::selector::{LinkHealth, Selector, Switch};
 use misaki_proto::fleet_v1 as pb;
@@ -73,6 +78,19 @@ pub struct SelectionView {
     pub switches: u64,
 }
 
+/// The last policy delta the engine rejected, kept as long as the policy is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyResync {
+    /// Counts rejections, so two alike are still two requests.
+    pub seq: u64,
+    /// The rejected update's version.
+    pub rejected_version: String,
+    /// The delta's base was the held policy, yet its result failed: only the whole
+    /// policy can help.
+    pub want_full: bool,
+    pub reason: String,
+}
+
 /// Everything the API and the reporter need, immutable once published.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Snapshot {
@@ -81,6 +99,8 @@ pub struct Snapshot {
     pub policy_version: String,
     pub links: Vec<LinkView>,
     pub selections: Vec<SelectionView>,
+    /// The last rejected delta (the policy held is `policy_version`).
+    pub policy_resync: Option<PolicyResync>,
 }
 
 impl Snapshot {
@@ -157,7 +177,7 @@ impl Metrics {
         );
         r.register(
             "edge_netd_policy_updates",
-            "Policy updates received, by result",
+            "Policy updates received, by result (applied, invalid, base_mismatch, version_mismatch)",
             self.policy_updates.clone(),
         );
         r.register(
@@ -192,6 +212,7 @@ pub struct Engine {
     snapshot: watch::Sender<Arc<Snapshot>>,
     mesh: watch::Sender<Arc<misaki_policy::Policy>>,
     metrics: Metrics,
+    resync: Option<PolicyResync>,
 }
 
 fn unix_ms_of(at: Instant) -> u64 {
@@ -238,6 +259,7 @@ impl Engine {
             snapshot,
             mesh,
             metrics,
+            resync: None,
         };
         e.publish();
         (e, rx)
@@ -330,18 +352,46 @@ impl Engine {
         }
     }
 
+    fn count_policy(&self, result: &'static str) {
+        self.metrics
+            .policy_updates
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Ask the control plane for the policy again, from the one held.
+    fn request_resync(&mut self, rejected_version: String, want_full: bool, reason: String) {
+        let seq = self.resync.as_ref().map_or(1, |r| r.seq + 1);
+        self.resync = Some(PolicyResync {
+            seq,
+            rejected_version,
+            want_full,
+            reason,
+        });
+    }
+
     fn apply_policy(&mut self, wire: pb::PolicyUpdate) {
+        // Held already (e.g. a delta resent after a resync crossed it): nothing to do.
         if wire.version == self.policy.version {
             return;
         }
         let version = wire.version.clone();
-        match VehiclePolicy::try_from(wire) {
+        let delta = misaki_policy_wire::is_delta(&wire);
+        match self.policy.updated(wire) {
             Err(e) => {
-                self.metrics
-                    .policy_updates
-                    .get_or_create(&ResultLabel { result: "invalid" })
-                    .inc();
-                tracing::warn!(%version, error = %e, "rejected policy update; keeping the current policy");
+                let (result, want_full) = match &e {
+                    UpdateError::Delta {
+                        source: misaki_policy_wire::DeltaError::BaseMismatch { .. },
+                        ..
+                    } => ("base_mismatch", false),
+                    UpdateError::Delta { .. } => ("version_mismatch", true),
+                    UpdateError::Invalid(_) => ("invalid", true),
+                };
+                self.count_policy(result);
+                tracing::warn!(%version, delta, error = %e, "rejected policy update; keeping the current policy");
+                if delta {
+                    self.request_resync(version, want_full, e.to_string());
+                }
             }
             Ok(p) => {
                 if let Some(wire) = &p.wire
@@ -350,11 +400,8 @@ impl Engine {
                     // Still apply it: it is valid; only the reboot copy is stale.
                     tracing::error!(error = %e, "could not persist the policy");
                 }
-                self.metrics
-                    .policy_updates
-                    .get_or_create(&ResultLabel { result: "applied" })
-                    .inc();
-                tracing::info!(%version, classes = p.classes.len(), "applied policy");
+                self.count_policy("applied");
+                tracing::info!(%version, delta, classes = p.classes.len(), "applied policy");
                 self.selector
                     .set_classes(p.classes_with_default(&self.config.uplinks));
                 self.mesh.send_replace(p.mesh.clone());
@@ -437,6 +484,7 @@ impl Engine {
             policy_version: self.policy.version.clone(),
             links,
             selections,
+            policy_resync: self.resync.clone(),
         };
         self.snapshot.send_if_modified(|cur| {
             if **cur == snap {
@@ -472,5 +520,86 @@ impl Engine {
                 _ = tick.tick() => { self.evaluate(Instant::now()); }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICKSTART: &str = include_str!("../../../examples/quickstart/mesh.yaml");
+
+    fn engine(
+        state_dir: &std::path::Path,
+        policy: VehiclePolicy,
+    ) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+        let text = format!(
+            "vehicle_id: car-1\ncontrol_plane: http://198.18.0.1:18000\napi: 127.0.0.1:9470\n\
+             state_dir: {}\nuplinks:\n  - {{ name: wifi, interface: wlan0, kind: wifi }}\n\
+             probe:\n  targets: [\"198.18.0.1:7\"]\n",
+            state_dir.display()
+        );
+        let config = Config::parse("t.yaml", &text).expect("test config");
+        Engine::new(Arc::new(config), policy, Metrics::default())
+    }
+
+    /// Feed one update; the published snapshot afterwards.
+    fn feed(
+        e: &mut Engine,
+        rx: &watch::Receiver<Arc<Snapshot>>,
+        u: pb::PolicyUpdate,
+    ) -> Arc<Snapshot> {
+        e.handle(Input::Policy(u));
+        e.evaluate(Instant::now());
+        Arc::clone(&rx.borrow())
+    }
+
+    #[tokio::test]
+    async fn a_rejected_delta_asks_for_a_resync_and_an_applied_one_is_stored_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = misaki_policy::parse("quickstart", QUICKSTART).unwrap();
+        let base = misaki_policy_wire::to_wire(&policy);
+        let mut edited = policy.clone();
+        edited.mesh.cloud_inbound_port = 16443;
+        let target = misaki_policy_wire::to_wire(&edited);
+        let delta = misaki_policy_wire::diff(&base, &target).unwrap();
+        let (mut e, rx) = engine(dir.path(), VehiclePolicy::try_from(base.clone()).unwrap());
+
+        // Made against another policy: kept ours, asks for the policy from ours.
+        let mut elsewhere = delta.clone();
+        elsewhere.base_version = "0123456789abcdef".into();
+        let snap = feed(&mut e, &rx, elsewhere.clone());
+        assert_eq!(snap.policy_version, base.version);
+        let r = snap.policy_resync.clone().expect("a resync request");
+        assert_eq!((r.seq, r.want_full), (1, false));
+        assert_eq!(r.rejected_version, target.version);
+        // The same rejection again is a new request.
+        let snap = feed(&mut e, &rx, elsewhere);
+        assert_eq!(snap.policy_resync.as_ref().map(|r| r.seq), Some(2));
+
+        // The right base but a result that is not its version: only whole helps.
+        let mut wrong = delta.clone();
+        wrong.mesh.as_mut().unwrap().cloud_inbound_port = 16444;
+        let snap = feed(&mut e, &rx, wrong);
+        let r = snap.policy_resync.clone().unwrap();
+        assert_eq!(
+            (r.seq, r.want_full, snap.policy_version.as_str()),
+            (3, true, base.version.as_str())
+        );
+
+        // The right delta: applied, and the whole policy stored.
+        let snap = feed(&mut e, &rx, delta);
+        assert_eq!(snap.policy_version, target.version);
+        assert_eq!(e.mesh_policy().borrow().mesh.cloud_inbound_port, 16443);
+        let stored = policy::load(dir.path()).unwrap().unwrap();
+        assert_eq!(stored.wire, Some(target.clone()));
+
+        // A bad whole policy is rejected without a resync: resending it would not help.
+        let mut bad = target;
+        bad.version = "bad".into();
+        bad.uplinks.clear();
+        let snap = feed(&mut e, &rx, bad);
+        assert_eq!(snap.policy_resync.as_ref().map(|r| r.seq), Some(3));
+        assert_ne!(snap.policy_version, "bad");
     }
 }

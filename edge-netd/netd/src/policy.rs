@@ -6,6 +6,10 @@
 //! - A [`VehiclePolicy`] is valid: it is only built from the wire through
 //!   `TryFrom<pb::PolicyUpdate>`, which validates with the policy crate's own checks
 //!   (`misaki_policy_wire::from_wire`), or from a policy file ([`load_factory`]).
+//! - A delta update ([`VehiclePolicy::updated`]) is applied at the wire level to the
+//!   held policy's wire form, only if its base is the held version and the result's
+//!   content version is the update's; the whole update it gives then goes through the
+//!   same `TryFrom` as a received whole one, and is what gets stored.
 //!   [`VehiclePolicy::mesh`] is that validated `misaki_policy::Policy`: the one the local
 //!   xDS tier compiles from and store-and-forward reads.
 //! - A stored policy from before services (or mesh ports) were sent still loads: it has
@@ -17,7 +21,7 @@
 //!   after a crash it holds either the old or the new policy, never a torn one.
 //!
 //! On-disk format: `<state_dir>/policy.pb`, the `misaki.fleet.v1.PolicyUpdate`
-//! protobuf encoding, exactly as received.
+//! protobuf encoding of the whole policy: as received, or as a received delta made it.
 
 use crate::config::UplinkConfig;
 use misaki_policy as mp;
@@ -51,6 +55,20 @@ pub enum StoreError {
     },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: PolicyError },
+}
+
+/// Why a received update was not applied (the held policy stays).
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// A delta that does not fit the held policy.
+    #[error("policy delta {version} not applied: {source}")]
+    Delta {
+        version: String,
+        source: misaki_policy_wire::DeltaError,
+    },
+    /// The whole policy (received, or made by a delta) fails the policy checks.
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
 }
 
 /// One traffic class, as the selector needs it.
@@ -106,6 +124,24 @@ impl VehiclePolicy {
             wire: Some(wire),
             mesh: Arc::new(mesh),
         }
+    }
+
+    /// The policy `update` makes of this one: a whole update as it is, a delta applied
+    /// to this policy's wire form first. Either way the whole update is validated by
+    /// the same checks, and kept as the new policy's wire form.
+    pub fn updated(&self, update: pb::PolicyUpdate) -> Result<VehiclePolicy, UpdateError> {
+        let whole = if misaki_policy_wire::is_delta(&update) {
+            // Nothing held: an empty, unversioned base, which no delta names.
+            let none = pb::PolicyUpdate::default();
+            let held = self.wire.as_ref().unwrap_or(&none);
+            misaki_policy_wire::apply(held, &update).map_err(|source| UpdateError::Delta {
+                version: update.version.clone(),
+                source,
+            })?
+        } else {
+            update
+        };
+        Ok(VehiclePolicy::try_from(whole)?)
     }
 
     /// The policy before anything was received: only the `default` class.
@@ -253,6 +289,7 @@ mod tests {
                 consumes: None,
             }],
             mesh: None,
+            ..Default::default()
         }
     }
 
@@ -368,5 +405,68 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(POLICY_FILE), b"\xff\xff\xff").unwrap();
         assert!(matches!(load(dir.path()), Err(StoreError::Decode { .. })));
+    }
+
+    /// [`wire`] as misaki-cp would send it: its version is its content's.
+    fn sent(edit: impl FnOnce(&mut pb::PolicyUpdate)) -> pb::PolicyUpdate {
+        let mut w = wire("");
+        edit(&mut w);
+        misaki_policy_wire::to_wire(&misaki_policy_wire::from_wire(&w).unwrap())
+    }
+
+    fn route_edit(w: &mut pb::PolicyUpdate) {
+        w.services[0].routes = vec!["/telemetry-v2".into()];
+    }
+
+    #[test]
+    fn a_delta_applies_to_the_held_policy_and_yields_the_whole_one() {
+        let (base, target) = (sent(|_| {}), sent(route_edit));
+        let held = VehiclePolicy::try_from(base.clone()).unwrap();
+        let delta = misaki_policy_wire::diff(&base, &target).unwrap();
+        assert!(delta.uplinks.is_empty() && delta.classes.is_empty());
+        let p = held.updated(delta).unwrap();
+        assert_eq!(p.version, target.version);
+        // The wire form kept (and stored) is the whole policy, not the delta.
+        assert_eq!(p.wire.as_ref(), Some(&target));
+        assert_eq!(p.mesh.services["telemetry"].routes, ["/telemetry-v2"]);
+        // A whole update replaces whatever is held.
+        let other = sent(|w| w.classes[0].dscp = 10);
+        let q = p.updated(other.clone()).unwrap();
+        assert_eq!(q.wire, Some(other));
+        assert_eq!(q.mesh.classes["critical"].dscp, 10);
+    }
+
+    #[test]
+    fn a_delta_against_another_base_or_with_a_wrong_result_is_rejected() {
+        let (base, target) = (sent(|_| {}), sent(route_edit));
+        let delta = misaki_policy_wire::diff(&base, &target).unwrap();
+        let elsewhere = VehiclePolicy::try_from(sent(|w| w.uplinks[0].cost = 3)).unwrap();
+        let base_mismatch = |r: Result<VehiclePolicy, UpdateError>| {
+            matches!(
+                r,
+                Err(UpdateError::Delta {
+                    source: misaki_policy_wire::DeltaError::BaseMismatch { .. },
+                    ..
+                })
+            )
+        };
+        assert!(base_mismatch(elsewhere.updated(delta.clone())));
+        assert!(base_mismatch(VehiclePolicy::empty().updated(delta.clone())));
+        // The right base, but the result is not what the version promises.
+        let mut wrong = delta;
+        wrong.services[0].port = 9090;
+        let held = VehiclePolicy::try_from(base).unwrap();
+        let e = held.updated(wrong).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                UpdateError::Delta {
+                    source: misaki_policy_wire::DeltaError::VersionMismatch { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&target.version), "{e}");
     }
 }

@@ -12,7 +12,10 @@
 //!   reconnects over the new uplink.
 //! - Reconnects back off exponentially with jitter (200 ms doubling to 5 s, each
 //!   delay drawn from [d/2, d]); a stream whose Hello was acknowledged resets it.
-//! - Received policies go to the engine, which validates, persists and applies them.
+//! - Received policies (whole or delta) go to the engine, which validates, persists
+//!   and applies them. `Hello.policy_deltas` is set: a delta the engine rejects comes
+//!   back as `Snapshot::policy_resync` and is sent once, as `LinkChange.policy_resync`
+//!   with the version held, so the control plane resends from that version.
 //! - With store-and-forward, the full `LinkState` carries the queue depth per class, and
 //!   changed queue stats ride along at most once per heartbeat interval (like
 //!   measurement drift; a drained class is sent once with depth 0).
@@ -246,6 +249,198 @@ struct StreamDeps<'a> {
     xds: Option<&'a misaki_xds::StreamRegistry>,
 }
 
+/// Open the channel to the control plane, bound to `interface` when given.
+async fn connect(
+    config: &Config,
+    interface: Option<&str>,
+    metrics: &Metrics,
+) -> Result<FleetServiceClient<tonic::transport::Channel>, StreamError> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    if let Some(i) = interface {
+        connector.set_interface(i);
+    }
+    let channel = tonic::transport::Endpoint::from(config.control_plane.clone())
+        // Detect a dead path within a few seconds even when nothing is sent.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await;
+    let result = if channel.is_ok() { "ok" } else { "error" };
+    metrics
+        .reporter_connects
+        .get_or_create(&ResultLabel { result })
+        .inc();
+    Ok(FleetServiceClient::new(channel?)
+        .send_compressed(pb::COMPRESSION)
+        .accept_compressed(pb::COMPRESSION))
+}
+
+fn hello(config: &Config, snap: &Snapshot) -> pb::Hello {
+    pb::Hello {
+        vehicle_id: config.vehicle_id.clone(),
+        daemon_version: env!("CARGO_PKG_VERSION").into(),
+        policy_version: snap.policy_version.clone(),
+        heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
+            .unwrap_or(u32::MAX),
+        // The engine applies deltas and reports the ones it rejects (policy_resync).
+        policy_deltas: true,
+    }
+}
+
+/// What the control plane was last told on this stream.
+struct Reported {
+    /// Link state fields, selections, policy version and resync as last sent; link
+    /// measurements as last sent (they lag the engine's until they drift).
+    snap: Arc<Snapshot>,
+    queues: Vec<pb::QueueStats>,
+    sidecars: Vec<pb::Sidecar>,
+}
+
+impl Reported {
+    /// The full `LinkState` of a new stream.
+    fn link_state(&self) -> pb::LinkState {
+        pb::LinkState {
+            links: self.snap.links.iter().map(link_pb).collect(),
+            selections: selections_pb(&self.snap),
+            queues: self.queues.clone(),
+            power: pb::PowerState::On as i32,
+            policy_version: self.snap.policy_version.clone(),
+            sidecars: self.sidecars.clone(),
+        }
+    }
+
+    /// The `LinkChange` for a new engine snapshot, if there is news: link state (not
+    /// measurement drift), selections, a policy applied or a delta rejected, and the
+    /// sidecar list when `sidecars` has a new one.
+    fn snapshot_change(
+        &mut self,
+        snap: &Snapshot,
+        sidecars: Option<Vec<pb::Sidecar>>,
+    ) -> Option<pb::LinkChange> {
+        let sent = &self.snap;
+        let links: Vec<pb::Link> = snap
+            .links
+            .iter()
+            .filter(|l| sent.link(&l.name).is_none_or(|old| state_changed(old, l)))
+            .map(link_pb)
+            .collect();
+        let selections: Vec<pb::ClassSelection> = selections_pb(snap)
+            .into_iter()
+            .filter(|s| {
+                sent.selection(&s.class)
+                    .is_none_or(|old| old.uplink.as_deref().unwrap_or("") != s.uplink)
+            })
+            .collect();
+        // A policy applied mid-stream (the one just received) must reach the
+        // registry too, not only with the next reconnect's LinkState.
+        let policy_version =
+            (snap.policy_version != sent.policy_version).then(|| snap.policy_version.clone());
+        let policy_resync = resync_pb(snap).filter(|_| snap.policy_resync != sent.policy_resync);
+        let changed_state = !links.is_empty()
+            || !selections.is_empty()
+            || policy_version.is_some()
+            || policy_resync.is_some();
+        if changed_state {
+            // Keep measurements as last sent; only state fields advanced.
+            let mut next = snap.clone();
+            for l in &mut next.links {
+                if let Some(old) = sent.link(&l.name)
+                    && !state_changed(old, l)
+                {
+                    *l = old.clone();
+                }
+            }
+            self.snap = Arc::new(next);
+        }
+        let sidecars_changed = sidecars.is_some();
+        if let Some(s) = &sidecars {
+            self.sidecars = s.clone();
+        }
+        (changed_state || sidecars_changed).then(|| pb::LinkChange {
+            links,
+            selections,
+            sidecars_changed,
+            sidecars: sidecars.unwrap_or_default(),
+            policy_version,
+            policy_resync,
+            ..Default::default()
+        })
+    }
+
+    /// The report of a heartbeat tick: measurement drift, changed queue stats (from
+    /// `queues`, the current ones) and a new sidecar list, or a plain `Heartbeat`.
+    fn tick(
+        &mut self,
+        snap: &Snapshot,
+        queues: Vec<pb::QueueStats>,
+        sidecars: Option<Vec<pb::Sidecar>>,
+    ) -> pb::vehicle_report::Report {
+        let drifted: Vec<pb::Link> = snap
+            .links
+            .iter()
+            .filter(|l| {
+                self.snap
+                    .link(&l.name)
+                    .is_some_and(|old| measurement_drifted(old, l))
+            })
+            .map(link_pb)
+            .collect();
+        let changed_queues: Vec<pb::QueueStats> = queues
+            .iter()
+            .filter(|q| !self.queues.contains(q))
+            .cloned()
+            .collect();
+        self.queues = queues;
+        if drifted.is_empty() && changed_queues.is_empty() && sidecars.is_none() {
+            return pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {});
+        }
+        let mut next = (*self.snap).clone();
+        for l in &mut next.links {
+            if let Some(new) = snap.link(&l.name)
+                && measurement_drifted(l, new)
+            {
+                *l = new.clone();
+            }
+        }
+        self.snap = Arc::new(next);
+        let sidecars_changed = sidecars.is_some();
+        if let Some(s) = &sidecars {
+            self.sidecars = s.clone();
+        }
+        pb::vehicle_report::Report::LinkChange(pb::LinkChange {
+            links: drifted,
+            queues: changed_queues,
+            sidecars_changed,
+            sidecars: sidecars.unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+}
+
+/// The engine's last rejected delta, as the control plane is told it.
+fn resync_pb(snap: &Snapshot) -> Option<pb::PolicyResync> {
+    snap.policy_resync.as_ref().map(|r| pb::PolicyResync {
+        held_version: snap.policy_version.clone(),
+        rejected_version: r.rejected_version.clone(),
+        want_full: r.want_full,
+        reason: r.reason.clone(),
+    })
+}
+
+/// The uplink the `default` class moved to, if the stream is bound elsewhere.
+fn uplink_moved(config: &Config, interface: Option<&str>, snap: &Snapshot) -> Option<String> {
+    let up = snap
+        .selection(DEFAULT_CLASS)
+        .and_then(|s| s.uplink.as_ref())
+        .and_then(|u| config.uplinks.iter().find(|c| c.name == *u))?;
+    interface
+        .is_some_and(|i| i != up.interface)
+        .then(|| up.name.clone())
+}
+
 async fn one_stream(
     deps: StreamDeps<'_>,
     interface: Option<&str>,
@@ -268,33 +463,7 @@ async fn one_stream(
         let streams = xds.map(|x| x.snapshot()).unwrap_or_default();
         sidecars_update(sent, &streams)
     };
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    if let Some(i) = interface {
-        connector.set_interface(i);
-    }
-    let channel = tonic::transport::Endpoint::from(config.control_plane.clone())
-        // Detect a dead path within a few seconds even when nothing is sent.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connector)
-        .await
-        .inspect_err(|_| {
-            metrics
-                .reporter_connects
-                .get_or_create(&ResultLabel { result: "error" })
-                .inc();
-        })?;
-    metrics
-        .reporter_connects
-        .get_or_create(&ResultLabel { result: "ok" })
-        .inc();
-    let mut client = FleetServiceClient::new(channel)
-        .send_compressed(pb::COMPRESSION)
-        .accept_compressed(pb::COMPRESSION);
-
+    let mut client = connect(config, interface, metrics).await?;
     let (tx, rx) = mpsc::channel::<pb::VehicleReport>(32);
     let mut seq = 0u64;
     let mut msg = |r: pb::vehicle_report::Report| {
@@ -306,26 +475,16 @@ async fn one_stream(
         }
     };
     let snap = snapshots.borrow_and_update().clone();
-    let hello = pb::Hello {
-        vehicle_id: config.vehicle_id.clone(),
-        daemon_version: env!("CARGO_PKG_VERSION").into(),
-        policy_version: snap.policy_version.clone(),
-        heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis())
-            .unwrap_or(u32::MAX),
-    };
-    let mut sent_queues = queues(&[]);
-    let mut sent_sidecars = sidecars(&[]).unwrap_or_default();
-    let full = pb::LinkState {
-        links: snap.links.iter().map(link_pb).collect(),
-        selections: selections_pb(&snap),
-        queues: sent_queues.clone(),
-        power: pb::PowerState::On as i32,
-        policy_version: snap.policy_version.clone(),
-        sidecars: sent_sidecars.clone(),
+    let mut reported = Reported {
+        queues: queues(&[]),
+        sidecars: sidecars(&[]).unwrap_or_default(),
+        snap: Arc::clone(&snap),
     };
     // Fresh channel of 32: cannot fail.
-    let _ = tx.try_send(msg(pb::vehicle_report::Report::Hello(hello)));
-    let _ = tx.try_send(msg(pb::vehicle_report::Report::LinkState(full)));
+    let _ = tx.try_send(msg(pb::vehicle_report::Report::Hello(hello(config, &snap))));
+    let _ = tx.try_send(msg(pb::vehicle_report::Report::LinkState(
+        reported.link_state(),
+    )));
     let mut inbound = client.report(ReceiverStream::new(rx)).await?.into_inner();
     connected.store(true, Ordering::Relaxed);
     metrics.reporter_connected.set(1);
@@ -334,120 +493,38 @@ async fn one_stream(
         "report stream open"
     );
 
-    let mut sent = snap;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     loop {
-        tokio::select! {
-            m = inbound.message() => match m? {
-                None => return Err(StreamError::Closed),
-                Some(pb::ControlMessage { message: Some(pb::control_message::Message::Policy(p)) }) => {
-                    if engine.send(Input::Policy(p)).await.is_err() {
-                        return Err(StreamError::Closed);
+        let (report, moved) = tokio::select! {
+            m = inbound.message() => {
+                match m?.ok_or(StreamError::Closed)?.message {
+                    Some(pb::control_message::Message::Policy(p)) => {
+                        engine.send(Input::Policy(p)).await.map_err(|_| StreamError::Closed)?;
                     }
+                    Some(pb::control_message::Message::Ack(_)) => *acked = true,
+                    None => {}
                 }
-                Some(pb::ControlMessage { message: Some(pb::control_message::Message::Ack(_)) }) => *acked = true,
-                Some(_) => {}
+                (None, None)
             },
             changed = snapshots.changed() => {
-                if changed.is_err() {
-                    return Err(StreamError::Closed);
-                }
+                changed.map_err(|_| StreamError::Closed)?;
                 let snap = snapshots.borrow_and_update().clone();
-                let links: Vec<pb::Link> = snap.links.iter()
-                    .filter(|l| sent.link(&l.name).is_none_or(|old| state_changed(old, l)))
-                    .map(link_pb)
-                    .collect();
-                let selections: Vec<pb::ClassSelection> = selections_pb(&snap)
-                    .into_iter()
-                    .filter(|s| sent.selection(&s.class).is_none_or(|old| old.uplink.as_deref().unwrap_or("") != s.uplink))
-                    .collect();
-                // A policy applied mid-stream (the one just received) must reach the
-                // registry too, not only with the next reconnect's LinkState.
-                let policy_version = (snap.policy_version != sent.policy_version)
-                    .then(|| snap.policy_version.clone());
-                let changed_state =
-                    !links.is_empty() || !selections.is_empty() || policy_version.is_some();
-                let new_sidecars = sidecars(&sent_sidecars);
-                let sidecars_changed = new_sidecars.is_some();
-                if changed_state || sidecars_changed {
-                    let change = pb::LinkChange {
-                        links,
-                        selections,
-                        sidecars_changed,
-                        sidecars: new_sidecars.clone().unwrap_or_default(),
-                        policy_version,
-                        ..Default::default()
-                    };
-                    if tx.send(msg(pb::vehicle_report::Report::LinkChange(change))).await.is_err() {
-                        return Err(StreamError::Closed);
-                    }
-                    if let Some(s) = new_sidecars {
-                        sent_sidecars = s;
-                    }
-                }
-                if changed_state {
-                    // Keep measurements as last sent; only state fields advanced.
-                    let mut next = (*snap).clone();
-                    for l in &mut next.links {
-                        if let Some(old) = sent.link(&l.name)
-                            && !state_changed(old, l) {
-                                *l = old.clone();
-                            }
-                    }
-                    sent = Arc::new(next);
-                }
-                let now_iface = snap
-                    .selection(DEFAULT_CLASS)
-                    .and_then(|s| s.uplink.as_ref())
-                    .and_then(|u| config.uplinks.iter().find(|c| c.name == *u));
-                if let Some(up) = now_iface
-                    && interface.is_some_and(|i| i != up.interface) {
-                        return Err(StreamError::UplinkMoved(up.name.clone()));
-                    }
+                let change = reported.snapshot_change(&snap, sidecars(&reported.sidecars));
+                (change.map(pb::vehicle_report::Report::LinkChange), uplink_moved(config, interface, &snap))
             }
             _ = heartbeat.tick() => {
                 let snap = snapshots.borrow().clone();
-                let drifted: Vec<pb::Link> = snap.links.iter()
-                    .filter(|l| sent.link(&l.name).is_some_and(|old| measurement_drifted(old, l)))
-                    .map(link_pb)
-                    .collect();
-                let now_queues = queues(&sent_queues);
-                let changed_queues: Vec<pb::QueueStats> = now_queues
-                    .iter()
-                    .filter(|q| !sent_queues.contains(q))
-                    .cloned()
-                    .collect();
-                sent_queues = now_queues;
-                let new_sidecars = sidecars(&sent_sidecars);
-                let report = if drifted.is_empty() && changed_queues.is_empty() && new_sidecars.is_none() {
-                    pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {})
-                } else {
-                    let mut next = (*sent).clone();
-                    for l in &mut next.links {
-                        if let Some(new) = snap.link(&l.name)
-                            && measurement_drifted(l, new) {
-                                *l = new.clone();
-                            }
-                    }
-                    sent = Arc::new(next);
-                    let sidecars_changed = new_sidecars.is_some();
-                    if let Some(s) = &new_sidecars {
-                        sent_sidecars = s.clone();
-                    }
-                    pb::vehicle_report::Report::LinkChange(pb::LinkChange {
-                        links: drifted,
-                        queues: changed_queues,
-                        sidecars_changed,
-                        sidecars: new_sidecars.unwrap_or_default(),
-                        ..Default::default()
-                    })
-                };
-                if tx.send(msg(report)).await.is_err() {
-                    return Err(StreamError::Closed);
-                }
+                let now_queues = queues(&reported.queues);
+                (Some(reported.tick(&snap, now_queues, sidecars(&reported.sidecars))), None)
             }
+        };
+        if let Some(r) = report {
+            tx.send(msg(r)).await.map_err(|_| StreamError::Closed)?;
+        }
+        if let Some(up) = moved {
+            return Err(StreamError::UplinkMoved(up));
         }
     }
 }
@@ -506,7 +583,7 @@ mod tests {
         );
         assert_eq!(c.connected_since_unix_ms, 1_000);
         let types: Vec<&str> = c.types.iter().map(|t| t.xds_type.as_str()).collect();
-        assert_eq!(types, ["cds", "eds", "lds", "rds"]);
+        assert_eq!(types, ["cds", "eds", "lds", "srds", "rds"]);
         assert_eq!(c.types[0].acked_version.as_deref(), Some("p-c1"));
         assert_eq!(c.types[0].last_nack, None);
         assert_eq!(
@@ -592,11 +669,9 @@ mod tests {
             at: at(20),
         });
         let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("nack");
+        let rds = sent[0].types.iter().find(|t| t.xds_type == "rds").unwrap();
         assert_eq!(
-            sent[0].types[3]
-                .last_nack
-                .as_ref()
-                .map(|n| n.message.as_str()),
+            rds.last_nack.as_ref().map(|n| n.message.as_str()),
             Some("route rejected")
         );
 
@@ -642,5 +717,55 @@ mod tests {
             assert_eq!(link_pb(&l).kind, misaki_policy_wire::kind_to_wire(k) as i32);
             assert_ne!(link_pb(&l).kind, pb::UplinkKind::Unspecified as i32);
         }
+    }
+
+    #[test]
+    fn a_rejected_delta_is_reported_once_with_the_version_held() {
+        let base = Snapshot {
+            ready: true,
+            policy_version: "v1".into(),
+            ..Default::default()
+        };
+        let mut reported = Reported {
+            snap: Arc::new(base.clone()),
+            queues: vec![],
+            sidecars: vec![],
+        };
+        assert_eq!(reported.snapshot_change(&base, None), None);
+        let mut rejected = base.clone();
+        rejected.policy_resync = Some(crate::engine::PolicyResync {
+            seq: 1,
+            rejected_version: "v3".into(),
+            want_full: false,
+            reason: "base v2 is not v1".into(),
+        });
+        let c = reported.snapshot_change(&rejected, None).expect("news");
+        assert_eq!(
+            c.policy_resync,
+            Some(pb::PolicyResync {
+                held_version: "v1".into(),
+                rejected_version: "v3".into(),
+                want_full: false,
+                reason: "base v2 is not v1".into(),
+            })
+        );
+        assert_eq!(c.policy_version, None, "the policy held did not change");
+        assert_eq!(reported.snapshot_change(&rejected, None), None, "told once");
+        // The answer applied: its version goes out, the old request does not.
+        let mut applied = rejected.clone();
+        applied.policy_version = "v3".into();
+        let c = reported.snapshot_change(&applied, None).expect("news");
+        assert_eq!(
+            (c.policy_version.as_deref(), c.policy_resync),
+            (Some("v3"), None)
+        );
+        // The next rejection is news again, even if alike.
+        let mut again = applied.clone();
+        again.policy_resync.as_mut().unwrap().seq = 2;
+        let c = reported.snapshot_change(&again, None).expect("news");
+        assert_eq!(
+            c.policy_resync.map(|r| r.held_version).as_deref(),
+            Some("v3")
+        );
     }
 }

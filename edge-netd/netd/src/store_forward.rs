@@ -158,6 +158,7 @@ mod tests {
             policy_version: "v".into(),
             links: vec![link("lte", true), link("wifi", false)],
             selections: vec![sel("bulk", None), sel("critical", Some("lte"))],
+            policy_resync: None,
         };
         let c = usable_in(&snap, "critical").unwrap();
         assert_eq!(c.name, "lte");
@@ -181,6 +182,7 @@ mod tests {
             policy_version: "v".into(),
             links: vec![link("lte", true)],
             selections: vec![sel("critical", Some("lte"))],
+            policy_resync: None,
         };
         let (tx, rx) = watch::channel(Arc::new(snap.clone()));
         let view = SelectionUplinks::new(rx);
