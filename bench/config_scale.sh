@@ -21,7 +21,12 @@
 #      client's first config (compile + push), RSS with the one client connected, CPU
 #      per edit; edge-netd's RSS and CPU in (c)/(d).
 #
-#   bench/config_scale.sh [--services N] [--idle S] [--starts K] [--keep]
+#   bench/config_scale.sh [--services N] [--consumes C] [--idle S] [--starts K] [--keep]
+#
+# --consumes C: the vehicle services declare `consumes` of C cloud services (the edit
+# target among them), so every vehicle sidecar holds only those; without it nothing is
+# declared and delta Envoys ((b), and (d) whose local tier has no aggregates) take
+# services on demand.
 #
 # Each Envoy is started K times (default 3, fresh process each time, same control plane):
 # times are the median and every sample; RSS is the last start's, after IDLE s (default 5).
@@ -42,10 +47,11 @@ set -euo pipefail
 CMDLINE="bench/config_scale.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-N=3000 IDLE_S=5 STARTS=3 KEEP=
+N=3000 IDLE_S=5 STARTS=3 KEEP= CONSUMES=()
 while (($#)); do
   case $1 in
     --services) N=$2; shift ;;
+    --consumes) CONSUMES=(--consumes "$2"); shift ;;
     --idle) IDLE_S=$2; shift ;;
     --starts) STARTS=$2; shift ;;
     --keep) KEEP=1 ;;
@@ -147,7 +153,7 @@ ns_wait() {
 # update_success >= 1. Prints the time of that /stats answer (ms), then the stats.
 ENVOY_READY='
 port=$1; end=$(( $(date +%s) + $2 ))
-re="^(listener_manager[.]total_listeners_(active|warming)|cluster_manager[.](warming|active)_clusters|http[.][a-z_]+[.]rds[.][a-z_]+[.]update_success)\$"
+re="^(listener_manager[.]total_listeners_(active|warming)|cluster_manager[.](warming|active)_clusters|http[.][a-z_]+[.](scoped_)?rds[.][a-z_]+[.]update_success)\$"
 while :; do
   if [ "$(curl -s -m 1 http://127.0.0.1:$port/ready)" = LIVE ]; then
     s=$(curl -gs -m 2 "http://127.0.0.1:$port/stats?filter=$re"); t=$(date +%s%3N)
@@ -166,8 +172,9 @@ done'
 # misaki_fleet_policy_bytes_total (misaki-cp only, else 0), misaki_xds_pushes_total per
 # type (cds eds lds rds): nine numbers.
 counters() {
-  awk 'match($0, /^misaki_xds_push(es|_bytes)_total\{type="(cds|eds|lds|rds)"\} /) {
-         split($1, a, "\""); v[($1 ~ /^misaki_xds_pushes/ ? "p" : "b") a[2]] = $2 }
+  # SRDS (scopes, on-demand Envoys) is counted with RDS: both are route configuration.
+  awk 'match($0, /^misaki_xds_push(es|_bytes)_total\{type="(cds|eds|lds|s?rds)"\} /) {
+         split($1, a, "\""); t = (a[2] == "srds" ? "rds" : a[2]); v[($1 ~ /^misaki_xds_pushes/ ? "p" : "b") t] += $2 }
        /^misaki_fleet_policy_bytes_total / {f=$2}
        END {printf "%d %d %d %d %d %d %d %d %d\n", v["bcds"], v["beds"], v["blds"], v["brds"], f, v["pcds"], v["peds"], v["plds"], v["prds"]}'
 }
@@ -189,7 +196,7 @@ xds_sig() { # $1 = cp|netd
 
 # Put policy step $1 in force: write a temp file, rename it over mesh.yaml.
 put_policy() {
-  python3 "$GEN" --services "$NSVC" --step "$1" >"$DIR/.mesh.yaml.tmp"
+  python3 "$GEN" "${CONSUMES[@]}" --services "$NSVC" --step "$1" >"$DIR/.mesh.yaml.tmp"
   mv "$DIR/.mesh.yaml.tmp" "$DIR/mesh.yaml"
 }
 wait_cp_version_not() { # $1 = old version; prints the new one
@@ -228,7 +235,7 @@ edit() {
   c0=$(cp_counters); n0=$( [ "$who" = netd ] && netd_counters || echo "0 0 0 0 0 0 0 0 0")
   tk0=$(lab_ticks "$CP_PID"); E_ND_CPU_MS="—"
   local ntk0; [ "$who" = netd ] && ntk0=$(lab_ticks "$NETD_PID")
-  python3 "$GEN" --services "$NSVC" --step "$step" >"$DIR/.mesh.yaml.tmp"
+  python3 "$GEN" "${CONSUMES[@]}" --services "$NSVC" --step "$step" >"$DIR/.mesh.yaml.tmp"
   t0=$(now_ms)
   mv "$DIR/.mesh.yaml.tmp" "$DIR/mesh.yaml"
   v1=$(wait_cp_version_not "$v0") || { diag "edit ${STEPS[$step]}: misaki-cp never put a new policy in force"; return 1; }
@@ -333,7 +340,7 @@ run_policy() { # $1 = number of cloud services (0: the 4-service lab policy)
   NSVC=$1
   local label st tag c0 tk0 init rss rss_cp rss_cp_after sig nk step ec ee el er ef pp
   if [ "$NSVC" = 0 ]; then label="lab (4 services)"; else label="$NSVC cloud + 4 vehicle services"; fi
-  python3 "$GEN" --services "$NSVC" >"$DIR/base.yaml"
+  python3 "$GEN" "${CONSUMES[@]}" --services "$NSVC" >"$DIR/base.yaml"
   local yaml_bytes; yaml_bytes=$(wc -c <"$DIR/base.yaml")
   # (a), (b): Envoy fed by misaki-cp
   for st in sotw delta; do
@@ -483,7 +490,7 @@ MEM=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
   echo
   echo "### 2. One edit: bytes sent"
   echo
-  echo "| policy | setup | edit | CDS | EDS | LDS | RDS | xDS total | responses C/E/L/R | PolicyUpdate to vehicle (encoded) | same, zstd -3 | rename → ACKed (ms) | misaki-cp CPU (ms) | edge-netd CPU (ms) | NACKs |"
+  echo "| policy | setup | edit | CDS | EDS | LDS | RDS+SRDS | xDS total | responses C/E/L/R | PolicyUpdate to vehicle (encoded) | same, zstd -3 | rename → ACKed (ms) | misaki-cp CPU (ms) | edge-netd CPU (ms) | NACKs |"
   echo "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"
   for r in "${ROWS_EDIT[@]}"; do echo "$r"; done
   echo
@@ -516,7 +523,7 @@ MEM=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
   for r in "${ROWS_CP[@]}"; do echo "$r"; done
   echo
   echo "A fresh misaki-cp per setup, on the base policy (YAML: $(python3 "$GEN" --services 0 | wc -c) bytes for the lab,"
-  echo "$(python3 "$GEN" --services "$N" | wc -c) bytes for $N services). Its ready (\`/readyz\`, polled every 5 ms) means parsed,"
+  echo "$(python3 "$GEN" "${CONSUMES[@]}" --services "$N" | wc -c) bytes for $N services). Its ready (\`/readyz\`, polled every 5 ms) means parsed,"
   echo "validated and listening: it compiles a snapshot only when the first stream of a compile key"
   echo "arrives. *Its client's first config*: misaki-cp's CPU from the spawn of the Envoy to the"
   echo "Envoy's first ready in (a)/(b) (compile, encode, serve); in (c)/(d) from the spawn of edge-netd to"
@@ -527,5 +534,6 @@ MEM=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
   for n in "${NOTES[@]}"; do echo; echo "Note: $n"; done
 } >"$DIR/report.md"
 cat "$DIR/report.md"
-cp "$DIR/report.md" bench/results-config-scale.md
-log "written to bench/results-config-scale.md"
+OUT=bench/results-config-scale${CONSUMES[1]:+-consumes-${CONSUMES[1]}}.md
+cp "$DIR/report.md" "$OUT"
+log "written to $OUT"

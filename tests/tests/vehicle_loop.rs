@@ -206,7 +206,9 @@ fn traffic_follows_the_selected_uplink_on_carrier_loss() {
         r.body, "from=198.18.1.1 path=/maps/tile/0 class=standard",
         "{r:?}"
     );
-    // One cluster per uplink the class allows, none for the others.
+    // One cluster per uplink the class allows, none for the others. Nothing is
+    // declared, so the Envoy loads a service's clusters on its first request.
+    let _ = lab.app_get("/telemetry/first");
     let clusters = envoy_clusters(&lab);
     for name in ["out|maps|wifi::", "out|maps|lte::", "out|telemetry|wifi::"] {
         assert!(
@@ -570,6 +572,9 @@ fn envoy_as_an_unprivileged_user_binds_its_clusters_to_uplinks() {
 #[test]
 fn the_fleet_registry_shows_what_the_vehicle_sidecar_acked() {
     let lab = vehicle("vsidecar", &NetdOptions::default(), None);
+    // Nothing is declared: route tables load on a service's first request.
+    wait_selected(&lab, "standard", Some("wifi"));
+    wait_via(&lab, "/maps/tile/1", "wifi");
     let local = wait_for(LONG, || {
         let (status, body) = lab.netd_get("/xds").ok()?;
         let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -604,7 +609,8 @@ fn a_flapping_link_causes_a_bounded_number_of_route_pushes() {
     let lab = vehicle("vflap", &opts, None);
     wait_selected(&lab, "standard", Some("wifi"));
     wait_via(&lab, "/maps/flap/0", "wifi");
-    let rds = "http.vehicle_outbound.rds.vehicle_outbound.update_success";
+    // The route table of `/maps`' scope (nothing declared: scoped, loaded on use).
+    let rds = "http.vehicle_outbound.rds.vehicle_outbound/path/maps.update_success";
     let before = lab.envoy_stat(rds).expect("Envoy RDS update counter");
     // ~6 flaps per second for 3 seconds, within the dwell.
     for _ in 0..9 {

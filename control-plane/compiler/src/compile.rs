@@ -142,10 +142,8 @@ fn compile_for(
 ) -> Snapshot {
     let scope = Scope::of(policy);
     // Envoys on delta xDS can fetch what they do not hold yet; SotW and proxyless
-    // gRPC clients cannot. Nor can an aggregate cluster (cross-uplink retry): Envoy
-    // fetches the cluster a route names, never an aggregate's members.
-    let on_demand =
-        node.delta && !node.proxyless && !state.is_some_and(|s| s.cross_uplink_retry);
+    // gRPC clients cannot.
+    let on_demand = node.delta && !node.proxyless;
     let mut out = match node.role {
         Role::Vehicle => vehicle(policy, &scope, state, on_demand),
         Role::Cloud => cloud(policy),
@@ -166,6 +164,9 @@ struct Output {
     scoped_routes: Vec<ScopedRouteConfiguration>,
     /// Resources sent only to clients that ask for them by name.
     on_demand: BTreeSet<(ResourceType, String)>,
+    /// Aggregate cluster → its member clusters: an on-demand aggregate brings its
+    /// members along (Envoy fetches the cluster a route names, never its members).
+    members: Vec<(String, Vec<String>)>,
 }
 
 impl Output {
@@ -188,8 +189,14 @@ impl Output {
                 .collect()
         }
         use ResourceType as T;
+        let members = self
+            .members
+            .iter()
+            .filter(|(agg, _)| on_demand.contains(&(T::Cluster, agg.clone())))
+            .cloned();
         Snapshot::new(
-            versioned(T::Cluster, encoded(prefix, &self.clusters, |c| &c.name)),
+            versioned(T::Cluster, encoded(prefix, &self.clusters, |c| &c.name))
+                .with_companions(prefix, members),
             versioned(
                 T::Endpoint,
                 encoded(prefix, &self.endpoints, |c| &c.cluster_name),
@@ -315,12 +322,14 @@ impl Output {
     /// An aggregate cluster over `svc`'s uplink clusters, `first`'s at priority 0, the
     /// others in the class's order after it.
     fn add_failover_cluster(&mut self, svc: &str, first: &str, bound: &[(&str, String)]) {
-        let order = bound
+        let order: Vec<String> = bound
             .iter()
             .filter(|(u, _)| *u == first)
             .chain(bound.iter().filter(|(u, _)| *u != first))
             .map(|(_, c)| c.clone())
             .collect();
+        self.members
+            .push((failover_cluster(svc, first), order.clone()));
         self.clusters.push(Cluster {
             name: failover_cluster(svc, first),
             lb_policy: cluster::LbPolicy::ClusterProvided as i32,

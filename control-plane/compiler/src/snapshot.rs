@@ -275,6 +275,12 @@ pub struct Resources {
     pub items: BTreeMap<String, Arc<Resource>>,
     /// Names of the resources sent only to clients that subscribe to them by name.
     on_demand: BTreeSet<String>,
+    /// On-demand resources that go to a client along with another it names (an
+    /// aggregate cluster's members: Envoy fetches the cluster a route names, never
+    /// the aggregate's members). Name → its companions.
+    companions: BTreeMap<String, Vec<String>>,
+    /// The reverse of `companions`: companion → the names that bring it.
+    brought_by: BTreeMap<String, Vec<String>>,
 }
 
 impl Resources {
@@ -309,7 +315,61 @@ impl Resources {
             version: format!("{prefix}{:016x}", h.digest()).into(),
             items,
             on_demand: lazy,
+            companions: BTreeMap::new(),
+            brought_by: BTreeMap::new(),
         }
+    }
+
+    /// Declare, per name, the on-demand resources that go along with it (see
+    /// `companions`). Changes the type version when it changes what a client gets.
+    pub fn with_companions(
+        mut self,
+        prefix: &str,
+        pairs: impl IntoIterator<Item = (String, Vec<String>)>,
+    ) -> Self {
+        for (name, with) in pairs {
+            for c in &with {
+                self.brought_by
+                    .entry(c.clone())
+                    .or_default()
+                    .push(name.clone());
+            }
+            self.companions.insert(name, with);
+        }
+        if !self.companions.is_empty() {
+            let mut h = Xxh3::new();
+            h.update(self.version.as_bytes());
+            for (name, with) in &self.companions {
+                h.update(name.as_bytes());
+                for c in with {
+                    h.update(&[0]);
+                    h.update(c.as_bytes());
+                }
+                h.update(&[1]);
+            }
+            self.version = format!("{prefix}{:016x}", h.digest()).into();
+        }
+        self
+    }
+
+    /// The resources that go along with `name` to a client that names it.
+    pub fn companions<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Arc<Resource>> + 'a {
+        self.companions
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| self.items.get(c))
+    }
+
+    /// Whether a subscription covers `name`: named by it (`named`), brought along by a
+    /// name it names, or eager under a wildcard.
+    pub fn covers(&self, wildcard: bool, named: impl Fn(&str) -> bool, name: &str) -> bool {
+        named(name)
+            || (wildcard && !self.is_on_demand(name))
+            || self
+                .brought_by
+                .get(name)
+                .is_some_and(|by| by.iter().any(|n| named(n)))
     }
 
     /// Whether `name` is an on-demand resource of this type (false if it does not exist).

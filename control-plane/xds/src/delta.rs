@@ -150,9 +150,9 @@ struct TypeState {
 }
 
 /// Whether a subscription (`names`, `wildcard`) covers `name` of `res`'s type: by
-/// name, or by the wildcard unless it is on demand.
+/// name (or as a companion of a name), or by the wildcard unless it is on demand.
 fn covers(names: &BTreeSet<SharedStr>, wildcard: bool, res: &Resources, name: &str) -> bool {
-    names.contains(name) || (wildcard && !res.is_on_demand(name))
+    res.covers(wildcard, |n| names.contains(n), name)
 }
 
 impl TypeState {
@@ -293,19 +293,25 @@ impl Delta {
         }
         let res = self.snapshot.get(t);
         let items = &res.items;
+        let mut seen = BTreeSet::new();
         let mut consider = |r: &Arc<Resource>| {
-            if force.contains(&r.name) || st.has.get(&r.name) != Some(&r.version) {
+            let changed = force.contains(&r.name) || st.has.get(&r.name) != Some(&r.version);
+            if changed && seen.insert(r.name.clone()) {
                 plan.items.push(r.clone());
             }
         };
         if st.wildcard {
             res.eager().for_each(&mut consider);
         }
-        st.names
-            .iter()
-            .filter(|n| !st.wildcard || res.is_on_demand(n))
-            .filter_map(|n| items.get(n.as_str()))
-            .for_each(&mut consider);
+        for n in &st.names {
+            if let Some(r) = items
+                .get(n.as_str())
+                .filter(|_| !st.wildcard || res.is_on_demand(n))
+            {
+                consider(r);
+            }
+            res.companions(n).for_each(&mut consider);
+        }
         // Held resources that are gone, or that the subscription no longer covers.
         let mut removed: BTreeSet<&SharedStr> = st
             .has
@@ -621,6 +627,35 @@ mod tests {
         assert!(d.on_request(request(C, &[], &["od"]), &ctx).is_empty());
         assert!(!d.types[C.index()].has.contains_key("od"), "forgotten");
         assert!(d.on_snapshot(clusters(cds("3")), &ctx).is_empty());
+    }
+
+    #[test]
+    fn an_on_demand_aggregate_brings_its_members_along_and_only_to_who_named_it() {
+        use ResourceType::Cluster as C;
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let cds = |m: &str| {
+            Resources::with_on_demand(
+                "v-",
+                [cluster("a", "1")],
+                [cluster("agg", "1"), cluster("m1", m), cluster("m2", "1")],
+            )
+            .with_companions("v-", [("agg".to_string(), vec!["m1".into(), "m2".into()])])
+        };
+        let mut named = Delta::new(clusters(cds("1")));
+        let mut other = Delta::new(clusters(cds("1")));
+        for d in [&mut named, &mut other] {
+            let out = d.on_request(request(C, &["*"], &[]), &ctx);
+            assert_eq!(summary(&out), [(C, vec!["a"], vec![])]);
+        }
+        let out = named.on_request(request(C, &["agg"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["agg", "m1", "m2"], vec![])]);
+        // A member's change reaches the stream that named its aggregate, only.
+        let out = named.on_snapshot(clusters(cds("2")), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["m1"], vec![])]);
+        assert!(other.on_snapshot(clusters(cds("2")), &ctx).is_empty());
+        // Naming a member too sends it once.
+        let out = named.on_request(request(C, &["m2"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["m2"], vec![])]);
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //!   (name, version) pairs, so a version always identifies exactly one content and
 //!   stays unique per server run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
@@ -217,18 +217,24 @@ impl Sotw {
     fn content(&self, t: ResourceType) -> Vec<Arc<Resource>> {
         let st = &self.types[t.index()];
         let res = self.snapshot.get(t);
+        let named = |n: &str| st.names.contains(n);
         if st.wildcard {
             // The eager resources plus the on-demand ones this stream names.
             res.items
                 .values()
-                .filter(|r| st.names.contains(r.name.as_str()) || !res.is_on_demand(&r.name))
+                .filter(|r| res.covers(true, named, &r.name))
                 .cloned()
                 .collect()
         } else {
-            st.names
-                .iter()
-                .filter_map(|n| res.items.get(n).cloned())
-                .collect()
+            // Sorted and unique, companions included.
+            let mut out: BTreeMap<&str, Arc<Resource>> = BTreeMap::new();
+            for n in &st.names {
+                let r = res.items.get(n);
+                for r in r.into_iter().chain(res.companions(n)) {
+                    out.insert(&r.name, r.clone());
+                }
+            }
+            out.into_values().collect()
         }
     }
 
