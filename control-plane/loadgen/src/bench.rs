@@ -4,14 +4,18 @@
 //! Phases per row, with misaki-cp's CPU (utime+stime) read around each:
 //! 1. idle: misaki-cp started on the benchmark policy, RSS read;
 //! 2. connect: N streams opened at once (a fleet reconnecting after a control-plane
-//!    restart), until every stream has answered CDS/EDS/LDS/RDS; RSS read again after
-//!    a short pause, so the per-stream figure is the steady state;
+//!    restart), until every stream has answered every type it subscribes to
+//!    (CDS/EDS/LDS/RDS, and SRDS for scoped routes); RSS read again after a short
+//!    pause, so the per-stream figure is the steady state;
 //! 3. fleet change: `edits` policy edits (the `standard` timeout: every vehicle's RDS),
 //!    each timed from just before the file is saved to the last response every stream
 //!    gets for it;
 //! 4. single vehicle: a new vehicle connecting and receiving its full config while the
 //!    fleet stays connected, `trials` times. (A change aimed at one vehicle cannot be
 //!    expressed yet: the compiler's input has no per-vehicle state — see the report.)
+//!
+//! Bytes pushed per vehicle (connect, and per fleet change) come from misaki-cp's
+//! `misaki_xds_push_bytes_total` (resource bytes, all types) read around the phase.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -59,6 +63,9 @@ pub struct Row {
     pub cpu_per_join: f64,
     pub loadgen_rss: u64,
     pub nacks: u64,
+    /// misaki-cp's push bytes per stream: connecting, and per fleet change.
+    pub bytes_connect: f64,
+    pub bytes_per_edit: f64,
     /// Stream retries (Envoy-like reconnects) while connecting, and afterwards.
     pub retries_connect: u64,
     pub retries_after: u64,
@@ -66,6 +73,28 @@ pub struct Row {
 
 fn mib(b: u64) -> String {
     format!("{:.0}", b as f64 / (1024.0 * 1024.0))
+}
+
+/// misaki-cp's `misaki_xds_push_bytes_total`, summed over resource types.
+async fn push_bytes(admin: u16) -> Result<u64> {
+    let (status, body) = tokio::task::spawn_blocking(move || sys::http_get(admin, "/metrics"))
+        .await?
+        .context("GET /metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    let mut sum = 0;
+    for line in body.lines() {
+        if let Some(v) = line
+            .strip_prefix("misaki_xds_push_bytes_total{")
+            .and_then(|l| l.split_whitespace().last())
+        {
+            sum += v
+                .parse::<u64>()
+                .with_context(|| format!("metric line {line:?}"))?;
+        }
+    }
+    Ok(sum)
 }
 
 /// Bytes of memory still available (`MemAvailable`).
@@ -120,7 +149,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
         standard_timeout_s: 10,
     };
     policy.save(&policy_path)?;
-    let (mut cp, xds_port, _admin) = sys::start_cp(cp_bin, &policy_path, &row_dir, &tag)?;
+    let (mut cp, xds_port, admin) = sys::start_cp(cp_bin, &policy_path, &row_dir, &tag)?;
     let pid = cp.pid();
     let addr = format!("127.0.0.1:{xds_port}");
     let cfg = Arc::new(ClientConfig {
@@ -146,6 +175,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     // 2. connect
     eprintln!("[{tag}] connecting {} streams", spec.streams);
     let cpu0 = sys::cpu_secs(pid)?;
+    let bytes0 = push_bytes(admin).await?;
     let start = Instant::now();
     let fleet = Fleet::connect(&addr, cfg.clone(), spec.streams, spec.conns, "veh-").await?;
     fleet
@@ -160,9 +190,12 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     };
     row.retries_connect = retries();
     row.cpu_connect = sys::cpu_secs(pid)? - cpu0;
+    let per_stream = |b: u64| b as f64 / spec.streams.max(1) as f64;
     // Let the allocator and the last ACKs settle before reading the steady state.
     tokio::time::sleep(Duration::from_secs(2)).await;
     row.rss_connected = sys::vm(pid, "VmRSS")?;
+    let bytes1 = push_bytes(admin).await?;
+    row.bytes_connect = per_stream(bytes1 - bytes0);
     eprintln!(
         "[{tag}] {} streams ready in {:.2}s; cp RSS {} MiB",
         spec.streams,
@@ -188,7 +221,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
         let lat = fleet
             .settle_after(
                 t0,
-                crate::client::TYPES.len() - 1, // RDS: the type this edit changes
+                crate::client::R,
                 Duration::from_millis(300),
                 Duration::from_secs(120),
             )
@@ -212,6 +245,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     row.fleet = Summary::of(&all);
     row.cpu_per_edit = cpu_edits / spec.edits.max(1) as f64;
     row.loadgen_cpu_per_edit = lg_cpu_edits / spec.edits.max(1) as f64;
+    row.bytes_per_edit = per_stream(push_bytes(admin).await? - bytes1) / spec.edits.max(1) as f64;
     row.rss_after = sys::vm(pid, "VmRSS")?;
 
     // 4. one new vehicle at a time
@@ -240,14 +274,14 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
 
 pub fn print_table(rows: &[Row], edits: usize, trials: usize) {
     println!(
-        "| mode | streams | conns | connect all (s) | cp CPU connect (s) | cp RSS idle → connected (MiB) | cp RSS / stream (KiB) | fleet change p50 / p99 / max (ms) | cp / loadgen CPU per fleet change (s) | new vehicle full config p50 / p99 (ms) | cp CPU / new vehicle (ms) | cp RSS after edits / peak (MiB) | loadgen RSS (MiB) | stream retries connect / later |"
+        "| mode | streams | conns | connect all (s) | cp CPU connect (s) | cp RSS idle → connected (MiB) | cp RSS / stream (KiB) | fleet change p50 / p99 / max (ms) | cp / loadgen CPU per fleet change (s) | new vehicle full config p50 / p99 (ms) | cp CPU / new vehicle (ms) | cp RSS after edits / peak (MiB) | loadgen RSS (MiB) | stream retries connect / later | pushed / vehicle: connect / fleet change (KiB) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let per_stream =
             (r.rss_connected as f64 - r.rss_idle as f64) / r.streams.max(1) as f64 / 1024.0;
         println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {} → {} | {:.1} | {} / {} / {} | {:.2} / {:.2} | {} / {} | {:.1} | {} / {} | {} | {} / {} |",
+            "| {} | {} | {} | {:.2} | {:.2} | {} → {} | {:.1} | {} / {} / {} | {:.2} / {:.2} | {} / {} | {:.1} | {} / {} | {} | {} / {} | {:.1} / {:.2} |",
             r.mode,
             r.streams,
             r.conns,
@@ -269,12 +303,14 @@ pub fn print_table(rows: &[Row], edits: usize, trials: usize) {
             mib(r.loadgen_rss),
             r.retries_connect,
             r.retries_after,
+            r.bytes_connect / 1024.0,
+            r.bytes_per_edit / 1024.0,
         );
     }
     let nacks: u64 = rows.iter().map(|r| r.nacks).sum();
     println!();
     println!(
-        "Fleet change: {edits} edits per row (the `standard` class timeout → every vehicle's RDS), latency pooled over all streams and edits, from just before the policy file is renamed into place to the last response each stream got for it. New vehicle: {trials} trials, new connection + stream until CDS/EDS/LDS/RDS are all answered. Stream retries: a failed connection or stream is retried as Envoy does (jittered exponential backoff).{}",
+        "Fleet change: {edits} edits per row (the `standard` class timeout → every vehicle's RDS), latency pooled over all streams and edits, from just before the policy file is renamed into place to the last response each stream got for it. New vehicle: {trials} trials, new connection + stream until every type it subscribes to (CDS/EDS/LDS/RDS, SRDS for scoped routes) is answered. Pushed: misaki-cp's `misaki_xds_push_bytes_total` (resource bytes, all types) per stream, while connecting and per fleet change. Stream retries: a failed connection or stream is retried as Envoy does (jittered exponential backoff).{}",
         if nacks > 0 {
             format!(" NACKs sent: {nacks}.")
         } else {

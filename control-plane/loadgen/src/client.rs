@@ -4,9 +4,13 @@
 //! - the first request on a stream carries the node (`set_node_on_first_message_only`,
 //!   as misaki's vehicle bootstrap sets it); node.id `veh-{i}`, cluster `vehicle`;
 //! - CDS and LDS are wildcard subscriptions; EDS follows the EDS clusters of the
-//!   latest accepted CDS, RDS follows the RDS names inside the listeners' HTTP
-//!   connection managers — both derived by decoding the resources, as Envoy does, so
-//!   a policy edit that adds a cluster or route also exercises the subscription path;
+//!   latest accepted CDS; RDS follows the RDS names inside the listeners' HTTP
+//!   connection managers; a connection manager on scoped routes over SRDS subscribes
+//!   SRDS (a wildcard, no names, as Envoy does), and RDS then also follows the route
+//!   configurations of the scopes that are not `on_demand` (an on-demand scope's table
+//!   is fetched on first use, which a client sending no traffic never does) — all
+//!   derived by decoding the resources, as Envoy does, so a policy edit that adds a
+//!   cluster or route also exercises the subscription path;
 //! - every response is answered at once: ACK (SotW: the response's version and nonce,
 //!   with the full current subscription, as Envoy repeats it; delta: the nonce) or a
 //!   NACK when told to (`--nack-every`, `--nack-version`), which keeps the previously
@@ -32,8 +36,10 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType,
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+use envoy_types::pb::envoy::config::route::v3::ScopedRouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::scoped_routes::ConfigSpecifier;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -48,14 +54,24 @@ use tonic::transport::{Channel, Endpoint};
 pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const SRDS: &str = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration";
 pub const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Resource types a client follows.
+pub const N: usize = 5;
 /// Index order used by every per-type array here: the server's push order.
-pub const TYPES: [&str; 4] = [CDS, EDS, LDS, RDS];
-pub const SHORT: [&str; 4] = ["cds", "eds", "lds", "rds"];
+pub const TYPES: [&str; N] = [CDS, EDS, LDS, SRDS, RDS];
+pub const SHORT: [&str; N] = ["cds", "eds", "lds", "srds", "rds"];
 const C: usize = 0;
 const E: usize = 1;
 const L: usize = 2;
-const R: usize = 3;
+const S: usize = 3;
+/// RDS: the type a fleet-wide route edit surely changes.
+pub const R: usize = 4;
+/// In derived names: a wildcard subscription (SRDS), sent as no names at all.
+const WILDCARD: &str = "*";
+
+/// The subscriptions one resource brings: (type index, name).
+type Children = Vec<(usize, String)>;
 
 fn type_index(url: &str) -> Option<usize> {
     TYPES.iter().position(|t| *t == url)
@@ -91,7 +107,7 @@ pub struct ClientConfig {
 #[derive(Debug, Default)]
 pub struct StreamRec {
     /// Arrival of the latest response per type, ns since [`Shared::epoch`] (0: none).
-    pub last: [AtomicU64; 4],
+    pub last: [AtomicU64; N],
     /// Every subscribed type has been answered at least once.
     pub ready: AtomicBool,
     /// Woken once when `ready` becomes true (single-vehicle trials wait on it).
@@ -118,7 +134,7 @@ pub struct Shared {
     pub last_error: Mutex<Option<String>>,
     /// Derived subscription names by resource (or SotW response) version; see the
     /// module docs.
-    names: Mutex<HashMap<String, Arc<Vec<String>>>>,
+    names: Mutex<HashMap<String, Arc<Children>>>,
 }
 
 impl Default for Shared {
@@ -141,7 +157,7 @@ impl Shared {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
-    fn derived(&self, key: String, compute: impl FnOnce() -> Vec<String>) -> Arc<Vec<String>> {
+    fn derived(&self, key: String, compute: impl FnOnce() -> Children) -> Arc<Children> {
         if let Some(v) = self.names.lock().expect("names").get(&key) {
             return v.clone();
         }
@@ -152,7 +168,7 @@ impl Shared {
 }
 
 /// The EDS name a cluster subscribes to, if it takes endpoints over EDS.
-fn eds_names(any: &Any) -> Vec<String> {
+fn eds_names(any: &Any) -> Children {
     let Ok(c) = Cluster::decode(any.value.as_slice()) else {
         return Vec::new();
     };
@@ -163,14 +179,15 @@ fn eds_names(any: &Any) -> Vec<String> {
                 .as_ref()
                 .map(|e| e.service_name.clone())
                 .unwrap_or_default();
-            vec![if service.is_empty() { c.name } else { service }]
+            vec![(E, if service.is_empty() { c.name } else { service })]
         }
         _ => Vec::new(),
     }
 }
 
-/// The RDS route configuration names a listener's HTTP connection managers use.
-fn rds_names(any: &Any) -> Vec<String> {
+/// What a listener's HTTP connection managers subscribe to: their RDS route
+/// configuration, or SRDS (wildcard) for scoped routes over SRDS.
+fn route_names(any: &Any) -> Children {
     let Ok(l) = Listener::decode(any.value.as_slice()) else {
         return Vec::new();
     };
@@ -180,22 +197,44 @@ fn rds_names(any: &Any) -> Vec<String> {
             if let Some(ConfigType::TypedConfig(tc)) = &f.config_type
                 && tc.type_url.ends_with(".HttpConnectionManager")
                 && let Ok(hcm) = HttpConnectionManager::decode(tc.value.as_slice())
-                && let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier
             {
-                out.push(rds.route_config_name);
+                match hcm.route_specifier {
+                    Some(RouteSpecifier::Rds(rds)) => out.push((R, rds.route_config_name)),
+                    Some(RouteSpecifier::ScopedRoutes(sr))
+                        if matches!(sr.config_specifier, Some(ConfigSpecifier::ScopedRds(_))) =>
+                    {
+                        out.push((S, WILDCARD.to_string()))
+                    }
+                    _ => {}
+                }
             }
         }
     }
     out
 }
 
-/// Child names (EDS for clusters, RDS for listeners) of one resource.
-fn child_names(t: usize, any: &Any) -> Vec<String> {
-    match t {
-        C => eds_names(any),
-        L => rds_names(any),
+/// The route configuration a scope subscribes to at once: none when it is on demand.
+fn scope_names(any: &Any) -> Children {
+    match ScopedRouteConfiguration::decode(any.value.as_slice()) {
+        Ok(s) if !s.on_demand => vec![(R, s.route_configuration_name)],
         _ => Vec::new(),
     }
+}
+
+/// Child subscriptions (EDS for clusters, SRDS/RDS for listeners, RDS for scopes)
+/// of one resource.
+fn child_names(t: usize, any: &Any) -> Children {
+    match t {
+        C => eds_names(any),
+        L => route_names(any),
+        S => scope_names(any),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether resources of type `t` name children.
+fn is_parent(t: usize) -> bool {
+    matches!(t, C | L | S)
 }
 
 pub fn node(id: &str) -> Node {
@@ -294,26 +333,99 @@ pub async fn run_with_retries(
     }
 }
 
-/// Readiness bookkeeping common to both variants.
-struct Ready {
-    answered: [bool; 4],
-    /// EDS/RDS only count once something is subscribed.
-    subscribed: [bool; 4],
+/// What a stream subscribes to, and which types have been answered: the bookkeeping
+/// common to both variants. CDS and LDS are wildcards from the start; EDS, SRDS and
+/// RDS follow what the held clusters, listeners and scopes name.
+#[derive(Default)]
+struct Subs {
+    /// Per parent type (CDS, LDS, SRDS): held resource → its children, for resources
+    /// that have any (a fleet holds thousands of on-demand scopes). Delta keys by
+    /// resource name; SotW holds one entry, "", for the latest accepted response.
+    from: [BTreeMap<String, Arc<Children>>; N],
+    /// The derived subscription per type ([`WILDCARD`] for SRDS's).
+    names: [BTreeSet<String>; N],
+    answered: [bool; N],
 }
 
-impl Ready {
-    fn new() -> Self {
-        Ready {
-            answered: [false; 4],
-            subscribed: [true, false, true, false],
+/// A change of one type's derived subscription, as a delta request puts it.
+#[derive(Debug, PartialEq)]
+struct Change {
+    t: usize,
+    /// Without [`WILDCARD`]: a wildcard is subscribed by naming nothing (legacy).
+    subscribe: Vec<String>,
+    unsubscribe: Vec<String>,
+}
+
+impl Subs {
+    /// A response of type `t` arrived: stamp it for the driver.
+    fn arrived(&mut self, t: usize, rec: &StreamRec, shared: &Shared) {
+        rec.last[t].store(shared.now_ns(), Ordering::Release);
+        shared.responses.fetch_add(1, Ordering::Relaxed);
+        self.answered[t] = true;
+    }
+
+    /// Resource `key` of type `t` now names `children`.
+    fn hold(&mut self, t: usize, key: String, children: Arc<Children>) {
+        if children.is_empty() {
+            self.from[t].remove(&key);
+        } else {
+            self.from[t].insert(key, children);
         }
+    }
+
+    /// EDS, SRDS and RDS only count once something is subscribed.
+    fn subscribed(&self, t: usize) -> bool {
+        t == C || t == L || !self.names[t].is_empty()
+    }
+
+    /// Type `t`'s subscription as sent in a SotW request.
+    fn sotw_names(&self, t: usize) -> Vec<String> {
+        self.names[t]
+            .iter()
+            .filter(|n| *n != WILDCARD)
+            .cloned()
+            .collect()
+    }
+
+    /// After a response of type `t` was accepted: derive the subscriptions again from
+    /// what is held; the changes, in push order.
+    fn resync(&mut self, t: usize) -> Vec<Change> {
+        if !is_parent(t) {
+            return Vec::new();
+        }
+        let mut want: [BTreeSet<String>; N] = Default::default();
+        for (t, name) in self
+            .from
+            .iter()
+            .flat_map(|m| m.values())
+            .flat_map(|v| v.iter())
+        {
+            want[*t].insert(name.clone());
+        }
+        let mut out = Vec::new();
+        for (t, want) in want.into_iter().enumerate() {
+            let have = &self.names[t];
+            if want != *have {
+                out.push(Change {
+                    t,
+                    subscribe: want
+                        .difference(have)
+                        .filter(|n| *n != WILDCARD)
+                        .cloned()
+                        .collect(),
+                    unsubscribe: have.difference(&want).cloned().collect(),
+                });
+                self.names[t] = want;
+            }
+        }
+        out
     }
 
     fn check(&self, rec: &StreamRec, shared: &Shared) {
         if rec.ready.load(Ordering::Relaxed) {
             return;
         }
-        if (0..4).all(|t| self.answered[t] || !self.subscribed[t]) {
+        if (0..N).all(|t| self.answered[t] || !self.subscribed(t)) {
             rec.ready.store(true, Ordering::Release);
             shared.ready.fetch_add(1, Ordering::AcqRel);
             rec.ready_notify.notify_one();
@@ -321,24 +433,23 @@ impl Ready {
     }
 }
 
-#[derive(Default)]
-struct SotwType {
-    /// Subscription (EDS/RDS; CDS/LDS are wildcard and send no names).
-    names: BTreeSet<String>,
-    accepted: String,
-    nonce: String,
-}
-
-fn sotw_req(t: usize, st: &SotwType, node: Option<Node>) -> DiscoveryRequest {
+/// A SotW request of type `t`: the accepted version, the nonce, the subscription.
+fn sotw_req(t: usize, st: &SotwType, subs: &Subs, node: Option<Node>) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: st.accepted.clone(),
         node,
-        resource_names: st.names.iter().cloned().collect(),
+        resource_names: subs.sotw_names(t),
         type_url: TYPES[t].to_string(),
         response_nonce: st.nonce.clone(),
         error_detail: None,
         ..Default::default()
     }
+}
+
+#[derive(Default)]
+struct SotwType {
+    accepted: String,
+    nonce: String,
 }
 
 async fn send<T>(tx: &mpsc::Sender<T>, m: T) -> Result<()> {
@@ -355,9 +466,10 @@ async fn run_sotw(
     shared: &Shared,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
-    let mut types: [SotwType; 4] = Default::default();
-    send(&tx, sotw_req(C, &types[C], Some(node(node_id)))).await?;
-    send(&tx, sotw_req(L, &types[L], None)).await?;
+    let mut types: [SotwType; N] = Default::default();
+    let mut subs = Subs::default();
+    send(&tx, sotw_req(C, &types[C], &subs, Some(node(node_id)))).await?;
+    send(&tx, sotw_req(L, &types[L], &subs, None)).await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut inbound = client
@@ -365,7 +477,6 @@ async fn run_sotw(
         .await
         .context("opening SotW ADS stream")?
         .into_inner();
-    let mut ready = Ready::new();
     let mut n = 0u64;
     while let Some(resp) = inbound.message().await.context("SotW ADS stream")? {
         let DiscoveryResponse {
@@ -378,60 +489,33 @@ async fn run_sotw(
         let Some(t) = type_index(&type_url) else {
             continue;
         };
-        rec.last[t].store(shared.now_ns(), Ordering::Release);
-        shared.responses.fetch_add(1, Ordering::Relaxed);
+        subs.arrived(t, rec, shared);
         n += 1;
         types[t].nonce = nonce;
-        ready.answered[t] = true;
         if must_nack(cfg, n, &version_info) {
             rec.nacks.fetch_add(1, Ordering::Relaxed);
-            let mut req = sotw_req(t, &types[t], None);
+            let mut req = sotw_req(t, &types[t], &subs, None);
             req.error_detail = Some(nack_status(n));
             send(&tx, req).await?;
-            ready.check(rec, shared);
+            subs.check(rec, shared);
             continue;
         }
-        // Child subscription from the accepted parent (CDS → EDS, LDS → RDS).
-        let child = match t {
-            C => Some(E),
-            L => Some(R),
-            _ => None,
-        }
-        .map(|child| {
+        // A parent's response is its whole state: it replaces what the last one named.
+        if is_parent(t) {
             let key = format!("{}:{version_info}", SHORT[t]);
             let names = shared.derived(key, || {
-                let set: BTreeSet<String> =
-                    resources.iter().flat_map(|a| child_names(t, a)).collect();
-                set.into_iter().collect()
+                resources.iter().flat_map(|a| child_names(t, a)).collect()
             });
-            (child, names)
-        });
-        types[t].accepted = version_info;
-        send(&tx, sotw_req(t, &types[t], None)).await?;
-        if let Some((c, names)) = child {
-            let names: BTreeSet<String> = names.iter().cloned().collect();
-            let was_requested = ready.subscribed[c];
-            if names != types[c].names {
-                types[c].names = names;
-                ready.subscribed[c] = !types[c].names.is_empty();
-                if was_requested || ready.subscribed[c] {
-                    send(&tx, sotw_req(c, &types[c], None)).await?;
-                }
-            }
+            subs.hold(t, String::new(), names);
         }
-        ready.check(rec, shared);
+        types[t].accepted = version_info;
+        send(&tx, sotw_req(t, &types[t], &subs, None)).await?;
+        for c in subs.resync(t) {
+            send(&tx, sotw_req(c.t, &types[c.t], &subs, None)).await?;
+        }
+        subs.check(rec, shared);
     }
     bail!("server closed the stream")
-}
-
-#[derive(Default)]
-struct DeltaType {
-    /// What the client holds: name → version.
-    has: BTreeMap<String, String>,
-    /// CDS/LDS: each held resource's child names.
-    children: BTreeMap<String, Arc<Vec<String>>>,
-    /// EDS/RDS: the explicit subscription.
-    subscribed: BTreeSet<String>,
 }
 
 async fn run_delta(
@@ -467,8 +551,7 @@ async fn run_delta(
         .await
         .context("opening delta ADS stream")?
         .into_inner();
-    let mut types: [DeltaType; 4] = Default::default();
-    let mut ready = Ready::new();
+    let mut subs = Subs::default();
     let mut n = 0u64;
     while let Some(resp) = inbound.message().await.context("delta ADS stream")? {
         let DeltaDiscoveryResponse {
@@ -482,10 +565,8 @@ async fn run_delta(
         let Some(t) = type_index(&type_url) else {
             continue;
         };
-        rec.last[t].store(shared.now_ns(), Ordering::Release);
-        shared.responses.fetch_add(1, Ordering::Relaxed);
+        subs.arrived(t, rec, shared);
         n += 1;
-        ready.answered[t] = true;
         let mut ack = DeltaDiscoveryRequest {
             type_url: type_url.clone(),
             response_nonce: nonce,
@@ -495,54 +576,36 @@ async fn run_delta(
             rec.nacks.fetch_add(1, Ordering::Relaxed);
             ack.error_detail = Some(nack_status(n));
             send(&tx, ack).await?;
-            ready.check(rec, shared);
+            subs.check(rec, shared);
             continue;
         }
-        let st = &mut types[t];
         for r in resources {
-            if matches!(t, C | L)
+            if is_parent(t)
                 && let Some(body) = &r.resource
             {
                 let key = format!("{}:{}:{}", SHORT[t], r.name, r.version);
-                let names = shared.derived(key, || child_names(t, body));
-                st.children.insert(r.name.clone(), names);
+                subs.hold(t, r.name, shared.derived(key, || child_names(t, body)));
             }
-            st.has.insert(r.name, r.version);
         }
+        // Held resources are not tracked by version (no `initial_resource_versions`
+        // on a reconnect): only what they subscribe to.
         for name in removed_resources {
-            st.has.remove(&name);
-            st.children.remove(&name);
+            subs.from[t].remove(&name);
         }
         send(&tx, ack).await?;
-        if let Some(c) = match t {
-            C => Some(E),
-            L => Some(R),
-            _ => None,
-        } {
-            let want: BTreeSet<String> = types[t]
-                .children
-                .values()
-                .flat_map(|v| v.iter().cloned())
-                .collect();
-            let have = &types[c].subscribed;
-            let subscribe: Vec<String> = want.difference(have).cloned().collect();
-            let unsubscribe: Vec<String> = have.difference(&want).cloned().collect();
-            if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                send(
-                    &tx,
-                    DeltaDiscoveryRequest {
-                        type_url: TYPES[c].to_string(),
-                        resource_names_subscribe: subscribe,
-                        resource_names_unsubscribe: unsubscribe,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-                ready.subscribed[c] = !want.is_empty();
-                types[c].subscribed = want;
-            }
+        for c in subs.resync(t) {
+            send(
+                &tx,
+                DeltaDiscoveryRequest {
+                    type_url: TYPES[c.t].to_string(),
+                    resource_names_subscribe: c.subscribe,
+                    resource_names_unsubscribe: c.unsubscribe,
+                    ..Default::default()
+                },
+            )
+            .await?;
         }
-        ready.check(rec, shared);
+        subs.check(rec, shared);
     }
     bail!("server closed the stream")
 }
@@ -550,6 +613,108 @@ async fn run_delta(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        Rds, ScopedRds, ScopedRoutes,
+    };
+
+    fn any(type_url: &str, m: &impl Message) -> Any {
+        Any {
+            type_url: format!("type.googleapis.com/{type_url}"),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn listener(specs: Vec<RouteSpecifier>) -> Any {
+        let filters = specs
+            .into_iter()
+            .map(|spec| Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(ConfigType::TypedConfig(any(
+                    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    &HttpConnectionManager {
+                        route_specifier: Some(spec),
+                        ..Default::default()
+                    },
+                ))),
+            })
+            .collect();
+        let l = Listener {
+            filter_chains: vec![FilterChain {
+                filters,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        any("envoy.config.listener.v3.Listener", &l)
+    }
+
+    fn scoped(srds: bool) -> RouteSpecifier {
+        RouteSpecifier::ScopedRoutes(ScopedRoutes {
+            config_specifier: srds.then(|| ConfigSpecifier::ScopedRds(ScopedRds::default())),
+            ..Default::default()
+        })
+    }
+
+    fn scope(name: &str, on_demand: bool) -> Any {
+        let s = ScopedRouteConfiguration {
+            on_demand,
+            name: name.into(),
+            route_configuration_name: format!("rc/{name}"),
+            ..Default::default()
+        };
+        any("envoy.config.route.v3.ScopedRouteConfiguration", &s)
+    }
+
+    #[test]
+    fn listeners_name_rds_or_the_srds_wildcard_and_scopes_their_eager_tables() {
+        let rds = RouteSpecifier::Rds(Rds {
+            route_config_name: "vehicle_inbound".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            child_names(L, &listener(vec![rds, scoped(true)])),
+            vec![(R, "vehicle_inbound".into()), (S, WILDCARD.into())]
+        );
+        // Scopes given inline subscribe nothing over SRDS.
+        assert!(child_names(L, &listener(vec![scoped(false)])).is_empty());
+        assert_eq!(child_names(S, &scope("a", false)), vec![(R, "rc/a".into())]);
+        assert!(child_names(S, &scope("b", true)).is_empty());
+        assert!(child_names(R, &scope("a", false)).is_empty());
+    }
+
+    #[test]
+    fn srds_is_a_wildcard_with_no_names_and_eager_scopes_subscribe_rds() {
+        let mut subs = Subs::default();
+        let l = Arc::new(child_names(L, &listener(vec![scoped(true)])));
+        subs.hold(L, "vehicle_outbound".into(), l);
+        let change = |t, sub: &[&str], unsub: &[&str]| Change {
+            t,
+            subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(subs.resync(L), vec![change(S, &[], &[])]);
+        assert!(subs.subscribed(S) && !subs.subscribed(R));
+        assert!(subs.sotw_names(S).is_empty(), "SotW: legacy wildcard");
+        for (name, on_demand) in [("a", false), ("b", true), ("c", false)] {
+            let c = Arc::new(child_names(S, &scope(name, on_demand)));
+            subs.hold(S, name.into(), c);
+        }
+        assert_eq!(subs.from[S].len(), 2, "on-demand scopes are not kept");
+        assert_eq!(subs.resync(S), vec![change(R, &["rc/a", "rc/c"], &[])]);
+        assert_eq!(subs.sotw_names(R), vec!["rc/a", "rc/c"]);
+        assert!(subs.resync(S).is_empty());
+        assert!(
+            subs.resync(R).is_empty(),
+            "only parents change subscriptions"
+        );
+        subs.from[S].remove("a");
+        subs.from[L].clear();
+        assert_eq!(
+            subs.resync(L),
+            vec![change(S, &[], &["*"]), change(R, &[], &["rc/a"])]
+        );
+    }
 
     #[test]
     fn nack_every_k_and_by_version() {

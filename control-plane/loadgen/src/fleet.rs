@@ -148,7 +148,7 @@ impl Fleet {
             .recs
             .iter()
             .map(|r| {
-                let last = (0..4)
+                let last = (0..client::N)
                     .map(|t| r.last_ns(t))
                     .filter(|ns| *ns >= t0_ns)
                     .max()
@@ -160,7 +160,7 @@ impl Fleet {
 }
 
 /// One new vehicle joining while the fleet is connected: a new connection, a new
-/// stream, until it has answered CDS, EDS, LDS and RDS. Returns the time taken.
+/// stream, until it has answered every type it subscribes to. Returns the time taken.
 pub async fn join_one(addr: &str, cfg: Arc<ClientConfig>, node_id: String) -> Result<Duration> {
     let start = Instant::now();
     let channel = client::connect(addr).await?;
