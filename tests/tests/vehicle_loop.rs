@@ -610,7 +610,11 @@ fn a_flapping_link_causes_a_bounded_number_of_route_pushes() {
     wait_selected(&lab, "standard", Some("wifi"));
     wait_via(&lab, "/maps/flap/0", "wifi");
     // The route table of `/maps`' scope (nothing declared: scoped, loaded on use).
-    let rds = "http.vehicle_outbound.rds.vehicle_outbound/path/maps.update_success";
+    let rds = format!(
+        "http.vehicle_outbound.rds.vehicle_outbound/{}.update_success",
+        misaki_compiler::scope_bucket("path/maps")
+    );
+    let rds = rds.as_str();
     let before = lab.envoy_stat(rds).expect("Envoy RDS update counter");
     // ~6 flaps per second for 3 seconds, within the dwell.
     for _ in 0..9 {

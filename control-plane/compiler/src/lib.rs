@@ -17,4 +17,4 @@ pub use compile::{
     outbound_cluster, uplink_cluster,
 };
 pub use local::VehicleState;
-pub use on_demand::SCOPE_HEADER;
+pub use on_demand::{BUCKET_HEADER, BUCKETS, KEY_HEADER, bucket as scope_bucket};

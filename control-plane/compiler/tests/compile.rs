@@ -631,15 +631,36 @@ fn a_delta_vehicle_gets_undeclared_services_on_demand_through_scopes() {
             sc.name
         );
     }
-    let by_name = |n: &str| {
+    // A key's scope is its bucket; its routes there match the key exactly.
+    let scope_of = |key: &str| {
+        let name = format!("vehicle_outbound/{}", misaki_compiler::scope_bucket(key));
         scopes
             .iter()
-            .find(|s| s.name == n)
-            .unwrap_or_else(|| panic!("{n}"))
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{key}: no scope {name}"))
     };
-    assert!(by_name("vehicle_outbound/host/maps").on_demand);
-    assert!(by_name("vehicle_outbound/path/maps").on_demand);
-    assert!(!by_name("vehicle_outbound/host/diagnostics").on_demand);
+    assert!(
+        scope_of("host/maps").on_demand
+            || scope_of("host/maps").name == scope_of("host/diagnostics").name
+    );
+    assert!(
+        !scope_of("host/diagnostics").on_demand,
+        "the vehicle's own service is held"
+    );
+    let tables: Vec<RouteConfiguration> = decode(&s, ResourceType::Route);
+    let maps_table = tables
+        .iter()
+        .find(|t| t.name == scope_of("path/maps").route_configuration_name)
+        .expect("table of path/maps");
+    let keys: Vec<String> = maps_table.virtual_hosts[0]
+        .routes
+        .iter()
+        .flat_map(|r| &r.r#match.as_ref().unwrap().headers)
+        .filter(|h| h.name == misaki_compiler::KEY_HEADER)
+        .map(|h| format!("{:?}", h.header_match_specifier))
+        .collect();
+    assert!(keys.iter().any(|k| k.contains("\"path/maps\"")), "{keys:?}");
+
     // Every route goes to a cluster of the snapshot.
     for rc in decode::<RouteConfiguration>(&s, ResourceType::Route) {
         for r in rc.virtual_hosts.iter().flat_map(|v| &v.routes) {
