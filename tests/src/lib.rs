@@ -10,5 +10,6 @@
 pub mod http;
 pub mod netns;
 pub mod process;
+pub mod tls;
 
 pub use process::{ControlPlane, Envoy, Process, Upstream, free_port, repo_root, target_bin};

@@ -1,10 +1,13 @@
 //! Command line of `misaki-cp`. Parsed before anything binds a port; bad flags exit 64
-//! (EX_USAGE) with a usage message.
+//! (EX_USAGE) with a usage message. Every value is checked here (durations, trust
+//! domains, identity names, server names), so a bad one is a usage error too.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
+use misaki_identity::TrustDomain;
 
 /// misaki control plane: serves Envoy sidecars over xDS, compiled from mesh policy YAML.
 #[derive(Debug, Parser)]
@@ -23,6 +26,62 @@ pub enum Command {
         /// A policy YAML file, or a directory of them.
         path: PathBuf,
     },
+    /// The fleet's certificate authority: create it, issue identities, revoke them.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA in DIR: ca.pem, ca-key.pem (mode 0600), trust-domain.
+    Init {
+        dir: PathBuf,
+        /// SPIFFE trust domain of every identity this CA issues.
+        #[arg(long, default_value = misaki_identity::DEFAULT_TRUST_DOMAIN, value_parser = trust_domain)]
+        trust_domain: TrustDomain,
+        /// Lifetime of the CA certificate (`87600h` is ten years).
+        #[arg(long, default_value = "87600h", value_parser = duration)]
+        valid_for: Duration,
+    },
+    /// Issue a certificate and key into OUTDIR: cert.pem, key.pem (mode 0600), ca.pem.
+    Issue(IssueArgs),
+    /// Revoke a certificate: add it to DIR/revoked and rewrite DIR/crl.pem.
+    #[command(group(ArgGroup::new("which").required(true).args(["cert", "serial"])))]
+    Revoke {
+        dir: PathBuf,
+        /// The certificate to revoke (PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Its serial number in hex, as `ca issue` printed it.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(ArgGroup::new("identity").required(true).args(["vehicle", "cloud", "server", "claim"])))]
+pub struct IssueArgs {
+    /// The CA directory (`ca init`).
+    pub dir: PathBuf,
+    /// A vehicle identity: URI SAN spiffe://TD/vehicle/ID.
+    #[arg(long, value_name = "ID", value_parser = name)]
+    pub vehicle: Option<String>,
+    /// A cloud sidecar identity: URI SAN spiffe://TD/cloud/NAME.
+    #[arg(long, value_name = "NAME", value_parser = name)]
+    pub cloud: Option<String>,
+    /// A server certificate for misaki-cp: DNS SANs, IP SANs for IP literals.
+    #[arg(long, value_name = "NAME", num_args = 1.., value_parser = server_name)]
+    pub server: Vec<String>,
+    /// A claim credential bound to vehicle ID (URI SAN spiffe://TD/claim/ID): it can
+    /// only enrol that vehicle, never fetch configuration or report.
+    #[arg(long, value_name = "ID", value_parser = name)]
+    pub claim: Option<String>,
+    /// Lifetime (default: 2160h = 90 days; a claim credential 87600h = ten years).
+    #[arg(long, value_parser = duration)]
+    pub valid_for: Option<Duration>,
+    /// Where to write cert.pem, key.pem and ca.pem (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -40,6 +99,89 @@ pub struct ServeArgs {
     /// UDP echo address answering edge-netd's link probes (off when not given).
     #[arg(long)]
     pub probe_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Mutual TLS on the gRPC port (docs/security.md). All three of `--tls-cert`,
+/// `--tls-key`, `--client-ca` turn it on; the files are re-read when they change.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Server certificate chain (PEM) presented on the gRPC port.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "client_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub client_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) (PEM); a client whose issuer has no CRL here is
+    /// refused once a CRL is given.
+    #[arg(long, value_name = "FILE", requires = "client_ca")]
+    pub crl: Option<PathBuf>,
+    /// A CA directory (`misaki-cp ca init`) for signing enrolment CSRs; its trust
+    /// domain is the default for `--trust-domain`.
+    #[arg(long, value_name = "DIR", requires = "client_ca")]
+    pub ca: Option<PathBuf>,
+    /// Trust domain of client identities (default: the `--ca` directory's, else
+    /// misaki.local).
+    #[arg(long, value_parser = trust_domain, requires = "client_ca")]
+    pub trust_domain: Option<TrustDomain>,
+    /// Longest a TLS handshake may take before the connection is dropped.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Most TLS handshakes in progress at once; further connections wait in the
+    /// accept queue.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
+}
+
+impl TlsArgs {
+    /// Whether mutual TLS is on.
+    pub fn enabled(&self) -> bool {
+        self.client_ca.is_some()
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    match misaki_policy::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+fn name(s: &str) -> Result<String, String> {
+    if misaki_identity::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(misaki_identity::IdentityError::BadName(s.to_string()).to_string())
+    }
+}
+
+/// A DNS name (labels of letters, digits and `-`, an optional leading `*.`) or an IP
+/// literal.
+fn server_name(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let host = s.strip_prefix("*.").unwrap_or(s);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if s.len() <= 253 && host.split('.').all(label_ok) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is neither a DNS name nor an IP address"))
+    }
 }
 
 /// EX_USAGE from sysexits.h.
@@ -56,5 +198,64 @@ impl Cli {
                 std::process::exit(code);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("misaki-cp").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn issue_takes_exactly_one_identity() {
+        assert!(parse("ca issue d --vehicle car-1 --out o").is_ok());
+        let both = parse("ca issue d --vehicle car-1 --cloud c --out o").unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse("ca issue d --out o").is_err());
+        let Command::Ca(CaCommand::Issue(a)) =
+            parse("ca issue d --server cp.example 10.0.0.1 --out o")
+                .unwrap()
+                .command
+        else {
+            panic!("expected issue");
+        };
+        assert_eq!(a.server, ["cp.example", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for bad in [
+            "ca issue d --vehicle car/1 --out o",
+            "ca issue d --vehicle .. --out o",
+            "ca issue d --server bad_name! --out o",
+            "ca issue d --vehicle car-1 --valid-for 1d --out o",
+            "ca issue d --vehicle car-1 --valid-for 0s --out o",
+            "ca init d --trust-domain Misaki.Local",
+            "serve --tls-cert c --tls-key k",
+            "serve --crl x",
+            "serve --tls-cert c --tls-key k --client-ca a --max-handshakes 0",
+        ] {
+            let e = parse(bad).map(|_| ()).unwrap_err();
+            assert!(e.use_stderr(), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tls_is_on_with_all_three_files() {
+        let Command::Serve(a) = parse("serve --tls-cert c --tls-key k --client-ca a --crl r")
+            .unwrap()
+            .command
+        else {
+            panic!("expected serve");
+        };
+        assert!(a.tls.enabled());
+        assert_eq!(a.tls.handshake_timeout, Duration::from_secs(10));
+        let Command::Serve(a) = parse("serve").unwrap().command else {
+            panic!("expected serve");
+        };
+        assert!(!a.tls.enabled());
     }
 }

@@ -27,11 +27,25 @@ fn main() {
                 1
             }
         },
+        Command::Ca(cmd) => match misaki_cp::ca::run_command(&cmd) {
+            Ok(done) => {
+                println!("{done}");
+                0
+            }
+            Err(e) => {
+                eprintln!("misaki-cp ca: {e}");
+                if e.is_usage() {
+                    misaki_cp::cli::EXIT_USAGE
+                } else {
+                    1
+                }
+            }
+        },
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(run::serve(args, shutdown_signal())) {
                 Ok(()) => 0,
-                Err(e @ run::RunError::Policy(_)) => {
+                Err(e) if e.is_usage() => {
                     eprintln!("misaki-cp: {e}");
                     misaki_cp::cli::EXIT_USAGE
                 }

@@ -1,9 +1,11 @@
-//! `misaki-cp serve`: wire policy, cache, xDS server, watcher and admin together.
+//! `misaki-cp serve`: wire policy, cache, xDS server, watcher and admin together, with
+//! mutual TLS on the gRPC port when `--client-ca` is given.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use misaki_identity::TrustDomain;
 use misaki_policy::{Policy, PolicyErrors};
 use misaki_xds::{ServeConfig, StreamRegistry, XdsServer};
 use prometheus_client::registry::Registry;
@@ -11,9 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Admin};
+use crate::ca::{Ca, CaError};
 use crate::cache::SnapshotCache;
-use crate::cli::ServeArgs;
+use crate::cli::{ServeArgs, TlsArgs};
 use crate::policy_state::PolicyState;
+use crate::tls::{Limits, TlsError, TlsFiles, TlsServer};
 use crate::watcher;
 
 /// The quickstart policy served when `--policy` is not given.
@@ -34,6 +38,68 @@ pub enum RunError {
     Watch(#[from] watcher::WatchError),
     #[error(transparent)]
     Xds(#[from] misaki_xds::ServeError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("--ca: {0}")]
+    Ca(#[from] CaError),
+    #[error("--ca {dir}: {why}")]
+    CaUnusable { dir: PathBuf, why: String },
+}
+
+impl RunError {
+    /// A problem with what the operator passed (exit 64), not a failure at run time.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RunError::Policy(_) | RunError::Tls(_) | RunError::Ca(_) | RunError::CaUnusable { .. }
+        )
+    }
+}
+
+/// Load and check the TLS files and `--ca` (nothing binds before this). `None`: TLS off.
+pub fn load_tls(args: &TlsArgs) -> Result<Option<TlsServer>, RunError> {
+    let Some(files) = TlsFiles::from_args(args) else {
+        return Ok(None);
+    };
+    let ca = match &args.ca {
+        Some(dir) => Some((dir, Ca::load(dir)?)),
+        None => None,
+    };
+    let unusable = |dir: &PathBuf, why: String| RunError::CaUnusable {
+        dir: dir.clone(),
+        why,
+    };
+    let trust_domain = match (&args.trust_domain, &ca) {
+        (Some(td), Some((dir, ca))) if td != ca.trust_domain() => {
+            let why = format!(
+                "its trust domain is {}, --trust-domain says {td}",
+                ca.trust_domain()
+            );
+            return Err(unusable(dir, why));
+        }
+        (Some(td), _) => td.clone(),
+        (None, Some((_, ca))) => ca.trust_domain().clone(),
+        (None, None) => TrustDomain::default(),
+    };
+    let limits = Limits {
+        handshake_timeout: args.handshake_timeout,
+        max_handshakes: usize::try_from(args.max_handshakes).unwrap_or(usize::MAX),
+    };
+    let server = TlsServer::load(files, trust_domain.clone(), limits)?;
+    if let Some((dir, ca)) = &ca {
+        if ca.not_after() < time::OffsetDateTime::now_utc() {
+            return Err(unusable(
+                dir,
+                format!("the CA expired at {}", crate::ca::utc(ca.not_after())),
+            ));
+        }
+        // What it signs must be accepted here, or enrolled vehicles could not connect.
+        if !server.trusts(ca.cert_der()) {
+            return Err(unusable(dir, "its ca.pem is not in --client-ca".into()));
+        }
+    }
+    tracing::info!(%trust_domain, enrolment_ca = ca.is_some(), "mutual TLS on the gRPC port");
+    Ok(Some(server))
 }
 
 /// Load the policy named on the command line, or the embedded quickstart.
@@ -67,6 +133,31 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// What the admin routes read: readiness, metrics, policy, streams and fleet.
+fn admin_routes(
+    ready: Arc<AtomicBool>,
+    registry: Registry,
+    policy: &PolicyState,
+    streams: &StreamRegistry,
+    fleet: &misaki_fleet::Registry,
+) -> Admin {
+    let streams = streams.clone();
+    Admin {
+        ready,
+        registry: Arc::new(registry),
+        policy: policy.clone(),
+        nodes: Arc::new(move || streams.to_json()),
+        fleet: Arc::new({
+            let fleet = fleet.clone();
+            move || fleet.to_json()
+        }),
+        vehicle: Arc::new({
+            let fleet = fleet.clone();
+            move |id| fleet.vehicle_json(id)
+        }),
+    }
+}
+
 /// Run until `shutdown` resolves, then drain.
 pub async fn serve(
     args: ServeArgs,
@@ -74,6 +165,7 @@ pub async fn serve(
 ) -> Result<(), RunError> {
     // Parse everything before binding anything.
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
+    let tls = load_tls(&args.tls)?;
     let cache = SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix());
     let policy_state = PolicyState::new(cache.clone(), source);
 
@@ -84,6 +176,12 @@ pub async fn serve(
     xds.register_metrics(&mut registry);
     policy_state.register_metrics(&mut registry);
     fleet.register_metrics(&mut registry);
+    if let Some(tls) = &tls {
+        tls.register_metrics(&mut registry);
+        if !args.admin_addr.ip().is_loopback() {
+            tracing::warn!(addr = %args.admin_addr, "the admin port is plain HTTP and not on loopback: /nodes and /fleet are readable by anyone who reaches it");
+        }
+    }
 
     let xds_listener = bind("xDS", args.xds_addr).await?;
     let admin_listener = bind("admin", args.admin_addr).await?;
@@ -111,21 +209,7 @@ pub async fn serve(
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let streams_json = streams.clone();
-    let admin = Admin {
-        ready: ready.clone(),
-        registry: Arc::new(registry),
-        policy: policy_state.clone(),
-        nodes: Arc::new(move || streams_json.to_json()),
-        fleet: Arc::new({
-            let fleet = fleet.clone();
-            move || fleet.to_json()
-        }),
-        vehicle: Arc::new({
-            let fleet = fleet.clone();
-            move |id| fleet.vehicle_json(id)
-        }),
-    };
+    let admin = admin_routes(ready.clone(), registry, &policy_state, &streams, &fleet);
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
 
@@ -149,20 +233,39 @@ pub async fn serve(
     });
 
     ready.store(true, Ordering::Release);
-    let result = misaki_xds::serve(
-        xds_listener,
-        &xds,
-        tonic::service::Routes::new(misaki_fleet::service(
-            fleet.clone(),
-            policy_state.subscribe(),
-        )),
-        &ServeConfig::default(),
-        stopped(),
-    )
-    .await;
+    let routes = tonic::service::Routes::new(misaki_fleet::service(
+        fleet.clone(),
+        policy_state.subscribe(),
+    ));
+    let result = serve_grpc(xds_listener, &xds, routes, tls.as_ref(), stopped).await;
     let _ = admin_task.await;
     if let Some(t) = watch_task {
         t.await.expect("watcher task panicked")?;
     }
-    result.map_err(RunError::from)
+    result
+}
+
+/// Serve the gRPC port (ADS and `routes`), over mutual TLS if `tls` is set, until
+/// `stopped()` resolves.
+async fn serve_grpc<S, F>(
+    listener: TcpListener,
+    xds: &XdsServer,
+    routes: tonic::service::Routes,
+    tls: Option<&TlsServer>,
+    stopped: S,
+) -> Result<(), RunError>
+where
+    S: Fn() -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let config = ServeConfig::default();
+    let Some(tls) = tls else {
+        return Ok(misaki_xds::serve(listener, xds, routes, &config, stopped()).await?);
+    };
+    tracing::info!(addr = ?listener.local_addr().ok(), "xDS server listening (mutual TLS)");
+    let tcp = misaki_xds::tcp_incoming(listener, &config);
+    let (incoming, reload) = tls.incoming(tcp, stopped());
+    let served = misaki_xds::serve_incoming(incoming, xds, routes, &config, stopped()).await;
+    reload.await.expect("TLS reload task panicked")?;
+    Ok(served?)
 }

@@ -4,6 +4,8 @@
 //! editors that save by writing a temp file and renaming it over the original replace
 //! the inode, and a watch on the old inode would go quiet. Events are coalesced over a
 //! short quiet window so one save (truncate + write + rename) is one reload.
+//!
+//! [`follow`] is that loop for any set of files; the TLS files use it too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,33 +72,70 @@ pub async fn run(
     let watched = if is_dir {
         path.clone()
     } else {
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf()
+        parent(&path).to_path_buf()
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let filter_path = path.clone();
+    tracing::info!(path = %path.display(), "watching policy");
+    let reload = || {
+        let p = path.clone();
+        let state = state.clone();
+        async move {
+            let loaded = tokio::task::spawn_blocking(move || misaki_policy::load_path(&p))
+                .await
+                .expect("policy load task panicked");
+            state.apply(loaded);
+        }
+    };
+    follow(
+        &[watched],
+        move |ev| relevant(&filter_path, is_dir, ev),
+        reload,
+        shutdown,
+    )
+    .await
+}
+
+/// The directory holding `file` (`.` for a bare file name).
+pub(crate) fn parent(file: &Path) -> &Path {
+    file.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Watch `dirs` (not recursively) and call `reload` once per save: for each burst of
+/// events `relevant` keeps, coalesced as described at the top of this module. Returns
+/// when `shutdown` resolves.
+pub(crate) async fn follow<R, F>(
+    dirs: &[PathBuf],
+    relevant: impl Fn(&notify::Event) -> bool + Send + 'static,
+    mut reload: R,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WatchError>
+where
+    R: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let notify_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WatchError::Notify { path, source }
+    };
+    let first = dirs.first().map_or(Path::new("."), PathBuf::as_path);
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
-                if let Some(u) = urgency(&ev.kind).filter(|_| relevant(&filter_path, is_dir, &ev)) {
+                if let Some(u) = urgency(&ev.kind).filter(|_| relevant(&ev)) {
                     let _ = tx.send(u);
                 }
             }
-            Err(error) => tracing::warn!(%error, "policy watch error"),
+            Err(error) => tracing::warn!(%error, "file watch error"),
         })
-        .map_err(|source| WatchError::Notify {
-            path: watched.clone(),
-            source,
-        })?;
-    watcher
-        .watch(&watched, RecursiveMode::NonRecursive)
-        .map_err(|source| WatchError::Notify {
-            path: watched.clone(),
-            source,
-        })?;
-    tracing::info!(path = %path.display(), "watching policy");
+        .map_err(notify_err(first))?;
+    for dir in dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(notify_err(dir))?;
+    }
 
     tokio::pin!(shutdown);
     loop {
@@ -118,10 +157,6 @@ pub async fn run(
         }
         // Whatever else is queued is part of this save.
         while rx.try_recv().is_ok() {}
-        let p = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || misaki_policy::load_path(&p))
-            .await
-            .expect("policy load task panicked");
-        state.apply(loaded);
+        reload().await;
     }
 }

@@ -80,6 +80,8 @@ struct VehicleRecord {
     /// The clients of the vehicle's local xDS tier, as last reported (whole list).
     sidecars: Vec<pb::Sidecar>,
     link_changes: u64,
+    /// The identity the newest stream's client certificate proved (None: plaintext).
+    identity: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -228,9 +230,14 @@ impl Registry {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// A stream said Hello. Returns the vehicle's interned id and the stream token to
-    /// pass to later calls.
-    pub(crate) fn hello(&self, hello: &pb::Hello) -> Result<(Arc<str>, u64), RegistryError> {
+    /// A stream said Hello, over a connection whose certificate proved `identity` (a
+    /// SPIFFE ID; None over plaintext). Returns the vehicle's interned id and the
+    /// stream token to pass to later calls.
+    pub(crate) fn hello(
+        &self,
+        hello: &pb::Hello,
+        identity: Option<String>,
+    ) -> Result<(Arc<str>, u64), RegistryError> {
         if hello.vehicle_id.is_empty() {
             return Err(RegistryError::EmptyVehicleId);
         }
@@ -266,7 +273,9 @@ impl Registry {
                 power: pb::PowerState::Unspecified,
                 sidecars: Vec::new(),
                 link_changes: 0,
+                identity: None,
             });
+            rec.identity = identity;
             rec.daemon_version = hello.daemon_version.clone();
             rec.policy_version = hello.policy_version.clone();
             rec.heartbeat_interval = heartbeat_interval;
@@ -550,6 +559,7 @@ fn record_json(id: &str, v: &VehicleRecord) -> Value {
         .collect();
     json!({
         "vehicle_id": id,
+        "identity": v.identity,
         "online": v.online,
         "daemon_version": v.daemon_version,
         "policy_version": v.policy_version,
@@ -602,11 +612,14 @@ mod tests {
 
     fn online(registry: &Registry) -> Arc<str> {
         registry
-            .hello(&pb::Hello {
-                vehicle_id: "car-1".into(),
-                heartbeat_interval_ms: 1000,
-                ..Default::default()
-            })
+            .hello(
+                &pb::Hello {
+                    vehicle_id: "car-1".into(),
+                    heartbeat_interval_ms: 1000,
+                    ..Default::default()
+                },
+                None,
+            )
             .unwrap()
             .0
     }

@@ -16,9 +16,14 @@
 //!   stream. A whole policy never causes a resync, so there is no loop.
 //! - Each policy change is converted, and its deltas built, once for all streams
 //!   ([`wire_policy`]).
+//! - Over mutual TLS (the request carries a [`TlsPeer`]) a stream reports only as the
+//!   vehicle its certificate names: a `Hello` for another vehicle, or from a claim or
+//!   cloud certificate, ends the stream with PERMISSION_DENIED before the registry
+//!   sees it. Without TLS the `Hello` is taken at its word.
 
 use crate::policy::{PolicyHistory, PolicyVersioned};
 use crate::registry::Registry;
+use misaki_identity::{Claimed, TlsPeer};
 use misaki_policy::Policy;
 use misaki_proto::fleet_v1 as pb;
 use pb::fleet_service_server::{FleetService, FleetServiceServer};
@@ -100,7 +105,10 @@ impl FleetService for FleetApi {
         &self,
         request: Request<Streaming<pb::VehicleReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        let peer = request.remote_addr();
+        let tls = request.extensions().get::<TlsPeer>().cloned();
+        let peer = request
+            .remote_addr()
+            .or_else(|| tls.as_ref().and_then(|t| t.remote_addr));
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -111,9 +119,10 @@ impl FleetService for FleetApi {
                 crate::RegistryError::HelloFirst.to_string(),
             ));
         };
+        let identity = authorize(tls.as_ref(), hello)?;
         let (vehicle, stream) = self
             .registry
-            .hello(hello)
+            .hello(hello, identity)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let mut policy = self.policy.clone();
@@ -137,6 +146,21 @@ impl FleetService for FleetApi {
         };
         tokio::spawn(task.run().instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Whether the verified peer (if the stream came over mutual TLS) may report as the
+/// vehicle `hello` names; its identity (a SPIFFE ID) for `/fleet` if so.
+fn authorize(tls: Option<&TlsPeer>, hello: &pb::Hello) -> Result<Option<String>, Status> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    match misaki_identity::authorize(&tls.identity, Claimed::Vehicle(&hello.vehicle_id)) {
+        Ok(()) => Ok(tls.identity_uri()),
+        Err(denied) => {
+            tracing::warn!(peer = ?tls.remote_addr, %denied, "refused vehicle report stream: identity");
+            Err(Status::permission_denied(denied.to_string()))
+        }
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 
 pub use server::{
     MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeConfig, ServeError, XdsServer, serve,
+    serve_incoming, tcp_incoming,
 };
 pub use status::{NackRecord, StreamHandle, StreamKind, StreamRegistry, StreamStatus, TypeStatus};
 pub use stream::ResponseStream;

@@ -25,14 +25,17 @@ use std::marker::PhantomData;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::SERVICE_NAME;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use misaki_identity::TlsPeer;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
+use tokio_stream::Stream;
 use tonic::codec::{BufferSettings, Codec};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_prost::ProstDecoder;
 use tracing::{info, warn};
@@ -177,8 +180,10 @@ impl StreamingService<DiscoveryRequest> for SotwMethod {
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let peer = request.extensions().get::<TlsPeer>().cloned();
         std::future::ready(Ok(Response::new(stream::spawn_replies::<Sotw>(
             self.0.shared(),
+            peer,
             request.into_inner(),
         ))))
     }
@@ -192,8 +197,10 @@ impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
+        let peer = request.extensions().get::<TlsPeer>().cloned();
         std::future::ready(Ok(Response::new(stream::spawn_replies::<Delta>(
             self.0.shared(),
+            peer,
             request.into_inner(),
         ))))
     }
@@ -302,11 +309,36 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().ok();
-    let incoming = TcpIncoming::from(listener)
+    info!(?addr, "xDS server listening");
+    let incoming = tcp_incoming(listener, config);
+    serve_incoming(incoming, xds, routes, config, shutdown).await
+}
+
+/// The connections accepted on `listener`, with [`ServeConfig`]'s TCP options (no
+/// Nagle delay, keepalive). A TLS acceptor takes its connections from here.
+pub fn tcp_incoming(listener: TcpListener, config: &ServeConfig) -> TcpIncoming {
+    TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(config.tcp_keepalive))
         .with_keepalive_interval(Some(config.tcp_keepalive_interval))
-        .with_keepalive_retries(Some(config.tcp_keepalive_retries));
+        .with_keepalive_retries(Some(config.tcp_keepalive_retries))
+}
+
+/// [`serve`] over connections from `incoming` (e.g. TLS streams whose connect info is
+/// a [`misaki_identity::TlsPeer`]: every request on a connection then carries it, and
+/// each ADS stream must match it).
+pub async fn serve_incoming<I, IO, IE>(
+    incoming: I,
+    xds: &XdsServer,
+    routes: Routes,
+    config: &ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<StdError>,
+{
     let routes = routes.add_service(xds.service());
 
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
@@ -324,7 +356,6 @@ pub async fn serve(
         .initial_connection_window_size(config.initial_connection_window)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
-    info!(?addr, "xDS server listening");
 
     let grace = config.drain_grace;
     let deadline = async move {

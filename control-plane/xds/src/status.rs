@@ -6,6 +6,8 @@
 //! - the registry-wide lock is taken only to add, remove or list streams; a stream
 //!   updates its own entry under its own lock, so a fleet-wide push does not
 //!   serialise 10,000 streams on one mutex;
+//! - a stream that came over mutual TLS is listed with the identity its certificate
+//!   proved (`identity` on `/nodes`; null over plaintext);
 //! - times are wall-clock (`SystemTime`) because operators read them; nothing in the
 //!   protocol logic depends on them.
 
@@ -67,10 +69,18 @@ pub struct StreamStatus {
 
 type Entry = Arc<Mutex<StreamStatus>>;
 
+/// A listed stream: its status, and the peer identity verified when it connected
+/// (kept beside [`StreamStatus`], which edge-netd builds and reports too).
+#[derive(Debug)]
+struct Listed {
+    status: Entry,
+    identity: Option<Arc<str>>,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     next_id: AtomicU64,
-    streams: Mutex<BTreeMap<u64, Entry>>,
+    streams: Mutex<BTreeMap<u64, Listed>>,
 }
 
 /// All live xDS streams. Cheap to clone: clones share one registry.
@@ -98,6 +108,16 @@ impl StreamRegistry {
 
     /// Add a stream; it stays listed until the returned handle is dropped.
     pub fn register(&self, node: NodeInfo, kind: StreamKind) -> StreamHandle {
+        self.register_verified(node, kind, None)
+    }
+
+    /// [`Self::register`] for a stream whose peer proved `identity` (a SPIFFE ID).
+    pub fn register_verified(
+        &self,
+        node: NodeInfo,
+        kind: StreamKind,
+        identity: Option<String>,
+    ) -> StreamHandle {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Mutex::new(StreamStatus {
             node,
@@ -105,7 +125,11 @@ impl StreamRegistry {
             connected_since: SystemTime::now(),
             types: Default::default(),
         }));
-        lock(&self.inner.streams).insert(id, entry.clone());
+        let listed = Listed {
+            status: entry.clone(),
+            identity: identity.map(Arc::from),
+        };
+        lock(&self.inner.streams).insert(id, listed);
         StreamHandle {
             id,
             entry,
@@ -126,18 +150,28 @@ impl StreamRegistry {
     pub fn snapshot(&self) -> Vec<StreamStatus> {
         // Clone the entry handles first so the registry lock is not held while each
         // stream's own lock is taken.
-        let entries: Vec<Entry> = lock(&self.inner.streams).values().cloned().collect();
+        let entries: Vec<Entry> = lock(&self.inner.streams)
+            .values()
+            .map(|l| l.status.clone())
+            .collect();
         entries.iter().map(|e| lock(e).clone()).collect()
     }
 
     /// The `/nodes` document: one object per live stream.
     pub fn to_json(&self) -> Value {
-        let streams: Vec<Value> = self.snapshot().iter().map(status_json).collect();
+        let entries: Vec<(Entry, Option<Arc<str>>)> = lock(&self.inner.streams)
+            .values()
+            .map(|l| (l.status.clone(), l.identity.clone()))
+            .collect();
+        let streams: Vec<Value> = entries
+            .iter()
+            .map(|(e, identity)| status_json(&lock(e), identity.as_deref()))
+            .collect();
         json!({ "streams": streams })
     }
 }
 
-fn status_json(s: &StreamStatus) -> Value {
+fn status_json(s: &StreamStatus, identity: Option<&str>) -> Value {
     let mut types = serde_json::Map::new();
     for t in ResourceType::PUSH_ORDER {
         let ts = &s.types[t.index()];
@@ -160,6 +194,7 @@ fn status_json(s: &StreamStatus) -> Value {
         "node_id": s.node.id,
         "role": s.node.role.as_str(),
         "vehicle_id": s.node.vehicle_id,
+        "identity": identity,
         "kind": s.kind.as_str(),
         "connected_since_unix_ms": unix_ms(s.connected_since),
         "types": types,
@@ -219,7 +254,18 @@ mod tests {
         assert_eq!(j["streams"][0]["kind"], "delta");
         assert_eq!(j["streams"][0]["types"]["cds"]["last_acked_version"], "v1");
         assert_eq!(j["streams"][0]["types"]["eds"]["last_nack"], Value::Null);
-        drop(h);
+        assert_eq!(j["streams"][0]["identity"], Value::Null);
+        let verified = reg.register_verified(
+            node(),
+            StreamKind::Sotw,
+            Some("spiffe://misaki.local/vehicle/car-1".into()),
+        );
+        let j = reg.to_json();
+        assert_eq!(
+            j["streams"][1]["identity"],
+            "spiffe://misaki.local/vehicle/car-1"
+        );
+        drop((h, verified));
         assert!(reg.is_empty());
     }
 }

@@ -11,7 +11,11 @@
 //!   encoder appends each resource's shared pre-encoded bytes: no stream copies a body
 //!   into an `Any` or encodes a resource itself;
 //! - the stream ends with `UNAVAILABLE` when the server drains, so a graceful
-//!   shutdown never waits on a long-lived stream (Envoy reconnects elsewhere).
+//!   shutdown never waits on a long-lived stream (Envoy reconnects elsewhere);
+//! - over mutual TLS (the request carries a [`TlsPeer`]) the node's role and effective
+//!   vehicle id must be what the peer certificate says ([`misaki_identity::authorize`]),
+//!   else the stream ends with `PERMISSION_DENIED` before anything is served; without
+//!   TLS the node is taken at its word, as before.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,8 +23,9 @@ use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use misaki_compiler::node::NodeInfo;
+use misaki_compiler::node::{NodeInfo, Role};
 use misaki_compiler::snapshot::{ResourceType, SharedStr, Snapshot};
+use misaki_identity::{Claimed, TlsPeer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -170,11 +175,12 @@ pub type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send
 /// service's codec encodes (with the shared pre-encoded resource bytes).
 pub(crate) fn spawn_replies<P: Protocol>(
     shared: Shared,
+    peer: Option<TlsPeer>,
     requests: Streaming<P::Req>,
 ) -> ResponseStream<P::Out> {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let span = info_span!("xds_stream", kind = P::KIND.as_str(), node = field::Empty);
-    tokio::spawn(run::<P>(shared, requests, tx).instrument(span));
+    tokio::spawn(run::<P>(shared, peer, requests, tx).instrument(span));
     Box::pin(ReceiverStream::new(rx).map(|r: Queued<P>| r.map(|out| *out)))
 }
 
@@ -191,6 +197,24 @@ enum StreamEnd {
     Transport(Status),
     #[error("invalid node: {0}")]
     Node(#[from] misaki_compiler::node::NodeError),
+    #[error("{0}")]
+    Denied(String),
+}
+
+/// Whether the verified peer (if the stream came over mutual TLS) may be `node`; the
+/// error names the certificate's identity and the node's claim.
+fn authorize(peer: Option<&TlsPeer>, node: &NodeInfo) -> Result<(), String> {
+    let Some(peer) = peer else {
+        return Ok(());
+    };
+    let claimed = match (node.role, node.vehicle_id.as_deref()) {
+        (Role::Vehicle, Some(v)) => Claimed::Vehicle(v),
+        // NodeInfo always has a vehicle id for a vehicle; an empty one matches nothing.
+        (Role::Vehicle, None) => Claimed::Vehicle(""),
+        (Role::Cloud, _) => Claimed::Cloud,
+    };
+    misaki_identity::authorize(&peer.identity, claimed)
+        .map_err(|denied| format!("node {:?}: {denied}", node.id))
 }
 
 /// Wait for drain; if the drain sender is gone (server dropped), never.
@@ -202,18 +226,14 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
 
 async fn run<P: Protocol>(
     shared: Shared,
+    peer: Option<TlsPeer>,
     requests: Streaming<P::Req>,
     tx: mpsc::Sender<Queued<P>>,
 ) {
-    let Shared {
-        source,
-        registry,
-        metrics,
-        mut drain,
-    } = shared;
-    let gauge = metrics.streams(P::KIND).clone();
+    let mut drain = shared.drain.clone();
+    let gauge = shared.metrics.streams(P::KIND).clone();
     gauge.inc();
-    let end = serve::<P>(source, registry, metrics, &mut drain, requests, &tx).await;
+    let end = serve::<P>(shared, peer, &mut drain, requests, &tx).await;
     gauge.dec();
     match &end {
         // try_send: a client too slow to have room for the final status must not hold
@@ -226,19 +246,22 @@ async fn run<P: Protocol>(
         StreamEnd::Node(e) => {
             let _ = tx.try_send(Err(Status::invalid_argument(e.to_string())));
         }
+        StreamEnd::Denied(why) => {
+            let _ = tx.try_send(Err(Status::permission_denied(why.clone())));
+        }
         StreamEnd::Transport(_) | StreamEnd::ClientClosed | StreamEnd::ClientGone => {}
     }
     match end {
         StreamEnd::Node(e) => warn!(error = %e, "refused xDS stream"),
+        StreamEnd::Denied(why) => warn!(reason = %why, "refused xDS stream: identity"),
         StreamEnd::Transport(e) => info!(error = %e, "xDS stream ended"),
         e => info!(reason = %e, "xDS stream ended"),
     }
 }
 
 async fn serve<P: Protocol>(
-    source: Arc<dyn SnapshotSource>,
-    registry: StreamRegistry,
-    metrics: Metrics,
+    shared: Shared,
+    peer: Option<TlsPeer>,
     drain: &mut watch::Receiver<bool>,
     mut requests: Streaming<P::Req>,
     tx: &mpsc::Sender<Queued<P>>,
@@ -259,17 +282,27 @@ async fn serve<P: Protocol>(
             ..n
         },
         Err(e) => {
-            metrics.node_error();
+            shared.metrics.node_error();
             return e.into();
         }
     };
     tracing::Span::current().record("node", field::display(&node.id));
-    info!(role = node.role.as_str(), vehicle = ?node.vehicle_id, "xDS stream connected");
+    if let Err(why) = authorize(peer.as_ref(), &node) {
+        return StreamEnd::Denied(why);
+    }
+    let identity = peer.as_ref().and_then(TlsPeer::identity_uri);
+    info!(role = node.role.as_str(), vehicle = ?node.vehicle_id, identity = ?identity, "xDS stream connected");
 
+    let Shared {
+        source,
+        registry,
+        metrics,
+        ..
+    } = shared;
     let mut snapshots = source.watch(&node);
     let ctx = StreamCtx {
         node_id: node.id.clone(),
-        status: registry.register(node, P::KIND),
+        status: registry.register_verified(node, P::KIND, identity),
         metrics,
     };
     let mut state = P::new(snapshots.borrow_and_update().clone());
