@@ -38,9 +38,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{Address, RoutingPriority};
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, HeaderValue, HeaderValueOption,
-    Http2ProtocolOptions, Locality, SocketAddress, SocketOption, address, config_source,
-    socket_address, socket_option,
+    BindConfig, HeaderValue, HeaderValueOption, Http2ProtocolOptions, Locality, SocketAddress,
+    SocketOption, address, socket_address, socket_option,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, RuntimeFeatureFlag, TypedExtensionConfig, data_source,
@@ -68,10 +67,11 @@ use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
 use prost::{Message, Name};
 
+use crate::envoy::{ads, any};
 use crate::local::VehicleState;
 use crate::node::{NodeInfo, Role};
 use crate::on_demand;
@@ -909,23 +909,6 @@ fn http2_upstream() -> HttpProtocolOptions {
             ),
         ),
         ..Default::default()
-    }
-}
-
-pub(crate) fn ads() -> ConfigSource {
-    ConfigSource {
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-            AggregatedConfigSource {},
-        )),
-        resource_api_version: ApiVersion::V3 as i32,
-        ..Default::default()
-    }
-}
-
-pub(crate) fn any<M: Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
     }
 }
 

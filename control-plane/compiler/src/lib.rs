@@ -5,6 +5,7 @@
 #![warn(missing_debug_implementations)]
 
 mod compile;
+mod envoy;
 mod local;
 pub mod node;
 mod on_demand;

@@ -41,7 +41,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
-use crate::compile::{ads, any};
+use crate::envoy::{ads, any};
 
 /// Request header carrying the request's key (set by the Lua filter, removed upstream).
 pub const KEY_HEADER: &str = "x-misaki-scope";

@@ -1,4 +1,4 @@
-//! edge-netd's YAML configuration: parsed strictly, validated once, here.
+//! edge-netd's YAML configuration: read strictly, validated once, here.
 //!
 //! Invariants:
 //! - Unknown fields are errors (a typo must not silently fall back to a default).
@@ -6,17 +6,54 @@
 //!   interfaces, probe targets as `IP:port`, the local API and the store-and-forward
 //!   ingest on loopback, durations > 0, sizes > 0 with `max_body` ≤ `budget`,
 //!   destination URLs `http://host:port[/base]`.
-//! - Every error names the field (`uplinks[1].interface`) and why.
+//! - Every problem in the file is reported at once, each as
+//!   `file:line:column: field.path: what` (`edge-netd.yaml:12:16: uplinks[1].interface:
+//!   "wlan0" is already used by uplinks[0]`), as the mesh policy's errors are.
 //!
-//! Durations are written `150ms`, `5s`, `2m` (an integer and a unit); sizes `65536`,
-//! `64KiB`, `8MiB`, `1GiB` (binary units; `KB`/`MB`/`GB` are decimal).
+//! `yaml` reads typed values off a position-marked tree; `sections` reads the file one
+//! section at a time with it. Durations and uplink kinds are the mesh policy's own
+//! (`misaki_policy::parse_duration`, [`UplinkKind`]): `150ms`, `5s`, `2m`, `1h`; `lte`,
+//! `5g`, `3g`, `wifi`, `dsrc`, `lpwa`. Sizes are `65536`, `64KiB`, `8MiB`, `1GiB`
+//! (binary units; `KB`/`MB`/`GB` are decimal).
 
-use serde::Deserialize;
+mod sections;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Where a config error is and why.
+use misaki_policy::UplinkKind;
+use misaki_saf::{DestinationConfig, HttpVersion};
+
+/// One problem in a config file, displayed as `file:line:column: path: message` (the
+/// position left out for the whole file, e.g. when it is empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub file: String,
+    /// 1-based line and column (in characters); both 0 for the whole file.
+    pub line: usize,
+    pub column: usize,
+    /// Field path such as `uplinks[1].interface`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let place = match (self.line, self.path.as_str()) {
+            (0, "") => String::new(),
+            (0, path) => format!(": {path}"),
+            (line, "") => format!(":{line}:{}", self.column),
+            (line, path) => format!(":{line}:{}: {path}", self.column),
+        };
+        write!(f, "{}{place}: {}", self.file, self.message)
+    }
+}
+
+/// Why there is no [`Config`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
@@ -24,94 +61,24 @@ pub enum ConfigError {
         file: String,
         source: std::io::Error,
     },
-    #[error("{file}: {message}")]
-    Yaml { file: String, message: String },
-    #[error("{file}: {field}: {message}")]
-    Invalid {
-        file: String,
-        field: String,
-        message: String,
-    },
+    /// Every problem in the file, in file order; displayed one per line.
+    #[error("{}", display_lines(.0))]
+    Invalid(Vec<ConfigIssue>),
 }
 
-/// Kind of an uplink: the mesh policy's own type, spelled as in policy files
-/// (`lte`, `5g`, `3g`, `wifi`, `dsrc`, `lpwa`).
-pub use misaki_policy::UplinkKind;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    vehicle_id: String,
-    control_plane: String,
-    api: String,
-    state_dir: PathBuf,
-    #[serde(default)]
-    heartbeat_interval: Option<String>,
-    uplinks: Vec<RawUplink>,
-    probe: RawProbe,
-    #[serde(default)]
-    selection: Option<RawSelection>,
-    #[serde(default)]
-    store_forward: Option<RawStoreForward>,
-    #[serde(default)]
-    xds: Option<String>,
-    #[serde(default)]
-    factory_policy: Option<PathBuf>,
-    #[serde(default)]
-    cross_uplink_retry: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStoreForward {
-    #[serde(default)]
-    listen: Option<String>,
-    #[serde(default)]
-    queue_dir: Option<PathBuf>,
-    #[serde(default)]
-    budget: Option<String>,
-    #[serde(default)]
-    max_body: Option<String>,
-    cloud_url: String,
-    #[serde(default)]
-    http_version: Option<HttpVersionName>,
-    #[serde(default)]
-    max_in_flight: Option<u32>,
-    #[serde(default)]
-    destinations: Option<std::collections::BTreeMap<String, RawDestination>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDestination {
-    url: String,
-    #[serde(default)]
-    http_version: Option<HttpVersionName>,
-}
-
-/// How the forwarder talks to a destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HttpVersionName {
-    /// HTTP/2 cleartext with prior knowledge (h2c): the cloud Envoy speaks it.
-    Http2,
-    Http1,
-}
-
-impl HttpVersionName {
-    fn saf(self) -> misaki_saf::HttpVersion {
+impl ConfigError {
+    /// The problems found (none for a file that could not be read).
+    pub fn issues(&self) -> &[ConfigIssue] {
         match self {
-            HttpVersionName::Http2 => misaki_saf::HttpVersion::Http2,
-            HttpVersionName::Http1 => misaki_saf::HttpVersion::Http1,
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid(issues) => issues,
         }
     }
 }
 
-/// Where one service's deferred messages go instead of `cloud_url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DestinationConfig {
-    pub url: String,
-    pub http_version: HttpVersionName,
+fn display_lines(issues: &[ConfigIssue]) -> String {
+    let lines: Vec<String> = issues.iter().map(ToString::to_string).collect();
+    lines.join("\n")
 }
 
 /// The optional `store_forward:` section: the durable ingest endpoint and forwarder.
@@ -127,11 +94,12 @@ pub struct StoreForwardConfig {
     pub max_body_bytes: usize,
     /// The cloud sidecar's `cloud_inbound` listener, `http://host:port`.
     pub cloud_url: String,
-    pub http_version: HttpVersionName,
+    /// Towards `cloud_url` (`http2`, h2c with prior knowledge, or `http1`).
+    pub http_version: HttpVersion,
     /// Deliveries in flight at once.
     pub max_in_flight: usize,
     /// Per-service destinations overriding `cloud_url`.
-    pub destinations: std::collections::BTreeMap<String, DestinationConfig>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
 }
 
 pub const DEFAULT_SAF_LISTEN: &str = "127.0.0.1:15080";
@@ -143,20 +111,8 @@ impl StoreForwardConfig {
     /// The store-and-forward runtime settings (timeouts and backoff at their defaults).
     pub fn saf_config(&self) -> misaki_saf::SafConfig {
         misaki_saf::SafConfig {
-            destinations: self
-                .destinations
-                .iter()
-                .map(|(n, d)| {
-                    (
-                        n.clone(),
-                        misaki_saf::DestinationConfig::new(&d.url, d.http_version.saf()),
-                    )
-                })
-                .collect(),
-            default_destination: Some(misaki_saf::DestinationConfig::new(
-                &self.cloud_url,
-                self.http_version.saf(),
-            )),
+            destinations: self.destinations.clone(),
+            default_destination: Some(DestinationConfig::new(&self.cloud_url, self.http_version)),
             max_body_bytes: self.max_body_bytes,
             max_in_flight: self.max_in_flight,
             ..misaki_saf::SafConfig::default()
@@ -196,42 +152,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUplink {
-    name: String,
-    interface: String,
-    /// Checked against [`UplinkKind::ALL`] so the error names the field.
-    kind: String,
-    #[serde(default)]
-    metered: bool,
-    #[serde(default)]
-    cost: u32,
-    #[serde(default)]
-    probe_targets: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProbe {
-    targets: Vec<String>,
-    #[serde(default)]
-    interval: Option<String>,
-    #[serde(default)]
-    timeout: Option<String>,
-    #[serde(default)]
-    window: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSelection {
-    #[serde(default)]
-    blackhole_after: Option<u32>,
-    #[serde(default)]
-    dwell: Option<String>,
 }
 
 /// One uplink of this vehicle.
@@ -303,26 +223,6 @@ pub const DEFAULT_BLACKHOLE_AFTER: u32 = 3;
 pub const DEFAULT_DWELL: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Parse `150ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} has no unit (write e.g. 200ms or 5s)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not an integer followed by a unit"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(d)
-}
-
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -334,357 +234,17 @@ impl Config {
         Self::parse(&file, &text)
     }
 
-    /// Parse and validate YAML text; `file` is only used in messages.
+    /// Parse and validate YAML text, reporting every problem; `file` is only used in
+    /// messages.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
-            file: file.into(),
-            message: e.to_string(),
-        })?;
-        let invalid = |field: &str, message: String| ConfigError::Invalid {
-            file: file.into(),
-            field: field.into(),
-            message,
-        };
-        let dur = |field: &str, v: Option<&String>, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => match parse_duration(s) {
-                Ok(d) if d.is_zero() => Err(invalid(field, "must be greater than 0".into())),
-                Ok(d) => Ok(d),
-                Err(m) => Err(invalid(field, m)),
-            },
-        };
-        let addr = |field: &str, s: &str| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                invalid(field, format!("{s:?} is not an IP:port (DNS names are not allowed: probes must not depend on a resolver)"))
-            })
-        };
-
-        if raw.vehicle_id.is_empty()
-            || raw.vehicle_id.len() > 128
-            || !raw
-                .vehicle_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(invalid(
-                "vehicle_id",
-                format!(
-                    "{:?} must be 1..=128 characters of A-Z a-z 0-9 . _ -",
-                    raw.vehicle_id
-                ),
-            ));
+        let mut r = yaml::Reader::new(file);
+        let config = r
+            .load(text)
+            .and_then(|root| sections::config(&mut r, &root));
+        match config {
+            Some(c) if r.is_clean() => Ok(c),
+            _ => Err(ConfigError::Invalid(r.into_issues())),
         }
-        let control_plane: http::Uri = raw
-            .control_plane
-            .parse()
-            .map_err(|e| invalid("control_plane", format!("{:?}: {e}", raw.control_plane)))?;
-        if control_plane.scheme_str() != Some("http") || control_plane.authority().is_none() {
-            return Err(invalid(
-                "control_plane",
-                format!("{:?} must be http://host:port", raw.control_plane),
-            ));
-        }
-        let api = addr("api", &raw.api)?;
-        if !api.ip().is_loopback() {
-            return Err(invalid(
-                "api",
-                format!("{api} is not a loopback address: the local API has no authentication"),
-            ));
-        }
-        if raw.state_dir.as_os_str().is_empty() {
-            return Err(invalid("state_dir", "must not be empty".into()));
-        }
-        let heartbeat_interval = dur(
-            "heartbeat_interval",
-            raw.heartbeat_interval.as_ref(),
-            DEFAULT_HEARTBEAT,
-        )?;
-
-        if raw.probe.targets.is_empty() {
-            return Err(invalid(
-                "probe.targets",
-                "needs at least one IP:port".into(),
-            ));
-        }
-        let targets = raw
-            .probe
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| addr(&format!("probe.targets[{i}]"), t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let probe = ProbeConfig {
-            interval: dur(
-                "probe.interval",
-                raw.probe.interval.as_ref(),
-                DEFAULT_PROBE_INTERVAL,
-            )?,
-            timeout: dur(
-                "probe.timeout",
-                raw.probe.timeout.as_ref(),
-                DEFAULT_PROBE_TIMEOUT,
-            )?,
-            window: match raw.probe.window {
-                None => DEFAULT_WINDOW,
-                Some(w @ 1..=1000) => w as usize,
-                Some(w) => return Err(invalid("probe.window", format!("{w} is not in 1..=1000"))),
-            },
-        };
-        let sel = raw.selection.as_ref();
-        let selection = SelectionConfig {
-            blackhole_after: match sel.and_then(|s| s.blackhole_after) {
-                None => DEFAULT_BLACKHOLE_AFTER,
-                Some(k) if k >= 1 && (k as usize) <= probe.window => k,
-                Some(k) => {
-                    return Err(invalid(
-                        "selection.blackhole_after",
-                        format!("{k} is not in 1..=probe.window ({})", probe.window),
-                    ));
-                }
-            },
-            dwell: dur(
-                "selection.dwell",
-                sel.and_then(|s| s.dwell.as_ref()),
-                DEFAULT_DWELL,
-            )?,
-        };
-
-        if raw.uplinks.is_empty() {
-            return Err(invalid("uplinks", "needs at least one uplink".into()));
-        }
-        let mut uplinks = Vec::with_capacity(raw.uplinks.len());
-        for (i, u) in raw.uplinks.iter().enumerate() {
-            let field = |f: &str| format!("uplinks[{i}].{f}");
-            if u.name.is_empty()
-                || !u
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
-            {
-                return Err(invalid(
-                    &field("name"),
-                    format!("{:?} must be non-empty A-Z a-z 0-9 _ -", u.name),
-                ));
-            }
-            // IFNAMSIZ is 16 including the NUL.
-            if u.interface.is_empty() || u.interface.len() > 15 || u.interface.contains(['/', ' '])
-            {
-                return Err(invalid(
-                    &field("interface"),
-                    format!(
-                        "{:?} is not a Linux interface name (1..=15 bytes, no '/' or spaces)",
-                        u.interface
-                    ),
-                ));
-            }
-            if let Some(prev) = uplinks.iter().position(|p: &UplinkConfig| p.name == u.name) {
-                return Err(invalid(
-                    &field("name"),
-                    format!("{:?} is already used by uplinks[{prev}]", u.name),
-                ));
-            }
-            if let Some(prev) = uplinks
-                .iter()
-                .position(|p: &UplinkConfig| p.interface == u.interface)
-            {
-                return Err(invalid(
-                    &field("interface"),
-                    format!("{:?} is already used by uplinks[{prev}]", u.interface),
-                ));
-            }
-            let kind = UplinkKind::ALL
-                .iter()
-                .find(|(spelling, _)| *spelling == u.kind)
-                .map(|(_, k)| *k)
-                .ok_or_else(|| {
-                    let allowed = UplinkKind::ALL.map(|(s, _)| s).join(", ");
-                    invalid(
-                        &field("kind"),
-                        format!(
-                            "unknown uplink kind {:?}; expected one of: {allowed}",
-                            u.kind
-                        ),
-                    )
-                })?;
-            let probe_targets = match &u.probe_targets {
-                None => targets.clone(),
-                Some(ts) if ts.is_empty() => {
-                    return Err(invalid(
-                        &field("probe_targets"),
-                        "must not be empty when given".into(),
-                    ));
-                }
-                Some(ts) => ts
-                    .iter()
-                    .enumerate()
-                    .map(|(j, t)| addr(&field(&format!("probe_targets[{j}]")), t))
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
-            uplinks.push(UplinkConfig {
-                name: u.name.clone(),
-                interface: u.interface.clone(),
-                kind,
-                metered: u.metered,
-                cost: u.cost,
-                probe_targets,
-            });
-        }
-        let store_forward = match &raw.store_forward {
-            None => None,
-            Some(sf) => {
-                let listen = addr(
-                    "store_forward.listen",
-                    sf.listen.as_deref().unwrap_or(DEFAULT_SAF_LISTEN),
-                )?;
-                if !listen.ip().is_loopback() {
-                    return Err(invalid(
-                        "store_forward.listen",
-                        format!(
-                            "{listen} is not a loopback address: the ingest endpoint has no authentication"
-                        ),
-                    ));
-                }
-                if listen == api {
-                    return Err(invalid(
-                        "store_forward.listen",
-                        format!("{listen} is also the local API's address"),
-                    ));
-                }
-                let size = |field: &str, v: Option<&String>, default: u64| match v {
-                    None => Ok(default),
-                    Some(s) => match parse_size(s) {
-                        Ok(0) => Err(invalid(field, "must be greater than 0".into())),
-                        Ok(n) => Ok(n),
-                        Err(m) => Err(invalid(field, m)),
-                    },
-                };
-                let budget_bytes = size(
-                    "store_forward.budget",
-                    sf.budget.as_ref(),
-                    DEFAULT_SAF_BUDGET,
-                )?;
-                let max_body = size(
-                    "store_forward.max_body",
-                    sf.max_body.as_ref(),
-                    DEFAULT_SAF_MAX_BODY as u64,
-                )?;
-                if max_body > budget_bytes {
-                    return Err(invalid(
-                        "store_forward.max_body",
-                        format!("{max_body} bytes is more than the budget ({budget_bytes} bytes)"),
-                    ));
-                }
-                // The queue stores a body length as u32.
-                if max_body > u64::from(u32::MAX) {
-                    return Err(invalid(
-                        "store_forward.max_body",
-                        format!("{max_body} bytes is over 4 GiB"),
-                    ));
-                }
-                let queue_dir = match &sf.queue_dir {
-                    Some(d) if d.as_os_str().is_empty() => {
-                        return Err(invalid(
-                            "store_forward.queue_dir",
-                            "must not be empty".into(),
-                        ));
-                    }
-                    Some(d) => d.clone(),
-                    None => raw.state_dir.join("queue"),
-                };
-                let max_in_flight = match sf.max_in_flight {
-                    None => DEFAULT_SAF_MAX_IN_FLIGHT,
-                    Some(n @ 1..=4096) => n as usize,
-                    Some(n) => {
-                        return Err(invalid(
-                            "store_forward.max_in_flight",
-                            format!("{n} is not in 1..=4096"),
-                        ));
-                    }
-                };
-                let mut destinations = std::collections::BTreeMap::new();
-                for (name, d) in sf.destinations.iter().flatten() {
-                    destinations.insert(
-                        name.clone(),
-                        DestinationConfig {
-                            url: d.url.clone(),
-                            http_version: d.http_version.unwrap_or(HttpVersionName::Http2),
-                        },
-                    );
-                }
-                let c = StoreForwardConfig {
-                    listen,
-                    queue_dir,
-                    budget_bytes,
-                    max_body_bytes: max_body as usize,
-                    cloud_url: sf.cloud_url.clone(),
-                    http_version: sf.http_version.unwrap_or(HttpVersionName::Http2),
-                    max_in_flight,
-                    destinations,
-                };
-                // Name the field of a bad URL: check each one on its own.
-                let check = |field: String, url: &str| {
-                    let one = misaki_saf::SafConfig {
-                        default_destination: Some(misaki_saf::DestinationConfig::new(
-                            url,
-                            misaki_saf::HttpVersion::Http2,
-                        )),
-                        ..misaki_saf::SafConfig::default()
-                    };
-                    one.validate().map_err(|e| invalid(&field, e.to_string()))
-                };
-                check("store_forward.cloud_url".into(), &c.cloud_url)?;
-                for (name, d) in &c.destinations {
-                    check(format!("store_forward.destinations.{name}.url"), &d.url)?;
-                }
-                c.saf_config()
-                    .validate()
-                    .map_err(|e| invalid("store_forward", e.to_string()))?;
-                Some(c)
-            }
-        };
-        let xds = match raw.xds.as_deref().unwrap_or(DEFAULT_XDS) {
-            "off" => None,
-            text => {
-                let xds = addr("xds", text)?;
-                if !xds.ip().is_loopback() {
-                    return Err(invalid(
-                        "xds",
-                        format!(
-                            "{xds} is not a loopback address: the local xDS tier serves this vehicle's sidecars only"
-                        ),
-                    ));
-                }
-                let taken = [Some(api), store_forward.as_ref().map(|sf| sf.listen)];
-                if taken.contains(&Some(xds)) {
-                    return Err(invalid(
-                        "xds",
-                        format!("{xds} is also the local API's or the ingest's address"),
-                    ));
-                }
-                Some(xds)
-            }
-        };
-        if raw
-            .factory_policy
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err(invalid("factory_policy", "must not be empty".into()));
-        }
-        Ok(Config {
-            store_forward,
-            xds,
-            factory_policy: raw.factory_policy,
-            cross_uplink_retry: raw.cross_uplink_retry.unwrap_or(true),
-            vehicle_id: raw.vehicle_id,
-            control_plane,
-            api,
-            state_dir: raw.state_dir,
-            heartbeat_interval,
-            uplinks,
-            probe,
-            selection,
-        })
     }
 }
 
@@ -719,6 +279,29 @@ selection:
         Config::parse("t.yaml", text).unwrap_err().to_string()
     }
 
+    /// The problems of `text`, which must not parse.
+    fn issues(text: &str) -> Vec<ConfigIssue> {
+        Config::parse("t.yaml", text).unwrap_err().issues().to_vec()
+    }
+
+    /// `text` fails with a problem at `field`, placed in the file
+    /// (`t.yaml:L:C: field: ...`).
+    fn assert_names(text: &str, field: &str) {
+        let all = issues(text);
+        let found = all.iter().find(|i| i.path == field);
+        assert!(
+            found.is_some_and(|i| i.line > 0 && i.column > 0),
+            "{field}: {all:#?}"
+        );
+        let shown = found.unwrap().to_string();
+        let prefix = format!(
+            "t.yaml:{}:{}: {field}: ",
+            found.unwrap().line,
+            found.unwrap().column
+        );
+        assert!(shown.starts_with(&prefix), "{shown}");
+    }
+
     #[test]
     fn a_good_config_parses_with_defaults_filled_in() {
         let c = Config::parse("t.yaml", GOOD).unwrap();
@@ -749,43 +332,41 @@ selection:
 
     #[test]
     fn invalid_values_name_the_field() {
-        let cases = [
-            (GOOD.replace("wwan0", "wlan0"), "uplinks[1].interface"),
-            (GOOD.replace("name: lte", "name: wifi"), "uplinks[1].name"),
-            (GOOD.replace("127.0.0.1:9470", "0.0.0.0:9470"), "api"),
-            (
-                GOOD.replace("interval: 150ms", "interval: 150"),
-                "probe.interval",
-            ),
-            (
-                GOOD.replace("interval: 150ms", "interval: 0ms"),
-                "probe.interval",
-            ),
-            (
-                GOOD.replace("dwell: 3s", "dwell: 3 parsecs"),
-                "selection.dwell",
-            ),
-            (
-                GOOD.replace("198.18.0.1:18001", "cloud.example:7"),
-                "probe.targets[0]",
-            ),
-            (
-                GOOD.replace("http://198.18.0.1:18000", "198.18.0.1:18000"),
-                "control_plane",
-            ),
-            (GOOD.replace("car-0001", "car 1"), "vehicle_id"),
-            (
-                GOOD.replace("interface: wlan0", "interface: averyveryverylongname"),
-                "uplinks[0].interface",
-            ),
-            (
-                GOOD.replace("dwell: 3s", "blackhole_after: 0"),
-                "selection.blackhole_after",
-            ),
-        ];
-        for (text, field) in cases {
-            let e = err(&text);
-            assert!(e.contains(&format!("t.yaml: {field}: ")), "{field}: {e}");
+        assert_each_names(
+            GOOD,
+            &[
+                ("wwan0", "wlan0", "uplinks[1].interface"),
+                ("name: lte", "name: wifi", "uplinks[1].name"),
+                ("127.0.0.1:9470", "0.0.0.0:9470", "api"),
+                ("interval: 150ms", "interval: 150", "probe.interval"),
+                ("interval: 150ms", "interval: 0ms", "probe.interval"),
+                ("dwell: 3s", "dwell: 3 parsecs", "selection.dwell"),
+                ("198.18.0.1:18001", "cloud.example:7", "probe.targets[0]"),
+                (
+                    "http://198.18.0.1:18000",
+                    "198.18.0.1:18000",
+                    "control_plane",
+                ),
+                ("car-0001", "car 1", "vehicle_id"),
+                (
+                    "interface: wlan0",
+                    "interface: averyveryverylongname",
+                    "uplinks[0].interface",
+                ),
+                (
+                    "dwell: 3s",
+                    "blackhole_after: 0",
+                    "selection.blackhole_after",
+                ),
+            ],
+        );
+    }
+
+    /// Each edit (`from` → `to`) of `base` fails naming `field`.
+    fn assert_each_names(base: &str, edits: &[(&str, &str, &str)]) {
+        for (from, to, field) in edits {
+            assert!(base.contains(from), "{from}");
+            assert_names(&base.replace(from, to), field);
         }
     }
 
@@ -805,9 +386,9 @@ selection:
         assert_eq!(sf.queue_dir, Path::new("/var/lib/misaki/edge-netd/queue"));
         assert_eq!(sf.budget_bytes, 64 << 20);
         assert_eq!(sf.max_body_bytes, 1 << 20);
-        assert_eq!(sf.http_version, HttpVersionName::Http2);
+        assert_eq!(sf.http_version, HttpVersion::Http2);
         assert_eq!(sf.max_in_flight, DEFAULT_SAF_MAX_IN_FLIGHT);
-        assert_eq!(sf.destinations["logs"].http_version, HttpVersionName::Http1);
+        assert_eq!(sf.destinations["logs"].version, HttpVersion::Http1);
         let saf = sf.saf_config();
         saf.validate().unwrap();
         assert_eq!(saf.destinations.len(), 1);
@@ -817,47 +398,44 @@ selection:
     #[test]
     fn invalid_store_forward_settings_name_the_field() {
         let g = format!("{GOOD}{SAF}");
-        let cases = [
-            (
-                g.replace(
+        let listen = |addr: &str| format!("budget: 64MiB\n  listen: {addr}");
+        assert_each_names(
+            &g,
+            &[
+                (
                     "cloud_url: http://198.18.0.1:15443",
                     "cloud_url: https://x:1",
+                    "store_forward.cloud_url",
                 ),
-                "store_forward.cloud_url",
-            ),
-            (
-                g.replace("budget: 64MiB", "budget: 64 parsecs"),
-                "store_forward.budget",
-            ),
-            (
-                g.replace("budget: 64MiB", "budget: 0"),
-                "store_forward.budget",
-            ),
-            (
-                g.replace("max_body: 1MiB", "max_body: 1GiB"),
-                "store_forward.max_body",
-            ),
-            (
-                g.replace("budget: 64MiB", "budget: 64MiB\n  listen: 0.0.0.0:15080"),
-                "store_forward.listen",
-            ),
-            (
-                g.replace("budget: 64MiB", "budget: 64MiB\n  listen: 127.0.0.1:9470"),
-                "store_forward.listen",
-            ),
-            (
-                g.replace("\"http://198.18.0.7:8080/base\"", "\"ftp://x\""),
-                "store_forward.destinations.logs.url",
-            ),
-            (
-                g.replace("budget: 64MiB", "budget: 64MiB\n  max_in_flight: 0"),
-                "store_forward.max_in_flight",
-            ),
-        ];
-        for (text, field) in cases {
-            let e = err(&text);
-            assert!(e.contains(&format!("t.yaml: {field}: ")), "{field}: {e}");
-        }
+                (
+                    "budget: 64MiB",
+                    "budget: 64 parsecs",
+                    "store_forward.budget",
+                ),
+                ("budget: 64MiB", "budget: 0", "store_forward.budget"),
+                ("max_body: 1MiB", "max_body: 1GiB", "store_forward.max_body"),
+                (
+                    "budget: 64MiB",
+                    &listen("0.0.0.0:15080"),
+                    "store_forward.listen",
+                ),
+                (
+                    "budget: 64MiB",
+                    &listen("127.0.0.1:9470"),
+                    "store_forward.listen",
+                ),
+                (
+                    "\"http://198.18.0.7:8080/base\"",
+                    "\"ftp://x\"",
+                    "store_forward.destinations.logs.url",
+                ),
+                (
+                    "budget: 64MiB",
+                    "budget: 64MiB\n  max_in_flight: 0",
+                    "store_forward.max_in_flight",
+                ),
+            ],
+        );
         let e = err(&g.replace("budget: 64MiB", "budget: 64MiB\n  colour: red"));
         assert!(e.contains("colour"), "{e}");
         let e = err(&format!("{GOOD}store_forward:\n  budget: 1MiB\n"));
@@ -901,12 +479,97 @@ selection:
     }
 
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5d").is_err());
+    fn durations_are_the_policys() {
+        let c = Config::parse("t.yaml", &GOOD.replace("dwell: 3s", "dwell: 2m")).unwrap();
+        assert_eq!(c.selection.dwell, Duration::from_secs(120));
+        for bad in ["ms", "5", "5d", "1.5s"] {
+            let text = GOOD.replace("dwell: 3s", &format!("dwell: {bad}"));
+            let i = issues(&text);
+            let want = misaki_policy::parse_duration(bad).unwrap_err().to_string();
+            assert_eq!(
+                (i.len(), i[0].path.as_str(), i[0].message.as_str()),
+                (1, "selection.dwell", want.as_str()),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_in_file_order() {
+        let text = GOOD
+            .replace("car-0001", "car 1")
+            .replace("kind: lte", "kind: carrier-pigeon")
+            .replace("cost: 1\n", "cost: 1\n    colour: red\n")
+            .replace("interval: 150ms", "interval: 150");
+        let all = issues(&text);
+        let shown: Vec<String> = all.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "t.yaml:2:13: vehicle_id: \"car 1\" must be 1..=128 characters of A-Z a-z 0-9 . _ -",
+                "t.yaml:11:5: uplinks[0].colour: unknown field `colour`; allowed fields here: \
+                 name, interface, kind, metered, cost, probe_targets",
+                "t.yaml:14:11: uplinks[1].kind: unknown uplink kind \"carrier-pigeon\"; \
+                 expected one of: lte, 5g, 3g, wifi, dsrc, lpwa",
+                "t.yaml:20:13: probe.interval: `150` has no unit; add one of ms, s, m, h (e.g. `150s`)",
+            ]
+        );
+        // One per line, as main prints them.
+        assert_eq!(err(&text), shown.join("\n"));
+    }
+
+    #[test]
+    fn a_duplicate_uplink_is_found_even_when_the_uplink_has_other_faults() {
+        let text = GOOD
+            .replace("interface: wwan0", "interface: wlan0")
+            .replace("kind: lte", "kind: lt");
+        let paths: Vec<String> = issues(&text).into_iter().map(|i| i.path).collect();
+        assert_eq!(paths, ["uplinks[1].interface", "uplinks[1].kind"]);
+    }
+
+    #[test]
+    fn a_missing_field_is_reported_where_its_mapping_starts() {
+        let all = issues(&GOOD.replace("    interface: wwan0\n", ""));
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert_eq!(
+            all[0].to_string(),
+            "t.yaml:11:5: uplinks[1].interface: missing required field `interface` \
+             (a Linux interface name)"
+        );
+        let all = issues("vehicle_id: car-1\n");
+        let paths: Vec<&str> = all.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["control_plane", "api", "state_dir", "probe", "uplinks"]
+        );
+    }
+
+    #[test]
+    fn scalars_keep_the_spellings_accepted_before() {
+        // Text stays as written; integers may be quoted; YAML 1.1 booleans.
+        let text = GOOD
+            .replace("car-0001", "0001")
+            .replace("cost: 10", "cost: \"10\"")
+            .replace("metered: true", "metered: yes");
+        let c = Config::parse("t.yaml", &text).unwrap();
+        assert_eq!(c.vehicle_id, "0001");
+        assert_eq!((c.uplinks[1].cost, c.uplinks[1].metered), (10, true));
+        let c = Config::parse("t.yaml", &format!("{GOOD}cross_uplink_retry: off\nxds:\n")).unwrap();
+        assert!(!c.cross_uplink_retry);
+        assert_eq!(c.xds, Some(DEFAULT_XDS.parse().unwrap()), "empty is absent");
+    }
+
+    #[test]
+    fn broken_yaml_and_empty_files_are_located_problems() {
+        let i = issues("vehicle_id: [car\n");
+        assert_eq!(i.len(), 1);
+        assert!(i[0].message.starts_with("invalid YAML"), "{i:?}");
+        assert!(i[0].line > 0, "{i:?}");
+        let i = issues(&format!("{GOOD}api: 127.0.0.1:1\n"));
+        assert!(i[0].message.contains("duplicated key"), "{i:?}");
+        assert_eq!(err(""), "t.yaml: the file is empty; expected a mapping");
+        assert_eq!(issues(&format!("{GOOD}---\nvehicle_id: x\n")).len(), 1);
+        assert!(err("- a list\n").contains("expected a mapping, found a list"));
     }
 
     #[test]

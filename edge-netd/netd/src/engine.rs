@@ -49,12 +49,24 @@ pub enum Input {
     Policy(pb::PolicyUpdate),
 }
 
+impl From<MonitorEvent> for Input {
+    fn from(e: MonitorEvent) -> Self {
+        Input::Monitor(e)
+    }
+}
+
+impl From<ProbeResult> for Input {
+    fn from(r: ProbeResult) -> Self {
+        Input::Probe(r)
+    }
+}
+
 /// One uplink as published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkView {
     pub name: String,
     pub interface: String,
-    pub kind: crate::config::UplinkKind,
+    pub kind: misaki_policy::UplinkKind,
     pub exists: bool,
     pub up: bool,
     pub carrier: bool,
@@ -601,5 +613,160 @@ mod tests {
         let snap = feed(&mut e, &rx, bad);
         assert_eq!(snap.policy_resync.as_ref().map(|r| r.seq), Some(3));
         assert_ne!(snap.policy_version, "bad");
+    }
+
+    /// Two uplinks, `wifi` preferred (the `default` class ranks them in config order).
+    fn two_uplinks(state_dir: &std::path::Path) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+        let text = format!(
+            "vehicle_id: car-1\ncontrol_plane: http://198.18.0.1:18000\napi: 127.0.0.1:9470\n\
+             state_dir: {}\nuplinks:\n  - {{ name: wifi, interface: wlan0, kind: wifi }}\n\
+             \x20 - {{ name: lte, interface: wwan0, kind: lte }}\n\
+             probe:\n  targets: [\"198.18.0.1:7\"]\n\
+             selection:\n  dwell: 3s\n  blackhole_after: 3\n",
+            state_dir.display()
+        );
+        let config = Config::parse("t.yaml", &text).expect("test config");
+        Engine::new(Arc::new(config), VehiclePolicy::empty(), Metrics::default())
+    }
+
+    fn link(interface: &str, carrier: bool) -> Input {
+        Input::from(MonitorEvent::Link(LinkStatus {
+            interface: interface.into(),
+            exists: true,
+            up: true,
+            carrier,
+        }))
+    }
+
+    /// The `default` class's uplink and why, as last published.
+    fn default_class(
+        rx: &watch::Receiver<Arc<Snapshot>>,
+    ) -> Option<(Option<String>, &'static str)> {
+        rx.borrow()
+            .selection(crate::policy::DEFAULT_CLASS)
+            .map(|s| (s.uplink.clone(), s.reason))
+    }
+
+    /// Waits (in paused time) until the published snapshot satisfies `f`.
+    async fn until(rx: &mut watch::Receiver<Arc<Snapshot>>, f: impl Fn(&Snapshot) -> bool) {
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
+            .await
+            .expect("the engine publishes it within a minute")
+            .expect("the engine is running");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_selected_before_the_link_dump_and_carrier_loss_fails_over_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut rx) = two_uplinks(dir.path());
+        let (tx, inputs) = mpsc::channel(16);
+        let task = tokio::spawn(engine.run(inputs, std::future::pending()));
+
+        tx.send(link("wlan0", true)).await.unwrap();
+        tx.send(link("wwan0", true)).await.unwrap();
+        // Ticks pass, but without the dump's end nothing is selected (nor ready).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!rx.borrow().ready);
+        assert_eq!(default_class(&rx), None);
+        assert!(rx.borrow().link("wifi").unwrap().carrier);
+
+        tx.send(MonitorEvent::Synced.into()).await.unwrap();
+        until(&mut rx, |s| s.ready).await;
+        assert_eq!(default_class(&rx), Some((Some("wifi".into()), "initial")));
+
+        // Carrier loss is an input: the switch needs no tick.
+        let before = tokio::time::Instant::now();
+        tx.send(link("wlan0", false)).await.unwrap();
+        until(&mut rx, |s| !s.link("wifi").unwrap().carrier).await;
+        assert_eq!(tokio::time::Instant::now(), before, "no time passed");
+        assert_eq!(
+            default_class(&rx),
+            Some((Some("lte".into()), "carrier_lost"))
+        );
+
+        // Losing the last uplink leaves the class without one.
+        tx.send(link("wwan0", false)).await.unwrap();
+        until(&mut rx, |s| !s.link("lte").unwrap().carrier).await;
+        assert_eq!(default_class(&rx), Some((None, "carrier_lost")));
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_preferred_uplink_comes_back_only_after_dwell_and_a_blackhole_needs_k_losses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, mut rx) = two_uplinks(dir.path());
+        let (tx, inputs) = mpsc::channel(16);
+        tokio::spawn(engine.run(inputs, std::future::pending()));
+        for input in [
+            link("wlan0", false),
+            link("wwan0", true),
+            MonitorEvent::Synced.into(),
+        ] {
+            tx.send(input).await.unwrap();
+        }
+        until(&mut rx, |s| s.ready).await;
+        assert_eq!(default_class(&rx), Some((Some("lte".into()), "initial")));
+
+        // wifi gets carrier: eligible, but not yet for `dwell` (3 s).
+        tx.send(link("wlan0", true)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2_800)).await;
+        assert_eq!(default_class(&rx).unwrap().0.as_deref(), Some("lte"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            default_class(&rx),
+            Some((Some("wifi".into()), "preferred_stable"))
+        );
+
+        // Two lost probes are not a blackhole; the third (blackhole_after: 3) is.
+        let lost = || {
+            Input::from(ProbeResult {
+                uplink: 0,
+                outcome: Outcome::Lost,
+            })
+        };
+        for _ in 0..2 {
+            tx.send(lost()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(default_class(&rx).unwrap().0.as_deref(), Some("wifi"));
+        assert_eq!(rx.borrow().link("wifi").unwrap().consecutive_lost, 2);
+        tx.send(lost()).await.unwrap();
+        until(&mut rx, |s| !s.link("wifi").unwrap().reachable).await;
+        assert_eq!(default_class(&rx), Some((Some("lte".into()), "blackhole")));
+
+        // An answer makes it reachable again, and after dwell it is preferred again.
+        let answered = ProbeResult {
+            uplink: 0,
+            outcome: Outcome::Answered(Duration::from_millis(20)),
+        };
+        tx.send(answered.into()).await.unwrap();
+        until(&mut rx, |s| s.link("wifi").unwrap().reachable).await;
+        assert_eq!(
+            rx.borrow().link("wifi").unwrap().rtt,
+            Some(Duration::from_millis(20))
+        );
+        until(&mut rx, |s| {
+            s.selection(crate::policy::DEFAULT_CLASS)
+                .is_some_and(|c| c.uplink.as_deref() == Some("wifi"))
+        })
+        .await;
+        assert_eq!(default_class(&rx).unwrap().1, "preferred_stable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engine_stops_on_shutdown_and_when_its_inputs_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _rx) = two_uplinks(dir.path());
+        let (_tx, inputs) = mpsc::channel::<Input>(1);
+        let stop = tokio::time::sleep(Duration::from_secs(10));
+        let start = tokio::time::Instant::now();
+        engine.run(inputs, stop).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+
+        let (engine, _rx) = two_uplinks(dir.path());
+        let (tx, inputs) = mpsc::channel::<Input>(1);
+        drop(tx);
+        engine.run(inputs, std::future::pending()).await;
     }
 }

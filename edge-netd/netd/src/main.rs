@@ -1,36 +1,50 @@
-//! `edge-netd --config /etc/misaki/edge-netd.yaml`
+//! `edge-netd --config /etc/misaki/edge-netd.yaml [--check]`; see `edge-netd --help`.
 //!
-//! Exit codes: 0 on SIGTERM/SIGINT, 64 (EX_USAGE) on a bad command line or config,
-//! 1 on a start-up failure (e.g. the API port is taken).
+//! Exit codes: 0 on SIGTERM/SIGINT (and for `--help`, `--version`, a good `--check`),
+//! 64 (EX_USAGE) on a bad command line or config, 1 on a start-up failure (e.g. the API
+//! port is taken).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Parser;
 
 const EX_USAGE: u8 = 64;
 
-fn usage() -> ExitCode {
-    eprintln!("usage: edge-netd --config <file.yaml> [--check]");
-    ExitCode::from(EX_USAGE)
+/// misaki's per-vehicle network daemon: picks an uplink per traffic class, serves the
+/// vehicle's Envoy its configuration, queues deferrable requests durably and reports
+/// link state to the control plane.
+#[derive(Debug, Parser)]
+#[command(name = "edge-netd", version, about)]
+struct Cli {
+    /// The YAML configuration (docs/edge-netd.md).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the configuration, print every problem in it, and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (path, check_only) = match args.as_slice() {
-        [flag, path] if flag == "--config" => (path.clone(), false),
-        [flag, path, check] | [check, flag, path] if flag == "--config" && check == "--check" => {
-            (path.clone(), true)
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--help` and `--version` are "errors" printed to stdout: not a usage error.
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
         }
-        _ => return usage(),
     };
     // Parse before binding anything: a bad config must not half-start the daemon.
-    let config = match edge_netd::Config::load(std::path::Path::new(&path)) {
+    let config = match edge_netd::Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("edge-netd: invalid configuration: {e}");
+            eprintln!("edge-netd: invalid configuration:\n{e}");
             return ExitCode::from(EX_USAGE);
         }
     };
-    if check_only {
-        println!("{path}: ok");
+    if cli.check {
+        println!("{}: ok", cli.config.display());
         return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()
@@ -48,26 +62,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(edge_netd::run(config, async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => std::future::pending::<()>().await,
-        }
-    }));
-    match result {
+    match rt.block_on(edge_netd::run(config, terminated())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-netd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
     }
 }

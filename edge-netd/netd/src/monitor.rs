@@ -62,9 +62,12 @@ fn status(msg: &LinkMessage, exists: bool) -> Option<LinkStatus> {
 }
 
 /// Watch `interfaces` until the receiver is dropped (Ok is never returned otherwise).
-pub async fn run_link_monitor(
+///
+/// Generic over what the channel carries so the events go straight into the engine's
+/// input queue (`E` = `engine::Input`) without this module knowing the engine.
+pub async fn run_link_monitor<E: From<MonitorEvent>>(
     interfaces: &[String],
-    tx: &mpsc::Sender<MonitorEvent>,
+    tx: &mpsc::Sender<E>,
 ) -> Result<(), MonitorError> {
     let (conn, handle, mut messages) = new_multicast_connection(&[MulticastGroup::Link])?;
     let conn = tokio::spawn(conn);
@@ -76,7 +79,7 @@ pub async fn run_link_monitor(
                 && interfaces.contains(&s.interface)
             {
                 seen.push(s.interface.clone());
-                tx.send(MonitorEvent::Link(s))
+                tx.send(MonitorEvent::Link(s).into())
                     .await
                     .map_err(|_| MonitorError::Closed)?;
             }
@@ -88,11 +91,11 @@ pub async fn run_link_monitor(
                 up: false,
                 carrier: false,
             };
-            tx.send(MonitorEvent::Link(absent))
+            tx.send(MonitorEvent::Link(absent).into())
                 .await
                 .map_err(|_| MonitorError::Closed)?;
         }
-        tx.send(MonitorEvent::Synced)
+        tx.send(MonitorEvent::Synced.into())
             .await
             .map_err(|_| MonitorError::Closed)?;
         while let Some((msg, _)) = messages.next().await {
@@ -102,7 +105,7 @@ pub async fn run_link_monitor(
                 _ => None,
             };
             if let Some(s) = s.filter(|s| interfaces.contains(&s.interface)) {
-                tx.send(MonitorEvent::Link(s))
+                tx.send(MonitorEvent::Link(s).into())
                     .await
                     .map_err(|_| MonitorError::Closed)?;
             }

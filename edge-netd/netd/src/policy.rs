@@ -297,7 +297,7 @@ mod tests {
         UplinkConfig {
             name: name.into(),
             interface: format!("{name}0"),
-            kind: crate::config::UplinkKind::Wifi,
+            kind: misaki_policy::UplinkKind::Wifi,
             metered: false,
             cost,
             probe_targets: vec![],

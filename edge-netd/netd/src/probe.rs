@@ -148,8 +148,9 @@ fn bound_socket(interface: &str, target: SocketAddr) -> std::io::Result<UdpSocke
     UdpSocket::from_std(s.into())
 }
 
-/// Probe one uplink until `results` is closed.
-pub async fn run_prober(spec: ProberSpec, results: mpsc::Sender<ProbeResult>) {
+/// Probe one uplink until `results` is closed. Generic over what the channel carries,
+/// as [`crate::monitor::run_link_monitor`] is: results go straight to the engine.
+pub async fn run_prober<E: From<ProbeResult>>(spec: ProberSpec, results: mpsc::Sender<E>) {
     let nonce: u64 = rand::random();
     let mut seq: u64 = 0;
     let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
@@ -158,10 +159,13 @@ pub async fn run_prober(spec: ProberSpec, results: mpsc::Sender<ProbeResult>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; 64];
     let report = |outcome| {
-        results.send(ProbeResult {
-            uplink: spec.uplink,
-            outcome,
-        })
+        results.send(
+            ProbeResult {
+                uplink: spec.uplink,
+                outcome,
+            }
+            .into(),
+        )
     };
     loop {
         let deadline = pending.front().map(|(_, sent)| *sent + spec.timeout);
@@ -275,7 +279,7 @@ mod tests {
         // An echo on loopback; the prober binds to "lo".
         let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let target = echo.local_addr().unwrap();
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = mpsc::channel::<ProbeResult>(16);
         let spec = ProberSpec {
             uplink: 7,
             interface: "lo".into(),

@@ -25,6 +25,10 @@
 //!   and on every heartbeat tick; a changed list (a stream opened or closed, a push, an
 //!   ACK, a NACK) is sent whole as a `LinkChange` with `sidecars_changed`
 //!   ([`sidecars_update`]).
+//!
+//! Layers: [`run_reporter`] (reconnects, backoff) → `one_stream` (connects, bound to
+//! the interface) → `Session` (one stream's protocol, over channels) → `Reported`
+//! (what the control plane was told; deciding what to send is a pure diff against it).
 
 use crate::config::Config;
 use crate::engine::{Input, LinkView, Metrics, ResultLabel, Snapshot};
@@ -36,7 +40,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -240,6 +244,7 @@ pub async fn run_reporter(
 }
 
 /// What one stream reads and updates besides the snapshots.
+#[derive(Clone, Copy)]
 struct StreamDeps<'a> {
     config: &'a Config,
     engine: &'a mpsc::Sender<Input>,
@@ -247,6 +252,21 @@ struct StreamDeps<'a> {
     connected: &'a AtomicBool,
     saf: Option<&'a misaki_saf::StoreForward>,
     xds: Option<&'a misaki_xds::StreamRegistry>,
+}
+
+impl StreamDeps<'_> {
+    /// Store-and-forward's queue stats (changed since `previous`), if it runs.
+    fn queues(&self, previous: &[pb::QueueStats]) -> Vec<pb::QueueStats> {
+        self.saf
+            .map(|s| crate::store_forward::queue_stats(s, previous))
+            .unwrap_or_default()
+    }
+
+    /// The local xDS tier's sidecars, if they differ from those `sent`.
+    fn sidecars(&self, sent: &[pb::Sidecar]) -> Option<Vec<pb::Sidecar>> {
+        let streams = self.xds.map(|x| x.snapshot()).unwrap_or_default();
+        sidecars_update(sent, &streams)
+    }
 }
 
 /// Open the channel to the control plane, bound to `interface` when given.
@@ -441,90 +461,125 @@ fn uplink_moved(config: &Config, interface: Option<&str>, snap: &Snapshot) -> Op
         .then(|| up.name.clone())
 }
 
+/// One connection: connect, queue `Hello` and the full `LinkState`, open the stream,
+/// then run the [`Session`] until it fails or the uplink moves.
 async fn one_stream(
     deps: StreamDeps<'_>,
     interface: Option<&str>,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     acked: &mut bool,
 ) -> Result<(), StreamError> {
-    let StreamDeps {
-        config,
-        engine,
-        metrics,
-        connected,
-        saf,
-        xds,
-    } = deps;
-    let queues = |previous: &[pb::QueueStats]| {
-        saf.map(|s| crate::store_forward::queue_stats(s, previous))
-            .unwrap_or_default()
-    };
-    let sidecars = |sent: &[pb::Sidecar]| {
-        let streams = xds.map(|x| x.snapshot()).unwrap_or_default();
-        sidecars_update(sent, &streams)
-    };
-    let mut client = connect(config, interface, metrics).await?;
+    let mut client = connect(deps.config, interface, deps.metrics).await?;
     let (tx, rx) = mpsc::channel::<pb::VehicleReport>(32);
-    let mut seq = 0u64;
-    let mut msg = |r: pb::vehicle_report::Report| {
-        seq += 1;
-        pb::VehicleReport {
-            seq,
-            observed_unix_ms: now_ms(),
-            report: Some(r),
-        }
-    };
-    let snap = snapshots.borrow_and_update().clone();
-    let mut reported = Reported {
-        queues: queues(&[]),
-        sidecars: sidecars(&[]).unwrap_or_default(),
-        snap: Arc::clone(&snap),
-    };
-    // Fresh channel of 32: cannot fail.
-    let _ = tx.try_send(msg(pb::vehicle_report::Report::Hello(hello(config, &snap))));
-    let _ = tx.try_send(msg(pb::vehicle_report::Report::LinkState(
-        reported.link_state(),
-    )));
-    let mut inbound = client.report(ReceiverStream::new(rx)).await?.into_inner();
-    connected.store(true, Ordering::Relaxed);
-    metrics.reporter_connected.set(1);
+    let (mut session, opening) = Session::open(deps, interface, snapshots);
+    for report in opening {
+        // Fresh channel of 32: cannot fail.
+        let _ = tx.try_send(report);
+    }
+    let inbound = client.report(ReceiverStream::new(rx)).await?.into_inner();
+    deps.connected.store(true, Ordering::Relaxed);
+    deps.metrics.reporter_connected.set(1);
     tracing::info!(
         interface = interface.unwrap_or("(default route)"),
         "report stream open"
     );
+    session.run(inbound, &tx, snapshots, acked).await
+}
 
-    let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    heartbeat.tick().await;
-    loop {
-        let (report, moved) = tokio::select! {
-            m = inbound.message() => {
-                match m?.ok_or(StreamError::Closed)?.message {
-                    Some(pb::control_message::Message::Policy(p)) => {
-                        engine.send(Input::Policy(p)).await.map_err(|_| StreamError::Closed)?;
-                    }
-                    Some(pb::control_message::Message::Ack(_)) => *acked = true,
-                    None => {}
-                }
-                (None, None)
-            },
-            changed = snapshots.changed() => {
-                changed.map_err(|_| StreamError::Closed)?;
-                let snap = snapshots.borrow_and_update().clone();
-                let change = reported.snapshot_change(&snap, sidecars(&reported.sidecars));
-                (change.map(pb::vehicle_report::Report::LinkChange), uplink_moved(config, interface, &snap))
-            }
-            _ = heartbeat.tick() => {
-                let snap = snapshots.borrow().clone();
-                let now_queues = queues(&reported.queues);
-                (Some(reported.tick(&snap, now_queues, sidecars(&reported.sidecars))), None)
-            }
+/// The protocol of one open stream, over channels (no network: tests drive it with
+/// paused time): what is sent when, and where received policies go.
+struct Session<'a> {
+    deps: StreamDeps<'a>,
+    /// The interface the stream is bound to (`None`: the default route).
+    interface: Option<&'a str>,
+    reported: Reported,
+    seq: u64,
+}
+
+impl<'a> Session<'a> {
+    /// The session and its first two reports: `Hello`, then the full `LinkState`.
+    fn open(
+        deps: StreamDeps<'a>,
+        interface: Option<&'a str>,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    ) -> (Self, [pb::VehicleReport; 2]) {
+        let snap = snapshots.borrow_and_update().clone();
+        let reported = Reported {
+            queues: deps.queues(&[]),
+            sidecars: deps.sidecars(&[]).unwrap_or_default(),
+            snap: Arc::clone(&snap),
         };
-        if let Some(r) = report {
-            tx.send(msg(r)).await.map_err(|_| StreamError::Closed)?;
+        let mut s = Session {
+            deps,
+            interface,
+            reported,
+            seq: 0,
+        };
+        let hello = s.report(pb::vehicle_report::Report::Hello(hello(deps.config, &snap)));
+        let state = pb::vehicle_report::Report::LinkState(s.reported.link_state());
+        let state = s.report(state);
+        (s, [hello, state])
+    }
+
+    /// The next report on this stream (sequence numbers count from 1).
+    fn report(&mut self, r: pb::vehicle_report::Report) -> pb::VehicleReport {
+        self.seq += 1;
+        pb::VehicleReport {
+            seq: self.seq,
+            observed_unix_ms: now_ms(),
+            report: Some(r),
         }
-        if let Some(up) = moved {
-            return Err(StreamError::UplinkMoved(up));
+    }
+
+    /// Until the stream fails, the control plane closes it, or the `default` class
+    /// moves to another uplink than the stream's (`UplinkMoved`). `acked` is set once
+    /// the control plane acknowledged the Hello.
+    async fn run(
+        &mut self,
+        mut inbound: impl Stream<Item = Result<pb::ControlMessage, tonic::Status>> + Unpin,
+        out: &mpsc::Sender<pb::VehicleReport>,
+        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        acked: &mut bool,
+    ) -> Result<(), StreamError> {
+        let config = self.deps.config;
+        let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            let (report, moved) = tokio::select! {
+                m = inbound.next() => {
+                    match m.ok_or(StreamError::Closed)??.message {
+                        Some(pb::control_message::Message::Policy(p)) => {
+                            let to_engine = self.deps.engine.send(Input::Policy(p));
+                            to_engine.await.map_err(|_| StreamError::Closed)?;
+                        }
+                        Some(pb::control_message::Message::Ack(_)) => *acked = true,
+                        None => {}
+                    }
+                    (None, None)
+                },
+                changed = snapshots.changed() => {
+                    changed.map_err(|_| StreamError::Closed)?;
+                    let snap = snapshots.borrow_and_update().clone();
+                    let sidecars = self.deps.sidecars(&self.reported.sidecars);
+                    let change = self.reported.snapshot_change(&snap, sidecars);
+                    let moved = uplink_moved(config, self.interface, &snap);
+                    (change.map(pb::vehicle_report::Report::LinkChange), moved)
+                }
+                _ = heartbeat.tick() => {
+                    let snap = snapshots.borrow().clone();
+                    let queues = self.deps.queues(&self.reported.queues);
+                    let sidecars = self.deps.sidecars(&self.reported.sidecars);
+                    (Some(self.reported.tick(&snap, queues, sidecars)), None)
+                }
+            };
+            if let Some(r) = report {
+                let report = self.report(r);
+                out.send(report).await.map_err(|_| StreamError::Closed)?;
+            }
+            if let Some(up) = moved {
+                return Err(StreamError::UplinkMoved(up));
+            }
         }
     }
 }
@@ -767,5 +822,320 @@ mod tests {
             c.policy_resync.map(|r| r.held_version).as_deref(),
             Some("v3")
         );
+    }
+
+    fn view(name: &str, interface: &str, rtt_ms: u64) -> LinkView {
+        LinkView {
+            name: name.into(),
+            interface: interface.into(),
+            kind: misaki_policy::UplinkKind::Wifi,
+            exists: true,
+            up: true,
+            carrier: true,
+            reachable: true,
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            jitter: Duration::ZERO,
+            loss_percent: 0.0,
+            samples: 10,
+            consecutive_lost: 0,
+            metered: false,
+            cost: 1,
+        }
+    }
+
+    fn selected(class: &str, uplink: Option<&str>) -> crate::engine::SelectionView {
+        crate::engine::SelectionView {
+            class: class.into(),
+            uplink: uplink.map(str::to_string),
+            reason: "initial",
+            since_unix_ms: 0,
+            switches: 0,
+        }
+    }
+
+    /// wifi (wlan0, selected for `default`) and lte (wwan0).
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            ready: true,
+            policy_version: "v1".into(),
+            links: vec![view("wifi", "wlan0", 20), view("lte", "wwan0", 60)],
+            selections: vec![selected(DEFAULT_CLASS, Some("wifi"))],
+            policy_resync: None,
+        }
+    }
+
+    fn reported(snap: &Snapshot) -> Reported {
+        Reported {
+            snap: Arc::new(snap.clone()),
+            queues: vec![],
+            sidecars: vec![],
+        }
+    }
+
+    fn queue(class: &str, depth: u64) -> pb::QueueStats {
+        pb::QueueStats {
+            class: class.into(),
+            depth_messages: depth,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn state_changes_go_out_at_once_and_only_the_links_that_changed() {
+        let snap = snapshot();
+        let mut r = reported(&snap);
+        assert_eq!(r.snapshot_change(&snap, None), None, "nothing new");
+
+        let mut down = snap.clone();
+        down.links[1].carrier = false;
+        down.links[1].reachable = false;
+        let c = r
+            .snapshot_change(&down, None)
+            .expect("carrier loss is news");
+        assert_eq!(c.links, vec![link_pb(&down.links[1])]);
+        assert!(c.selections.is_empty() && c.policy_version.is_none());
+        assert_eq!(r.snapshot_change(&down, None), None, "told once");
+
+        let mut moved = down.clone();
+        moved.selections = vec![selected(DEFAULT_CLASS, Some("lte"))];
+        moved.policy_version = "v2".into();
+        let c = r
+            .snapshot_change(&moved, None)
+            .expect("selection and policy");
+        assert!(c.links.is_empty());
+        assert_eq!(c.selections[0].uplink, "lte");
+        assert_eq!(c.policy_version.as_deref(), Some("v2"));
+        // A whole new sidecar list rides along, even an empty one.
+        let c = r.snapshot_change(&moved, Some(vec![])).expect("sidecars");
+        assert!(c.sidecars_changed && c.links.is_empty());
+    }
+
+    #[test]
+    fn measurement_drift_waits_for_the_heartbeat_and_small_jitter_is_not_drift() {
+        let snap = snapshot();
+        let mut r = reported(&snap);
+        let mut slower = snap.clone();
+        slower.links[0].rtt = Some(Duration::from_millis(21)); // 1 ms: noise
+        slower.links[1].rtt = Some(Duration::from_millis(90)); // +50 %: drift
+        assert_eq!(r.snapshot_change(&slower, None), None, "drift is not state");
+        // Measurements stay as last sent until the tick that reports them.
+        assert_eq!(r.snap.links[1].rtt, Some(Duration::from_millis(60)));
+        let pb::vehicle_report::Report::LinkChange(c) = r.tick(&slower, vec![], None) else {
+            panic!("drift is reported on the tick");
+        };
+        assert_eq!(c.links, vec![link_pb(&slower.links[1])]);
+        assert_eq!(r.snap.links[1].rtt, Some(Duration::from_millis(90)));
+        assert_eq!(
+            r.snap.links[0].rtt,
+            Some(Duration::from_millis(20)),
+            "noise kept"
+        );
+        // Nothing new: a plain heartbeat.
+        assert_eq!(
+            r.tick(&slower, vec![], None),
+            pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {})
+        );
+        // Lost probes are drift too; an unmeasured link against a measured one as well.
+        let mut lossy = slower.clone();
+        lossy.links[0].loss_percent = 5.0;
+        lossy.links[1].rtt = None;
+        let pb::vehicle_report::Report::LinkChange(c) = r.tick(&lossy, vec![], None) else {
+            panic!("loss and a lost RTT are drift");
+        };
+        assert_eq!(c.links.len(), 2);
+    }
+
+    #[test]
+    fn queue_stats_ride_on_the_tick_only_when_they_changed() {
+        let snap = snapshot();
+        let mut r = reported(&snap);
+        let first = r.tick(&snap, vec![queue("bulk", 3)], None);
+        let pb::vehicle_report::Report::LinkChange(c) = first else {
+            panic!("new queue stats are news");
+        };
+        assert_eq!((c.queues, c.links.len()), (vec![queue("bulk", 3)], 0));
+        assert_eq!(
+            r.tick(&snap, vec![queue("bulk", 3)], None),
+            pb::vehicle_report::Report::Heartbeat(pb::Heartbeat {})
+        );
+        let pb::vehicle_report::Report::LinkChange(c) =
+            r.tick(&snap, vec![queue("bulk", 0), queue("logs", 1)], None)
+        else {
+            panic!("drained and new classes are news");
+        };
+        assert_eq!(c.queues, vec![queue("bulk", 0), queue("logs", 1)]);
+        // The full LinkState of a later stream carries them as last sent.
+        assert_eq!(r.link_state().queues, c.queues);
+        assert_eq!(r.link_state().links.len(), 2);
+    }
+
+    #[test]
+    fn a_stream_bound_elsewhere_than_the_default_class_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let mut snap = snapshot();
+        assert_eq!(uplink_moved(&config, Some("wlan0"), &snap), None);
+        snap.selections = vec![selected(DEFAULT_CLASS, Some("lte"))];
+        assert_eq!(
+            uplink_moved(&config, Some("wlan0"), &snap).as_deref(),
+            Some("lte")
+        );
+        // Unbound (default route): nothing to move from.
+        assert_eq!(uplink_moved(&config, None, &snap), None);
+        // No uplink selected: stay where we are.
+        snap.selections = vec![selected(DEFAULT_CLASS, None)];
+        assert_eq!(uplink_moved(&config, Some("wlan0"), &snap), None);
+    }
+
+    fn config(state_dir: &std::path::Path) -> Config {
+        let text = format!(
+            "vehicle_id: car-1\ncontrol_plane: http://198.18.0.1:18000\napi: 127.0.0.1:9470\n\
+             state_dir: {}\nheartbeat_interval: 2s\nuplinks:\n\
+             \x20 - {{ name: wifi, interface: wlan0, kind: wifi }}\n\
+             \x20 - {{ name: lte, interface: wwan0, kind: lte }}\n\
+             probe:\n  targets: [\"198.18.0.1:7\"]\n",
+            state_dir.display()
+        );
+        Config::parse("t.yaml", &text).expect("test config")
+    }
+
+    /// A session over channels, as `one_stream` runs it after connecting.
+    struct Harness {
+        control: mpsc::Sender<Result<pb::ControlMessage, tonic::Status>>,
+        reports: mpsc::Receiver<pb::VehicleReport>,
+        engine: mpsc::Receiver<Input>,
+        snapshots: watch::Sender<Arc<Snapshot>>,
+        ended: tokio::task::JoinHandle<(Result<(), StreamError>, bool)>,
+    }
+
+    fn start(interface: Option<&'static str>) -> (Harness, [pb::VehicleReport; 2]) {
+        let dir = tempfile::tempdir().unwrap();
+        // Leaked: the session borrows these for as long as the test task runs.
+        let config: &'static Config = Box::leak(Box::new(config(dir.path())));
+        let metrics: &'static Metrics = Box::leak(Box::default());
+        let connected: &'static AtomicBool = Box::leak(Box::default());
+        let (engine_tx, engine) = mpsc::channel(4);
+        let engine_tx: &'static mpsc::Sender<Input> = Box::leak(Box::new(engine_tx));
+        let (snapshots, mut snap_rx) = watch::channel(Arc::new(snapshot()));
+        let (control, inbound) = mpsc::channel(4);
+        let (out, reports) = mpsc::channel(8);
+        let deps = StreamDeps {
+            config,
+            engine: engine_tx,
+            metrics,
+            connected,
+            saf: None,
+            xds: None,
+        };
+        let (mut session, opening) = Session::open(deps, interface, &mut snap_rx);
+        let ended = tokio::spawn(async move {
+            let mut acked = false;
+            let inbound = ReceiverStream::new(inbound);
+            let r = session.run(inbound, &out, &mut snap_rx, &mut acked).await;
+            (r, acked)
+        });
+        let h = Harness {
+            control,
+            reports,
+            engine,
+            snapshots,
+            ended,
+        };
+        (h, opening)
+    }
+
+    fn kind(r: &pb::VehicleReport) -> &'static str {
+        match r.report.as_ref().unwrap() {
+            pb::vehicle_report::Report::Hello(_) => "hello",
+            pb::vehicle_report::Report::LinkState(_) => "link_state",
+            pb::vehicle_report::Report::LinkChange(_) => "link_change",
+            pb::vehicle_report::Report::Heartbeat(_) => "heartbeat",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_says_hello_then_reports_changes_at_once_and_beats_every_interval() {
+        let (mut h, opening) = start(Some("wlan0"));
+        let [hello, state] = &opening;
+        let Some(pb::vehicle_report::Report::Hello(hi)) = &hello.report else {
+            panic!("hello first");
+        };
+        assert_eq!(
+            (
+                hi.vehicle_id.as_str(),
+                hi.heartbeat_interval_ms,
+                hi.policy_deltas
+            ),
+            ("car-1", 2_000, true)
+        );
+        assert_eq!((hello.seq, kind(state), state.seq), (1, "link_state", 2));
+
+        // Nothing changes: one heartbeat per interval, no sooner.
+        let start = tokio::time::Instant::now();
+        let beat = h.reports.recv().await.unwrap();
+        assert_eq!((kind(&beat), beat.seq), ("heartbeat", 3));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+        // A state change goes out without waiting for the tick.
+        let at = tokio::time::Instant::now();
+        h.snapshots.send_modify(|s| {
+            let s = Arc::make_mut(s);
+            s.links[1].carrier = false;
+        });
+        let change = h.reports.recv().await.unwrap();
+        assert_eq!((kind(&change), change.seq), ("link_change", 4));
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        let beat = h.reports.recv().await.unwrap();
+        assert_eq!(kind(&beat), "heartbeat");
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
+
+        // The control plane's policy goes to the engine; its ack is remembered.
+        let policy = pb::PolicyUpdate {
+            version: "v2".into(),
+            ..Default::default()
+        };
+        let msg = |m| Ok(pb::ControlMessage { message: Some(m) });
+        h.control
+            .send(msg(pb::control_message::Message::Policy(policy.clone())))
+            .await
+            .unwrap();
+        let Some(Input::Policy(got)) = h.engine.recv().await else {
+            panic!("the policy reaches the engine");
+        };
+        assert_eq!(got, policy);
+        h.control
+            .send(msg(pb::control_message::Message::Ack(pb::Ack::default())))
+            .await
+            .unwrap();
+        // The control plane hangs up: the session ends, having been acknowledged.
+        drop(h.control);
+        let (result, acked) = h.ended.await.unwrap();
+        assert!(matches!(result, Err(StreamError::Closed)), "{result:?}");
+        assert!(acked);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ends_when_the_default_class_moves_to_another_interface() {
+        let (mut h, _) = start(Some("wlan0"));
+        h.snapshots.send_modify(|s| {
+            Arc::make_mut(s).selections = vec![selected(DEFAULT_CLASS, Some("lte"))];
+        });
+        // The move itself is reported first, then the stream ends to rebind.
+        let change = h.reports.recv().await.unwrap();
+        assert_eq!(kind(&change), "link_change");
+        let (result, acked) = h.ended.await.unwrap();
+        assert!(
+            matches!(result, Err(StreamError::UplinkMoved(ref u)) if u == "lte"),
+            "{result:?}"
+        );
+        assert!(!acked);
+        // A broken stream is an error too.
+        let (h, _) = start(None);
+        h.control
+            .send(Err(tonic::Status::unavailable("gone")))
+            .await
+            .unwrap();
+        let (result, _) = h.ended.await.unwrap();
+        assert!(matches!(result, Err(StreamError::Status(_))), "{result:?}");
     }
 }

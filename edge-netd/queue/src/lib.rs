@@ -115,6 +115,7 @@
 #![warn(missing_debug_implementations)]
 
 mod clock;
+mod command;
 mod error;
 mod io;
 mod message;

@@ -7,7 +7,7 @@ use std::{
     os::unix::fs::FileExt,
     path::PathBuf,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -20,13 +20,14 @@ use tracing::warn;
 
 use crate::{
     clock::{Clock, SystemClock},
+    command::{Cmd, Pending},
     error::{OpenError, QueueError},
     io::{StdStorage, Storage},
     message::{Accepted, Message, NewMessage},
     record::{self, AckKind, DeadLetter, FRAME_HEADER, FrameAt, MessageFields, SEGMENT_MAGIC},
     recovery::{self, LOCK_FILE, segment_path},
-    state::{Counters, State},
-    writer::{Cmd, Pending, Writer},
+    state::{Counters, Shared, State, lock},
+    writer::Writer,
 };
 
 /// Tuning and limits of one queue directory.
@@ -102,16 +103,6 @@ pub struct Stats {
     pub disk_bytes: u64,
     pub segments: u64,
     pub depth: Vec<ClassDepth>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
-}
-
-/// A poisoned lock means a panic elsewhere; the state is still consistent enough to serve
-/// reads, and refusing would turn one bug into a wedged queue.
-pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The durable queue. One per directory per machine (enforced by a lock file).

@@ -7,14 +7,25 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     fs::File,
-    sync::{Arc, mpsc::Sender},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc::Sender},
 };
 
 use crate::{
+    command::Cmd,
     error::QueueError,
     record::{AckKind, DeadLetter},
-    writer::Cmd,
 };
+
+/// What the queue's handle and its writer thread share: the state behind the one mutex.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+}
+
+/// A poisoned lock means a panic elsewhere; the state is still consistent enough to serve
+/// reads, and refusing would turn one bug into a wedged queue.
+pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Where one live record sits on disk.
 #[derive(Clone, Debug)]

@@ -12,38 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use crate::{
+    command::{Cmd, Pending},
     error::QueueError,
     io::Storage,
     message::Accepted,
-    queue::{Shared, lock},
     record::{self, AckKind, DeadLetter, SEGMENT_MAGIC},
     recovery::{rewrite_ack_log, segment_path},
-    state::{Entry, State},
+    state::{Entry, Shared, State, lock},
 };
-
-/// An encoded message waiting for its group.
-pub(crate) struct Pending {
-    pub(crate) id: u64,
-    pub(crate) rank: u8,
-    pub(crate) class: Arc<str>,
-    pub(crate) key: String,
-    pub(crate) expires_at: Option<u64>,
-    /// Id patched in, checksum not yet computed ([`record::seal`] runs here).
-    pub(crate) frame: Vec<u8>,
-    pub(crate) waiter: oneshot::Sender<Result<Accepted, QueueError>>,
-}
-
-pub(crate) enum Cmd {
-    Append(Pending),
-    Ack(AckKind, u64),
-    DeadLetter(Box<DeadLetter>),
-    /// Completed once everything sent before it is durable.
-    Flush(oneshot::Sender<Result<(), QueueError>>),
-}
 
 struct ActiveSegment {
     no: u64,
@@ -266,23 +245,14 @@ impl Writer {
         for &(k, id) in acks {
             buf.extend_from_slice(&record::encode_ack(k, id));
         }
-        let res = self
-            .storage
-            .write_all(&mut self.ack_file, &buf)
-            .and_then(|_| self.storage.sync_data(&self.ack_file));
-        match res {
-            Ok(()) => {
-                self.ack_len += buf.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // The acks are still applied in memory; on disk they are lost until the next
-                // compaction rewrites them from memory. A crash before then resends them.
-                warn!(error = %e, "ack log write failed; will rewrite it");
-                self.ack_dirty = true;
-                Err(QueueError::from_io(e))
-            }
-        }
+        let storage = &*self.storage;
+        append_synced(storage, &mut self.ack_file, &mut self.ack_len, &buf).map_err(|e| {
+            // The acks are still applied in memory; on disk they are lost until the next
+            // compaction rewrites them from memory. A crash before then resends them.
+            warn!(error = %e, "ack log write failed; will rewrite it");
+            self.ack_dirty = true;
+            QueueError::from_io(e)
+        })
     }
 
     fn compact_acks(&mut self) {
@@ -315,23 +285,14 @@ impl Writer {
         for d in dead {
             buf.extend_from_slice(&record::encode_dead_letter(d));
         }
-        let res = self
-            .storage
-            .write_all(&mut self.dl_file, &buf)
-            .and_then(|_| self.storage.sync_data(&self.dl_file));
-        match res {
-            Ok(()) => {
-                self.dl_len += buf.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // The dead-letter list is a report, not the queue: keep it in memory, cut the
-                // partial write so later entries stay parseable.
-                warn!(error = %e, "dead-letter log write failed");
-                let _ = self.storage.set_len(&self.dl_file, self.dl_len);
-                Err(QueueError::from_io(e))
-            }
-        }
+        let storage = &*self.storage;
+        append_synced(storage, &mut self.dl_file, &mut self.dl_len, &buf).map_err(|e| {
+            // The dead-letter list is a report, not the queue: keep it in memory, cut the
+            // partial write so later entries stay parseable.
+            warn!(error = %e, "dead-letter log write failed");
+            let _ = storage.set_len(&self.dl_file, self.dl_len);
+            QueueError::from_io(e)
+        })
     }
 
     fn open_segment(&mut self) -> Result<(), QueueError> {
@@ -448,6 +409,20 @@ impl Writer {
             st.segments.remove(&no);
         }
     }
+}
+
+/// Appends `buf` to `file` and `fdatasync`s it; `len` (what is durable of the file)
+/// moves on only when both succeeded.
+fn append_synced(
+    storage: &dyn Storage,
+    file: &mut File,
+    len: &mut u64,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    storage.write_all(file, buf)?;
+    storage.sync_data(file)?;
+    *len += buf.len() as u64;
+    Ok(())
 }
 
 fn cmd_bytes(c: &Cmd) -> usize {

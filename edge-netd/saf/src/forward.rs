@@ -41,25 +41,14 @@ use tracing::{debug, info, warn};
 use crate::{
     compress,
     config::HttpVersion,
-    runtime::Inner,
+    state::{ClassState, HttpClient, Inner},
     uplink::{UplinkChoice, zstd_level},
 };
-
-pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Bodies above this are compressed on the blocking pool, not on a runtime worker.
 const BLOCKING_COMPRESS_BYTES: usize = 64 << 10;
 /// Most of a response body read (to keep the connection reusable) before giving up on it.
 const MAX_RESPONSE_BYTES: usize = 64 << 10;
-
-/// Retry state of one class.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct ClassState {
-    pub(crate) failures: u32,
-    pub(crate) retry_at: Option<Instant>,
-    pub(crate) probe_in_flight: bool,
-    pub(crate) last_error: Option<String>,
-}
 
 /// How one delivery ended.
 #[derive(Debug)]
@@ -78,10 +67,6 @@ enum Outcome {
 }
 
 impl Inner {
-    fn classes(&self) -> std::sync::MutexGuard<'_, HashMap<String, ClassState>> {
-        self.classes.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn client(&self, interface: Option<&str>, version: HttpVersion) -> HttpClient {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (interface.map(str::to_string), version);

@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use misaki_policy::{Policy, RoutePriority, Service, TrafficClass};
 use misaki_queue::{Destination, NewMessage, QueueError};
 
-use crate::runtime::Inner;
+use crate::state::Inner;
 
 /// Headers not replayed to the destination: hop-by-hop ones, ones the forwarder sets
 /// itself, and misaki's own controls.

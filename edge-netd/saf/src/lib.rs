@@ -40,7 +40,8 @@
 //! ```
 //!
 //! Module map: `config` (settings, validated once) → `ingest` (request → message) →
-//! `forward` (scheduler, delivery, backoff) → `runtime` (wiring, servers, status);
+//! `forward` (scheduler, delivery, backoff) → `runtime` (wiring, servers, status); `state`
+//! (what they share: the queue, the policy, per-class retry state, connection pools);
 //! `uplink` (the [`UplinkView`] seam and the zstd level table); `compress`; `metrics`;
 //! [`testkit`] (a recording receiver for tests and benchmarks).
 #![deny(rust_2018_idioms)]
@@ -52,6 +53,7 @@ mod forward;
 mod ingest;
 mod metrics;
 mod runtime;
+mod state;
 pub mod testkit;
 mod uplink;
 

@@ -26,26 +26,13 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    config::{ConfigError, HttpVersion, SafConfig},
-    forward::{self, ClassState, HttpClient},
+    config::{ConfigError, SafConfig},
+    forward,
     ingest::{self, json_response},
     metrics::Metrics,
+    state::Inner,
     uplink::UplinkView,
 };
-
-/// Shared by the endpoint, the forwarder and the delivery tasks.
-pub(crate) struct Inner {
-    pub(crate) config: SafConfig,
-    pub(crate) queue: Arc<Queue>,
-    pub(crate) policy: watch::Receiver<Arc<Policy>>,
-    pub(crate) uplinks: Arc<dyn UplinkView>,
-    pub(crate) metrics: Metrics,
-    /// Poked by every accepted message and finished delivery.
-    pub(crate) wake: Notify,
-    pub(crate) classes: Mutex<HashMap<String, ClassState>>,
-    pub(crate) clients: Mutex<HashMap<(Option<String>, HttpVersion), HttpClient>>,
-    pub(crate) stop: watch::Receiver<bool>,
-}
 
 /// One class's line of [`StoreForward::class_report`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -259,11 +246,7 @@ impl StoreForward {
         let inner = &self.inner;
         let q = inner.queue.stats();
         let now = Instant::now();
-        let classes = inner
-            .classes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let classes = inner.classes().clone();
         let depth: Vec<Value> = q
             .depth
             .iter()

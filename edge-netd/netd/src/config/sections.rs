@@ -1,0 +1,485 @@
+//! The config file, section by section: each function reads one section, records
+//! every problem it finds, and returns what it could read. Cross-section checks (a
+//! port used twice, `blackhole_after` against `probe.window`) run where the later
+//! section is read, against what the earlier ones gave.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use misaki_saf::{DestinationConfig, HttpVersion, SafConfig};
+
+use super::yaml::{Fields, Node, Reader};
+use super::{
+    Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT, DEFAULT_PROBE_INTERVAL,
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN, DEFAULT_SAF_MAX_BODY,
+    DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig, SelectionConfig,
+    StoreForwardConfig, UplinkConfig,
+};
+
+const TOP: &[&str] = &[
+    "vehicle_id",
+    "control_plane",
+    "api",
+    "state_dir",
+    "heartbeat_interval",
+    "uplinks",
+    "probe",
+    "selection",
+    "store_forward",
+    "xds",
+    "factory_policy",
+    "cross_uplink_retry",
+];
+const UPLINK: &[&str] = &[
+    "name",
+    "interface",
+    "kind",
+    "metered",
+    "cost",
+    "probe_targets",
+];
+const PROBE: &[&str] = &["targets", "interval", "timeout", "window"];
+const SELECTION: &[&str] = &["blackhole_after", "dwell"];
+const STORE_FORWARD: &[&str] = &[
+    "listen",
+    "queue_dir",
+    "budget",
+    "max_body",
+    "cloud_url",
+    "http_version",
+    "max_in_flight",
+    "destinations",
+];
+const DESTINATION: &[&str] = &["url", "http_version"];
+const HTTP_VERSIONS: [(&str, HttpVersion); 2] =
+    [("http2", HttpVersion::Http2), ("http1", HttpVersion::Http1)];
+
+/// The whole file; `None` when anything is missing or wrong (the reader says what).
+pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
+    let f = r.map(root, "", TOP)?;
+    let vehicle_id = f
+        .required(r, "vehicle_id", "the vehicle's id in the fleet")
+        .and_then(|n| vehicle_id(r, n));
+    let control_plane = f
+        .required(r, "control_plane", "http://host:port of misaki-cp")
+        .and_then(|n| control_plane(r, n));
+    let api = f
+        .required(r, "api", "a loopback IP:port")
+        .and_then(|n| loopback(r, n, "api", "the local API has no authentication"));
+    let state_dir = f
+        .required(r, "state_dir", "a directory")
+        .and_then(|n| r.nonempty(n, "state_dir"))
+        .map(PathBuf::from);
+    let heartbeat_interval = f.or(r, "heartbeat_interval", DEFAULT_HEARTBEAT, Reader::duration);
+    let probe = f
+        .required(r, "probe", "a mapping with `targets`")
+        .and_then(|n| probe(r, n));
+    let window = probe.as_ref().map_or(DEFAULT_WINDOW, |(p, _)| p.window);
+    let selection = selection(r, f.get("selection"), window);
+    let uplinks = f
+        .required(r, "uplinks", "a list of uplinks")
+        .and_then(|n| uplinks(r, n, probe.as_ref().map(|(_, t)| t.as_slice())));
+    let store_forward = match f.get("store_forward") {
+        Some(n) => store_forward(r, n, api, state_dir.as_deref()).map(Some),
+        None => Some(None),
+    };
+    let saf_listen = store_forward
+        .as_ref()
+        .and_then(|sf| sf.as_ref().map(|s| s.listen));
+    let xds = xds(r, f.get("xds"), [api, saf_listen]);
+    let factory_policy = match f.get("factory_policy") {
+        Some(n) => r
+            .nonempty(n, "factory_policy")
+            .map(|p| Some(PathBuf::from(p))),
+        None => Some(None),
+    };
+    let cross_uplink_retry = f.or(r, "cross_uplink_retry", true, Reader::boolean);
+    Some(Config {
+        vehicle_id: vehicle_id?,
+        control_plane: control_plane?,
+        api: api?,
+        state_dir: state_dir?,
+        heartbeat_interval,
+        uplinks: uplinks?,
+        probe: probe?.0,
+        selection,
+        store_forward: store_forward?,
+        xds: xds?,
+        factory_policy: factory_policy?,
+        cross_uplink_retry,
+    })
+}
+
+fn vehicle_id(r: &mut Reader, node: &Node<'_>) -> Option<String> {
+    let id = r.text(node, "vehicle_id", "the vehicle's id")?;
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !ok {
+        let message = format!("{id:?} must be 1..=128 characters of A-Z a-z 0-9 . _ -");
+        r.error(node, "vehicle_id", message);
+    }
+    ok.then(|| id.to_owned())
+}
+
+fn control_plane(r: &mut Reader, node: &Node<'_>) -> Option<http::Uri> {
+    let text = r.text(node, "control_plane", "http://host:port")?;
+    let problem = match text.parse::<http::Uri>() {
+        Err(e) => format!("{text:?}: {e}"),
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+            return Some(uri);
+        }
+        Ok(_) => format!("{text:?} must be http://host:port"),
+    };
+    r.error(node, "control_plane", problem);
+    None
+}
+
+/// An `IP:port` on loopback; `why` says what an outside address would expose.
+fn loopback(r: &mut Reader, node: &Node<'_>, path: &str, why: &str) -> Option<SocketAddr> {
+    let addr = r.addr(node, path)?;
+    if !addr.ip().is_loopback() {
+        r.error(
+            node,
+            path,
+            format!("{addr} is not a loopback address: {why}"),
+        );
+        return None;
+    }
+    Some(addr)
+}
+
+/// A non-empty list of `IP:port`.
+fn targets(r: &mut Reader, node: &Node<'_>, path: &str, empty: &str) -> Option<Vec<SocketAddr>> {
+    let items = r.seq(node, path)?;
+    if items.is_empty() {
+        r.error(node, path, empty);
+        return None;
+    }
+    let addrs: Vec<Option<SocketAddr>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, t)| r.addr(t, &format!("{path}[{i}]")))
+        .collect();
+    addrs.into_iter().collect()
+}
+
+/// `probe:`, and its targets (the uplinks' default targets).
+fn probe(r: &mut Reader, node: &Node<'_>) -> Option<(ProbeConfig, Vec<SocketAddr>)> {
+    let f = r.map(node, "probe", PROBE)?;
+    let targets = f
+        .required(r, "targets", "a list of IP:port")
+        .and_then(|n| targets(r, n, "probe.targets", "needs at least one IP:port"));
+    let config = ProbeConfig {
+        interval: f.or(r, "interval", DEFAULT_PROBE_INTERVAL, Reader::duration),
+        timeout: f.or(r, "timeout", DEFAULT_PROBE_TIMEOUT, Reader::duration),
+        window: f.or(r, "window", DEFAULT_WINDOW, |r, n, p| {
+            r.int(n, p, 1..=1000).map(|w| w as usize)
+        }),
+    };
+    Some((config, targets?))
+}
+
+fn selection(r: &mut Reader, node: Option<&Node<'_>>, window: usize) -> SelectionConfig {
+    let defaults = SelectionConfig {
+        blackhole_after: DEFAULT_BLACKHOLE_AFTER,
+        dwell: DEFAULT_DWELL,
+    };
+    let Some(f) = node.and_then(|n| r.map(n, "selection", SELECTION)) else {
+        return defaults;
+    };
+    SelectionConfig {
+        blackhole_after: f.or(r, "blackhole_after", DEFAULT_BLACKHOLE_AFTER, |r, n, p| {
+            let k = r.int(n, p, 0..=u64::from(u32::MAX))?;
+            if k == 0 || k as usize > window {
+                r.error(n, p, format!("{k} is not in 1..=probe.window ({window})"));
+                return None;
+            }
+            Some(k as u32)
+        }),
+        dwell: f.or(r, "dwell", DEFAULT_DWELL, Reader::duration),
+    }
+}
+
+/// `uplinks:`; `default_targets` are `probe.targets` (`None` if those were wrong).
+fn uplinks(
+    r: &mut Reader,
+    node: &Node<'_>,
+    default_targets: Option<&[SocketAddr]>,
+) -> Option<Vec<UplinkConfig>> {
+    let items = r.seq(node, "uplinks")?;
+    if items.is_empty() {
+        r.error(node, "uplinks", "needs at least one uplink");
+        return None;
+    }
+    let mut taken = Taken::default();
+    let uplinks: Vec<Option<UplinkConfig>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| uplink(r, item, i, default_targets, &mut taken))
+        .collect();
+    uplinks.into_iter().collect()
+}
+
+/// The names and interfaces of the uplinks read so far, with their index.
+#[derive(Default)]
+struct Taken {
+    names: Vec<(String, usize)>,
+    interfaces: Vec<(String, usize)>,
+}
+
+/// `value` of uplink `index`, if no earlier uplink has it (else reported at `node`).
+/// Checked per field, so a duplicate is found even in an uplink with other faults.
+fn unique(
+    r: &mut Reader,
+    node: &Node<'_>,
+    path: &str,
+    (value, index): (String, usize),
+    taken: &mut Vec<(String, usize)>,
+) -> Option<String> {
+    if let Some((_, prev)) = taken.iter().find(|(v, _)| *v == value) {
+        r.error(
+            node,
+            path,
+            format!("{value:?} is already used by uplinks[{prev}]"),
+        );
+        return None;
+    }
+    taken.push((value.clone(), index));
+    Some(value)
+}
+
+fn uplink(
+    r: &mut Reader,
+    node: &Node<'_>,
+    index: usize,
+    default_targets: Option<&[SocketAddr]>,
+    taken: &mut Taken,
+) -> Option<UplinkConfig> {
+    let f = r.map(node, &format!("uplinks[{index}]"), UPLINK)?;
+    let (name_path, interface_path) = (f.path("name"), f.path("interface"));
+    let name = f
+        .required(r, "name", "the uplink's name in the policy")
+        .and_then(|n| {
+            let name = uplink_name(r, n, &name_path)?;
+            unique(r, n, &name_path, (name, index), &mut taken.names)
+        });
+    let interface = f
+        .required(r, "interface", "a Linux interface name")
+        .and_then(|n| {
+            let interface = interface_name(r, n, &interface_path)?;
+            unique(
+                r,
+                n,
+                &interface_path,
+                (interface, index),
+                &mut taken.interfaces,
+            )
+        });
+    let kind = f
+        .required(r, "kind", "lte, 5g, 3g, wifi, dsrc or lpwa")
+        .and_then(|n| {
+            r.choice(
+                n,
+                &f.path("kind"),
+                "uplink kind",
+                &misaki_policy::UplinkKind::ALL,
+            )
+        });
+    let metered = f.or(r, "metered", false, Reader::boolean);
+    let cost = f.or(r, "cost", 0, |r, n, p| {
+        r.int(n, p, 0..=u64::from(u32::MAX)).map(|c| c as u32)
+    });
+    let probe_targets = match f.get("probe_targets") {
+        Some(n) => targets(
+            r,
+            n,
+            &f.path("probe_targets"),
+            "must not be empty when given",
+        ),
+        None => default_targets.map(<[_]>::to_vec),
+    };
+    Some(UplinkConfig {
+        name: name?,
+        interface: interface?,
+        kind: kind?,
+        metered,
+        cost,
+        probe_targets: probe_targets?,
+    })
+}
+
+fn uplink_name(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
+    let name = r.text(node, path, "a name")?;
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    if !ok {
+        r.error(
+            node,
+            path,
+            format!("{name:?} must be non-empty A-Z a-z 0-9 _ -"),
+        );
+    }
+    ok.then(|| name.to_owned())
+}
+
+fn interface_name(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
+    let name = r.text(node, path, "an interface name")?;
+    // IFNAMSIZ is 16 including the NUL.
+    let ok = (1..=15).contains(&name.len()) && !name.contains(['/', ' ']);
+    if !ok {
+        let message =
+            format!("{name:?} is not a Linux interface name (1..=15 bytes, no '/' or spaces)");
+        r.error(node, path, message);
+    }
+    ok.then(|| name.to_owned())
+}
+
+/// `store_forward:`; `api` is the local API's address (the ingest must differ);
+/// `state_dir` holds the default queue directory (`None` if it was wrong).
+fn store_forward(
+    r: &mut Reader,
+    node: &Node<'_>,
+    api: Option<SocketAddr>,
+    state_dir: Option<&Path>,
+) -> Option<StoreForwardConfig> {
+    let f = r.map(node, "store_forward", STORE_FORWARD)?;
+    let listen = ingest_listen(r, &f, api);
+    let (budget_bytes, max_body) = budget(r, &f);
+    let queue_dir = match f.get("queue_dir") {
+        Some(n) => r.nonempty(n, &f.path("queue_dir")).map(PathBuf::from),
+        None => state_dir.map(|d| d.join("queue")),
+    };
+    let max_in_flight = f.or(r, "max_in_flight", DEFAULT_SAF_MAX_IN_FLIGHT, |r, n, p| {
+        r.int(n, p, 1..=4096).map(|n| n as usize)
+    });
+    let cloud_url = f
+        .required(r, "cloud_url", "http://host:port of the cloud sidecar")
+        .and_then(|n| url(r, n, &f.path("cloud_url")));
+    let http_version = f.or(r, "http_version", HttpVersion::Http2, http_version);
+    let destinations = match f.get("destinations") {
+        Some(n) => destinations(r, n),
+        None => Some(BTreeMap::new()),
+    };
+    let c = StoreForwardConfig {
+        listen: listen?,
+        queue_dir: queue_dir?,
+        budget_bytes,
+        max_body_bytes: max_body? as usize,
+        cloud_url: cloud_url?,
+        http_version,
+        max_in_flight,
+        destinations: destinations?,
+    };
+    // Each URL and limit was checked above; this is the runtime's own word on the whole.
+    if let Err(e) = c.saf_config().validate() {
+        r.error(node, "store_forward", e.to_string());
+        return None;
+    }
+    Some(c)
+}
+
+fn ingest_listen(
+    r: &mut Reader,
+    f: &Fields<'_, '_>,
+    api: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    let why = "the ingest endpoint has no authentication";
+    let path = f.path("listen");
+    let listen = match f.get("listen") {
+        Some(n) => loopback(r, n, &path, why)?,
+        None => DEFAULT_SAF_LISTEN.parse().expect("a valid default"),
+    };
+    if Some(listen) == api {
+        let message = format!("{listen} is also the local API's address");
+        r.error(f.at("listen"), &path, message);
+        return None;
+    }
+    Some(listen)
+}
+
+/// `budget` and `max_body` (`None` when `max_body` does not fit the budget).
+fn budget(r: &mut Reader, f: &Fields<'_, '_>) -> (u64, Option<u64>) {
+    let budget = f.or(r, "budget", DEFAULT_SAF_BUDGET, Reader::size);
+    let max_body = f.or(r, "max_body", DEFAULT_SAF_MAX_BODY as u64, Reader::size);
+    let problem = if max_body > budget {
+        format!("{max_body} bytes is more than the budget ({budget} bytes)")
+    } else if max_body > u64::from(u32::MAX) {
+        // The queue stores a body length as u32.
+        format!("{max_body} bytes is over 4 GiB")
+    } else {
+        return (budget, Some(max_body));
+    };
+    r.error(f.at("max_body"), &f.path("max_body"), problem);
+    (budget, None)
+}
+
+fn http_version(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<HttpVersion> {
+    r.choice(node, path, "HTTP version", &HTTP_VERSIONS)
+}
+
+/// A destination URL, checked as the forwarder will use it.
+fn url(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
+    let url = r.text(node, path, "an http:// URL")?;
+    let one = SafConfig {
+        default_destination: Some(DestinationConfig::new(url, HttpVersion::Http2)),
+        ..SafConfig::default()
+    };
+    if let Err(e) = one.validate() {
+        r.error(node, path, e.to_string());
+        return None;
+    }
+    Some(url.to_owned())
+}
+
+fn destinations(r: &mut Reader, node: &Node<'_>) -> Option<BTreeMap<String, DestinationConfig>> {
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for (name, d) in r.entries(node, "store_forward.destinations")? {
+        let path = format!("store_forward.destinations.{name}");
+        let Some(f) = r.map(d, &path, DESTINATION) else {
+            ok = false;
+            continue;
+        };
+        let url = f
+            .required(r, "url", "an http:// URL")
+            .and_then(|n| url(r, n, &f.path("url")));
+        let version = f.or(r, "http_version", HttpVersion::Http2, http_version);
+        match url {
+            Some(url) => {
+                out.insert(name.to_owned(), DestinationConfig::new(url, version));
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// `xds:`; `taken` are the local API's and the ingest's addresses.
+fn xds(
+    r: &mut Reader,
+    node: Option<&Node<'_>>,
+    taken: [Option<SocketAddr>; 2],
+) -> Option<Option<SocketAddr>> {
+    let Some(node) = node else {
+        return Some(Some(DEFAULT_XDS.parse().expect("a valid default")));
+    };
+    if r.text(node, "xds", "a loopback IP:port or `off`")? == "off" {
+        return Some(None);
+    }
+    let why = "the local xDS tier serves this vehicle's sidecars only";
+    let addr = loopback(r, node, "xds", why)?;
+    if taken.contains(&Some(addr)) {
+        r.error(
+            node,
+            "xds",
+            format!("{addr} is also the local API's or the ingest's address"),
+        );
+        return None;
+    }
+    Some(Some(addr))
+}

@@ -1,0 +1,345 @@
+//! Wiring: what [`run`] starts, in which order, and how it stops.
+//!
+//! Start-up order: the local API's port (a second daemon fails here first), the stored
+//! or factory policy, the engine, store-and-forward (before the xDS tier, so a second
+//! daemon on the same queue reports the queue lock), the local xDS tier, then the link
+//! monitor and one prober per uplink (both feeding the engine's one input queue), the
+//! reporter, the local API and systemd notification.
+//!
+//! Shutdown: every task gets the same stop signal; the engine, reporter and API get
+//! 5 s to end, then store-and-forward its grace period to finish in-flight deliveries
+//! and flush its acks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{self, Config};
+use crate::engine::{self, Engine, Input, Snapshot};
+use crate::{api, local_xds, monitor, policy, probe, reporter, store_forward};
+
+/// Room for a burst of inputs (a netlink dump, every prober answering at once, a
+/// policy) without blocking their senders; the engine drains a burst per evaluation.
+const INPUT_QUEUE: usize = 1024;
+/// What the engine, reporter and local API get to end after the stop signal.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors that stop the daemon at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on the local API address {addr}: {source}")]
+    ApiBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on the store-and-forward address {addr}: {source}")]
+    SafBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store-and-forward queue: {0}")]
+    Queue(#[from] misaki_queue::OpenError),
+    #[error("store-and-forward: {0}")]
+    Saf(#[from] misaki_saf::ConfigError),
+    #[error("cannot listen on the local xDS address {addr}: {source}")]
+    XdsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Run the daemon until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let api_listener = TcpListener::bind(config.api)
+        .await
+        .map_err(|source| RunError::ApiBind {
+            addr: config.api,
+            source,
+        })?;
+
+    let metrics = engine::Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let (engine, snapshots) = Engine::new(config.clone(), initial_policy(&config), metrics.clone());
+    let (inputs, input_rx) = mpsc::channel::<Input>(INPUT_QUEUE);
+    let (stop_tx, stop) = Stop::new();
+
+    let saf = match &config.store_forward {
+        None => None,
+        Some(sf) => {
+            Some(start_store_forward(sf, &engine, &snapshots, &mut registry, stop.wait()).await?)
+        }
+    };
+    // After the queue, so a second daemon on the same queue reports the lock first.
+    let xds = match config.xds {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::XdsBind { addr, source })?;
+            tracing::info!(%addr, "local xDS tier listening");
+            Some(start_local_xds(
+                &config,
+                listener,
+                &engine,
+                &snapshots,
+                &mut registry,
+                &stop,
+            ))
+        }
+    };
+    let xds_streams = xds.as_ref().map(|x| x.streams().clone());
+
+    spawn_link_monitor(&config, inputs.clone());
+    spawn_probers(&config, &inputs);
+    let connected = Arc::new(AtomicBool::new(false));
+    let reporter = tokio::spawn(reporter::run_reporter(
+        config.clone(),
+        snapshots.clone(),
+        inputs,
+        metrics,
+        connected.clone(),
+        saf.clone(),
+        xds_streams.clone(),
+        stop.wait(),
+    ));
+    let api = tokio::spawn(api::serve(
+        api_listener,
+        api::ApiState {
+            vehicle_id: config.vehicle_id.clone(),
+            snapshots: snapshots.clone(),
+            metrics: Arc::new(registry),
+            connected,
+            saf: saf.clone(),
+            xds: xds_streams,
+        },
+        stop.wait(),
+    ));
+    tokio::spawn(notify_systemd(snapshots));
+    let engine = tokio::spawn(engine.run(input_rx, stop.wait()));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop_tx.send_replace(true);
+    let _ = tokio::time::timeout(STOP_GRACE, async {
+        let _ = reporter.await;
+        let _ = api.await;
+        let _ = engine.await;
+    })
+    .await;
+    if let Some(saf) = saf {
+        stop_store_forward(&config, saf).await;
+    }
+    Ok(())
+}
+
+/// The one stop signal every task ends on.
+#[derive(Clone, Debug)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// Resolves once the stop is sent (or its sender is gone).
+    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+/// The link monitor, restarted (re-dumping) if netlink fails; its events go straight
+/// into the engine's input queue.
+fn spawn_link_monitor(config: &Config, inputs: mpsc::Sender<Input>) {
+    let interfaces: Vec<String> = config.uplinks.iter().map(|u| u.interface.clone()).collect();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = monitor::run_link_monitor(&interfaces, &inputs).await {
+                if matches!(e, monitor::MonitorError::Closed) {
+                    return;
+                }
+                tracing::error!(error = %e, "link monitor failed; restarting");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+/// One prober per uplink, each sending its results straight to the engine.
+fn spawn_probers(config: &Config, inputs: &mpsc::Sender<Input>) {
+    for (i, u) in config.uplinks.iter().enumerate() {
+        let spec = probe::ProberSpec {
+            uplink: i,
+            interface: u.interface.clone(),
+            targets: u.probe_targets.clone(),
+            interval: config.probe.interval,
+            timeout: config.probe.timeout,
+        };
+        tokio::spawn(probe::run_prober(spec, inputs.clone()));
+    }
+}
+
+/// In-flight deliveries get their grace period, then the acks are flushed.
+async fn stop_store_forward(config: &Config, saf: misaki_saf::StoreForward) {
+    let grace = config
+        .store_forward
+        .as_ref()
+        .map_or(Duration::ZERO, |sf| sf.saf_config().shutdown_grace);
+    if tokio::time::timeout(grace + STOP_GRACE, saf.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!("store-and-forward did not stop in time; unacked messages will be resent");
+    }
+}
+
+/// The policy to start from: the stored one, else the one shipped in the image
+/// (`factory_policy:`), else none (only the `default` class; Envoy gets an empty
+/// configuration and `/readyz` says why).
+fn initial_policy(config: &Config) -> policy::VehiclePolicy {
+    match policy::load(&config.state_dir) {
+        Ok(Some(p)) => {
+            tracing::info!(version = %p.version, "loaded stored policy");
+            return p;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring the stored policy"),
+    }
+    let Some(path) = &config.factory_policy else {
+        tracing::warn!("no stored policy and no factory_policy: waiting for the control plane");
+        return policy::VehiclePolicy::empty();
+    };
+    match policy::load_factory(path) {
+        Ok(p) => {
+            tracing::info!(version = %p.version, path = %path.display(), "loaded the factory policy");
+            p
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "invalid factory policy; waiting for the control plane");
+            policy::VehiclePolicy::empty()
+        }
+    }
+}
+
+/// Start the vehicle-local xDS tier on `listener`, following the engine.
+fn start_local_xds(
+    config: &Arc<Config>,
+    listener: TcpListener,
+    engine: &Engine,
+    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    registry: &mut Registry,
+    stop: &Stop,
+) -> misaki_xds::XdsServer {
+    let mesh = engine.mesh_policy();
+    let source = local_xds::LocalSource::new(
+        &config.vehicle_id,
+        mesh.borrow().clone(),
+        local_xds::vehicle_state(config, &snapshots.borrow()),
+        misaki_xds::version_prefix(),
+    );
+    let xds =
+        misaki_xds::XdsServer::new(Arc::new(source.clone()), misaki_xds::StreamRegistry::new());
+    xds.register_metrics(registry);
+    tokio::spawn(local_xds::follow(
+        config.clone(),
+        source,
+        snapshots.clone(),
+        mesh,
+        stop.wait(),
+    ));
+    let server = xds.clone();
+    let stopped = stop.wait();
+    tokio::spawn(async move {
+        let config = misaki_xds::ServeConfig::default();
+        if let Err(e) = misaki_xds::serve(
+            listener,
+            &server,
+            tonic::service::Routes::default(),
+            &config,
+            stopped,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "local xDS server failed");
+        }
+    });
+    xds
+}
+
+/// Store-and-forward: ingest listener, queue (blocking open: lock + recovery), and the
+/// forwarder following the engine's selection and policy.
+async fn start_store_forward(
+    sf: &config::StoreForwardConfig,
+    engine: &Engine,
+    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    registry: &mut Registry,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<misaki_saf::StoreForward, RunError> {
+    let ingest = TcpListener::bind(sf.listen)
+        .await
+        .map_err(|source| RunError::SafBind {
+            addr: sf.listen,
+            source,
+        })?;
+    let qcfg = sf.queue_config();
+    let queue = tokio::task::spawn_blocking(move || misaki_queue::Queue::open(qcfg))
+        .await
+        .map_err(|e| {
+            RunError::Queue(misaki_queue::OpenError::Io {
+                path: sf.queue_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
+    tracing::info!(dir = %sf.queue_dir.display(), messages = queue.len(), "store-and-forward queue open");
+    let uplinks = store_forward::SelectionUplinks::new(snapshots.clone());
+    let saf = misaki_saf::StoreForward::start(
+        sf.saf_config(),
+        Arc::new(queue),
+        engine.mesh_policy(),
+        uplinks,
+        stopped,
+    )?;
+    saf.register_metrics(registry);
+    tokio::spawn({
+        let saf = saf.clone();
+        async move { saf.serve(ingest).await }
+    });
+    tracing::info!(listen = %sf.listen, "store-and-forward ingest listening");
+    Ok(saf)
+}
+
+/// READY=1 after the first selection; WATCHDOG=1 while the engine keeps publishing
+/// (its tick publishes at least whenever anything changes; a stuck engine stops it).
+async fn notify_systemd(mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    if snapshots.wait_for(|s| s.ready).await.is_err() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "sd_notify READY");
+    }
+    tracing::info!("first uplink selection made; ready");
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        if snapshots.has_changed().is_err() {
+            return;
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+}
