@@ -45,12 +45,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use prost::Message;
-use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
 use crate::stream::{Protocol, StreamCtx, warmed_by};
-use crate::wire::{WireMessage, field_len, put_field, put_header, put_str, str_len};
+use crate::wire::{
+    Part, WireBuf, WireMessage, field_len, put_field, put_header, put_shared_field, put_str,
+    str_len,
+};
 
 /// A delta response decided on but not yet encoded (see [`crate::sotw::SotwReply`]).
 #[derive(Debug)]
@@ -97,18 +99,28 @@ impl WireMessage for DeltaReply {
                 .sum::<usize>()
     }
 
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        put_str(SYSTEM_VERSION_INFO, &self.system_version, buf);
-        for i in &self.items {
-            put_header(RESOURCES, wrapper_len(i), buf);
-            put_str(RESOURCE_VERSION, &i.version, buf);
-            put_field(RESOURCE_BODY, i.wire(), buf);
-            put_str(RESOURCE_NAME, &i.name, buf);
-        }
-        put_str(TYPE_URL, self.t.type_url(), buf);
-        put_str(NONCE, &self.nonce, buf);
-        for n in &self.removed {
-            put_field(REMOVED_RESOURCES, n.as_bytes(), buf);
+    fn parts(&self) -> usize {
+        self.items.len() + 2
+    }
+
+    fn put_part(&self, part: usize, buf: &mut impl WireBuf) {
+        match Part::of(part, self.items.len()) {
+            Part::Head => put_str(SYSTEM_VERSION_INFO, &self.system_version, buf.run()),
+            Part::Item(i) => {
+                let i = &self.items[i];
+                put_header(RESOURCES, wrapper_len(i), buf.run());
+                put_str(RESOURCE_VERSION, &i.version, buf.run());
+                put_shared_field(RESOURCE_BODY, i.wire(), buf);
+                put_str(RESOURCE_NAME, &i.name, buf.run());
+            }
+            Part::Tail => {
+                let run = buf.run();
+                put_str(TYPE_URL, self.t.type_url(), run);
+                put_str(NONCE, &self.nonce, run);
+                for n in &self.removed {
+                    put_field(REMOVED_RESOURCES, n.as_bytes(), run);
+                }
+            }
         }
     }
 }
@@ -507,6 +519,7 @@ mod tests {
     fn check(reply: DeltaReply) {
         let bytes = reply.encode_to_vec();
         assert_eq!(bytes.len(), reply.encoded_len());
+        crate::wire::tests::check_framed(&reply, &bytes, reply.items.iter().map(|i| i.wire()));
         let expected = DeltaDiscoveryResponse::from(reply);
         assert_eq!(bytes, expected.encode_to_vec());
         assert_eq!(

@@ -8,7 +8,8 @@
 //!   the state machines are synchronous and do no I/O, the task does the waiting;
 //! - snapshots are shared (`Arc`), and so are resource bodies: a stream holds `Arc`s,
 //!   and each resource is encoded once (its wire form is part of the snapshot): the
-//!   ADS codec writes a response's own fields and appends the shared bytes (`wire`);
+//!   ADS service writes a response's own fields around the shared bytes and sends
+//!   big ones as they are, without a copy or a per-stream encode buffer (`wire`);
 //! - a slow stream only slows itself: each stream has a small bounded queue and the
 //!   snapshot `watch` coalesces changes while the stream is busy;
 //! - the rules Envoy's `xds_protocol.rst` sets (nonces, ACK/NACK, wildcard, warming,

@@ -40,12 +40,11 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 #[cfg(test)]
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
-use prost::bytes::BufMut;
 use tracing::debug;
 
 use crate::status::StreamKind;
 use crate::stream::{Protocol, StreamCtx, warmed_by};
-use crate::wire::{WireMessage, field_len, put_field, put_str, str_len};
+use crate::wire::{Part, WireBuf, WireMessage, field_len, put_shared_field, put_str, str_len};
 
 /// A response decided on but not yet encoded. The server writes it with
 /// [`WireMessage`]: its own fields, plus each resource's shared pre-encoded bytes.
@@ -75,13 +74,19 @@ impl WireMessage for SotwReply {
             + str_len(NONCE, &self.nonce)
     }
 
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        put_str(VERSION_INFO, &self.version, buf);
-        for i in &self.items {
-            put_field(RESOURCES, i.wire(), buf);
+    fn parts(&self) -> usize {
+        self.items.len() + 2
+    }
+
+    fn put_part(&self, part: usize, buf: &mut impl WireBuf) {
+        match Part::of(part, self.items.len()) {
+            Part::Head => put_str(VERSION_INFO, &self.version, buf.run()),
+            Part::Item(i) => put_shared_field(RESOURCES, self.items[i].wire(), buf),
+            Part::Tail => {
+                put_str(TYPE_URL, self.t.type_url(), buf.run());
+                put_str(NONCE, &self.nonce, buf.run());
+            }
         }
-        put_str(TYPE_URL, self.t.type_url(), buf);
-        put_str(NONCE, &self.nonce, buf);
     }
 }
 
@@ -504,6 +509,7 @@ mod tests {
     fn check(reply: SotwReply) {
         let bytes = reply.encode_to_vec();
         assert_eq!(bytes.len(), reply.encoded_len());
+        crate::wire::tests::check_framed(&reply, &bytes, reply.items.iter().map(|i| i.wire()));
         let expected = DiscoveryResponse::from(reply);
         assert_eq!(bytes, expected.encode_to_vec());
         assert_eq!(

@@ -7,9 +7,9 @@
 //!   blocks only its own task, and while it is blocked the snapshot `watch` keeps
 //!   only the newest value, so bursts coalesce and a fleet-wide change never waits on
 //!   any single stream;
-//! - responses hold the snapshot's `Arc<Resource>`s until tonic encodes them, and the
-//!   encoder appends each resource's shared pre-encoded bytes: no stream copies a body
-//!   into an `Any` or encodes a resource itself;
+//! - responses hold the snapshot's `Arc<Resource>`s until the ADS service sends them
+//!   around each resource's shared pre-encoded bytes: no stream copies a body into an
+//!   `Any` or encodes a resource itself;
 //! - the stream ends with `UNAVAILABLE` when the server drains, so a graceful
 //!   shutdown never waits on a long-lived stream (Envoy reconnects elsewhere);
 //! - over mutual TLS (the request carries a [`TlsPeer`]) the node's role and effective
@@ -129,7 +129,7 @@ impl StreamCtx {
 pub(crate) trait Protocol: Sized + Send + 'static {
     type Req: prost::Message + Default + Send + 'static;
     /// A decided response that still shares its bodies with the snapshot; the ADS
-    /// service's codec encodes it directly ([`WireMessage`]).
+    /// service sends it as it is ([`WireMessage`]).
     type Out: WireMessage + Send + 'static;
     const KIND: StreamKind;
 
@@ -168,11 +168,11 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// The response stream tonic sends from.
+/// The replies the ADS service sends, then the status the stream ends with (if not OK).
 pub type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send + 'static>>;
 
 /// Start the task for one stream and return the stream of decided responses the ADS
-/// service's codec encodes (with the shared pre-encoded resource bytes).
+/// service sends (around the shared pre-encoded resource bytes).
 pub(crate) fn spawn_replies<P: Protocol>(
     shared: Shared,
     peer: Option<TlsPeer>,
