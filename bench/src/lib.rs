@@ -9,9 +9,6 @@
 //! also when the setup fails; every port is a fresh ephemeral one (Envoy and gunicorn
 //! bind with SO_REUSEPORT, so a clash would silently split traffic).
 
-#![deny(unsafe_code)]
-#![warn(missing_debug_implementations)]
-
 pub mod envoy_files;
 pub mod http;
 pub mod logtime;

@@ -3,8 +3,6 @@
 //!
 //! Invariant: this crate holds wire types only; no domain logic. Domain types are
 //! converted from these at the boundary (`TryFrom`) in the crates that use them.
-#![deny(rust_2018_idioms, unsafe_code)]
-#![warn(missing_debug_implementations)]
 
 /// `misaki.fleet.v1`: vehicle link-state reporting and policy distribution.
 pub mod fleet {

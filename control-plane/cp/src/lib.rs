@@ -1,8 +1,6 @@
 //! misaki control plane runtime: policy watcher, snapshot cache, admin HTTP, and the
 //! glue that feeds compiled snapshots to the xDS server; the fleet CA (`ca`) and mutual
 //! TLS on the gRPC port (`tls`).
-#![deny(rust_2018_idioms, unsafe_code)]
-#![warn(missing_debug_implementations)]
 
 pub mod admin;
 pub mod ca;

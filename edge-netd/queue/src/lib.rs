@@ -111,8 +111,6 @@
 //!
 //! The write path's calls (create, write, fdatasync, directory sync, truncate) go through
 //! [`Storage`], which tests replace to inject ENOSPC and EIO.
-#![deny(rust_2018_idioms)]
-#![warn(missing_debug_implementations)]
 
 mod clock;
 mod command;

@@ -44,8 +44,6 @@
 //! (what they share: the queue, the policy, per-class retry state, connection pools);
 //! `uplink` (the [`UplinkView`] seam and the zstd level table); `compress`; `metrics`;
 //! [`testkit`] (a recording receiver for tests and benchmarks).
-#![deny(rust_2018_idioms)]
-#![warn(missing_debug_implementations)]
 
 mod compress;
 mod config;
