@@ -481,6 +481,8 @@ async fn a_certificate_for_one_vehicle_can_neither_fetch_nor_report_for_another(
         assert_eq!(status.code(), Code::PermissionDenied, "{dir}: {status:?}");
         assert!(status.message().contains(vehicle), "{status:?}");
     }
+    // Every refused ADS stream is counted (six above; fleet reports are not ADS).
+    assert_eq!(cp.metric("misaki_xds_identity_denied_total").await, 6);
     let fleet = cp.json("/fleet").await;
     assert_eq!(fleet["total"], 0, "nothing reached the registry: {fleet}");
     assert!(

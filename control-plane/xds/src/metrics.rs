@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     nacks: Family<Labels, Counter>,
     stale: Family<Labels, Counter>,
     node_errors: Counter,
+    identity_denied: Counter,
     by_type: [PerType; ResourceType::COUNT],
     sotw_streams: Gauge,
     delta_streams: Gauge,
@@ -70,6 +71,7 @@ impl Default for Metrics {
             nacks,
             stale,
             node_errors: Counter::default(),
+            identity_denied: Counter::default(),
             by_type,
             sotw_streams,
             delta_streams,
@@ -116,6 +118,11 @@ impl Metrics {
             "Streams refused because the first request carried no usable node",
             self.node_errors.clone(),
         );
+        r.register(
+            "identity_denied",
+            "Streams refused with PERMISSION_DENIED: the node's role or vehicle id is not the peer certificate's",
+            self.identity_denied.clone(),
+        );
     }
 
     pub fn of(&self, t: ResourceType) -> &PerType {
@@ -131,5 +138,9 @@ impl Metrics {
 
     pub fn node_error(&self) {
         self.node_errors.inc();
+    }
+
+    pub fn identity_denied(&self) {
+        self.identity_denied.inc();
     }
 }

@@ -288,6 +288,7 @@ async fn serve<P: Protocol>(
     };
     tracing::Span::current().record("node", field::display(&node.id));
     if let Err(why) = authorize(peer.as_ref(), &node) {
+        shared.metrics.identity_denied();
         return StreamEnd::Denied(why);
     }
     let identity = peer.as_ref().and_then(TlsPeer::identity_uri);
