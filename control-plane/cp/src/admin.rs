@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 
 use crate::policy_state::PolicyState;
@@ -32,7 +32,7 @@ type LookupFn = dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync;
 #[derive(Clone)]
 pub struct Admin {
     pub ready: Arc<AtomicBool>,
-    pub registry: Arc<Registry>,
+    pub metrics: Arc<MetricsRegistry>,
     pub policy: PolicyState,
     pub nodes: Arc<JsonFn>,
     pub fleet: Arc<JsonFn>,
@@ -78,7 +78,7 @@ impl Admin {
             "/metrics" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                crate::metrics::render(&self.registry),
+                crate::metrics::render(&self.metrics),
             ),
             "/policy" => json(StatusCode::OK, &self.policy.to_json()),
             "/nodes" => json(StatusCode::OK, &(self.nodes)()),

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use misaki_fleet::FleetRegistry;
 use misaki_identity::TrustDomain;
 use misaki_policy::{Policy, PolicyErrors};
 use misaki_xds::{ServeConfig, StreamRegistry, XdsServer};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -136,15 +137,15 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
 /// What the admin routes read: readiness, metrics, policy, streams and fleet.
 fn admin_routes(
     ready: Arc<AtomicBool>,
-    registry: Registry,
+    metrics: MetricsRegistry,
     policy: &PolicyState,
     streams: &StreamRegistry,
-    fleet: &misaki_fleet::Registry,
+    fleet: &FleetRegistry,
 ) -> Admin {
     let streams = streams.clone();
     Admin {
         ready,
-        registry: Arc::new(registry),
+        metrics: Arc::new(metrics),
         policy: policy.clone(),
         nodes: Arc::new(move || streams.to_json()),
         fleet: Arc::new({
@@ -169,15 +170,15 @@ pub async fn serve(
     let cache = SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix());
     let policy_state = PolicyState::new(cache.clone(), source);
 
-    let fleet = misaki_fleet::Registry::new();
+    let fleet = FleetRegistry::new();
     let streams = StreamRegistry::new();
     let xds = XdsServer::new(Arc::new(cache.clone()), streams.clone());
-    let mut registry = Registry::default();
-    xds.register_metrics(&mut registry);
-    policy_state.register_metrics(&mut registry);
-    fleet.register_metrics(&mut registry);
+    let mut metrics = MetricsRegistry::default();
+    xds.register_metrics(&mut metrics);
+    policy_state.register_metrics(&mut metrics);
+    fleet.register_metrics(&mut metrics);
     if let Some(tls) = &tls {
-        tls.register_metrics(&mut registry);
+        tls.register_metrics(&mut metrics);
         if !args.admin_addr.ip().is_loopback() {
             tracing::warn!(addr = %args.admin_addr, "the admin port is plain HTTP and not on loopback: /nodes and /fleet are readable by anyone who reaches it");
         }
@@ -209,7 +210,7 @@ pub async fn serve(
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = admin_routes(ready.clone(), registry, &policy_state, &streams, &fleet);
+    let admin = admin_routes(ready.clone(), metrics, &policy_state, &streams, &fleet);
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
 

@@ -9,7 +9,7 @@
 //!   [`OFFLINE_AFTER_HEARTBEATS`] × its heartbeat interval. It goes offline when its
 //!   (newest) stream ends or that timeout passes; an older stream ending never marks
 //!   offline a vehicle that already reconnected.
-//! - Every state change is announced on [`Registry::subscribe`] with the vehicle's id,
+//! - Every state change is announced on [`FleetRegistry::subscribe`] with the vehicle's id,
 //!   so the compiler can recompute just that node.
 //! - No policy logic here: the policy is only converted to its wire form, whole or
 //!   as deltas from recent versions ([`PolicyHistory`], by `misaki-policy-wire`), and
@@ -25,5 +25,7 @@ mod service;
 
 pub use echo::run_probe_echo;
 pub use policy::{HISTORY_LEN, PolicyHistory, PolicyVersioned, UpdateKind, policy_update};
-pub use registry::{FleetEvent, FleetEventKind, OFFLINE_AFTER_HEARTBEATS, Registry, RegistryError};
+pub use registry::{
+    FleetEvent, FleetEventKind, FleetRegistry, OFFLINE_AFTER_HEARTBEATS, RegistryError,
+};
 pub use service::{FleetApi, MAX_DELTA_RESYNCS, service};

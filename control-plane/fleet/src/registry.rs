@@ -110,11 +110,11 @@ struct Inner {
 
 /// Shared handle to the fleet state. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Registry {
+pub struct FleetRegistry {
     inner: Arc<Inner>,
 }
 
-impl Default for Registry {
+impl Default for FleetRegistry {
     fn default() -> Self {
         Self::new()
     }
@@ -126,7 +126,7 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-impl Registry {
+impl FleetRegistry {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (closing, _) = watch::channel(false);
@@ -151,36 +151,36 @@ impl Registry {
     /// `misaki_fleet_link_changes_total`, `misaki_fleet_policy_bytes_total`,
     /// `misaki_fleet_policy_updates_total{kind=full|delta}` and
     /// `misaki_fleet_policy_resyncs_total`.
-    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+    pub fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
         let m = &self.inner.metrics;
-        registry.register(
+        metrics.register(
             "misaki_fleet_vehicles_online",
             "Vehicles with an open, live report stream",
             m.online.clone(),
         );
-        registry.register(
+        metrics.register(
             "misaki_fleet_reports",
             "Reports received from vehicles, by kind",
             m.reports.clone(),
         );
-        registry.register(
+        metrics.register(
             "misaki_fleet_link_changes",
             "Link records changed by LinkChange deltas",
             m.link_changes.clone(),
         );
-        registry.register(
+        metrics.register(
             "misaki_fleet_policy_bytes",
             "Bytes of PolicyUpdate messages sent to vehicles (encoded, before zstd)",
             m.policy_bytes.clone(),
         );
         // The bytes counter keeps no label (dashboards and bench/config_scale.sh read
         // it as one series); the split is in the message count.
-        registry.register(
+        metrics.register(
             "misaki_fleet_policy_updates",
             "PolicyUpdate messages sent to vehicles, by kind (full or delta)",
             m.policy_updates.clone(),
         );
-        registry.register(
+        metrics.register(
             "misaki_fleet_policy_resyncs",
             "Policy deltas vehicles rejected (LinkChange.policy_resync)",
             m.policy_resyncs.clone(),
@@ -610,7 +610,7 @@ mod tests {
         }
     }
 
-    fn online(registry: &Registry) -> Arc<str> {
+    fn online(registry: &FleetRegistry) -> Arc<str> {
         registry
             .hello(
                 &pb::Hello {
@@ -626,7 +626,7 @@ mod tests {
 
     #[test]
     fn sidecars_are_replaced_whole_and_shown_per_type() {
-        let registry = Registry::new();
+        let registry = FleetRegistry::new();
         let car = online(&registry);
         assert_eq!(
             registry.vehicle_json("car-1").unwrap()["sidecars"],

@@ -22,7 +22,7 @@
 //!   sees it. Without TLS the `Hello` is taken at its word.
 
 use crate::policy::{PolicyHistory, PolicyVersioned};
-use crate::registry::Registry;
+use crate::registry::FleetRegistry;
 use misaki_identity::{Claimed, TlsPeer};
 use misaki_policy::Policy;
 use misaki_proto::fleet_v1 as pb;
@@ -50,7 +50,7 @@ pub const MAX_DELTA_RESYNCS: u32 = 3;
 /// The `FleetService` implementation. Build it with [`service`].
 #[derive(Debug, Clone)]
 pub struct FleetApi {
-    registry: Registry,
+    registry: FleetRegistry,
     /// The policy in its wire form with its deltas, built once per policy change (not
     /// once per vehicle stream: a 3,000-service policy is ~180 KB to build).
     policy: watch::Receiver<Arc<PolicyVersioned>>,
@@ -84,7 +84,7 @@ fn wire_policy(mut policy: watch::Receiver<Arc<Policy>>) -> watch::Receiver<Arc<
 /// `policy` is the current validated policy; every change to it is pushed to all
 /// connected vehicles (whole or as a delta), which apply and persist it.
 pub fn service(
-    registry: Registry,
+    registry: FleetRegistry,
     policy: watch::Receiver<Arc<Policy>>,
 ) -> FleetServiceServer<FleetApi> {
     let policy = wire_policy(policy);
@@ -192,7 +192,11 @@ impl PolicyPush {
 
     /// The message bringing the vehicle to `current`, counted as sent, unless it holds
     /// it already. Afterwards the vehicle is taken to hold `current`.
-    fn send(&mut self, registry: &Registry, current: &PolicyVersioned) -> Option<ControlMessage> {
+    fn send(
+        &mut self,
+        registry: &FleetRegistry,
+        current: &PolicyVersioned,
+    ) -> Option<ControlMessage> {
         if current.version == self.held {
             return None;
         }
@@ -207,7 +211,7 @@ impl PolicyPush {
     /// The vehicle rejected a delta and holds `r.held_version`: what to send now.
     fn resync(
         &mut self,
-        registry: &Registry,
+        registry: &FleetRegistry,
         r: &pb::PolicyResync,
         current: &PolicyVersioned,
     ) -> Option<ControlMessage> {
@@ -222,7 +226,7 @@ impl PolicyPush {
 
 /// One vehicle stream after its Hello.
 struct StreamTask {
-    registry: Registry,
+    registry: FleetRegistry,
     vehicle: Arc<str>,
     stream: u64,
     inbound: Streaming<pb::VehicleReport>,
@@ -317,8 +321,8 @@ mod tests {
 
     async fn start(
         policy: watch::Receiver<Arc<Policy>>,
-    ) -> (Registry, String, tokio::task::JoinHandle<()>) {
-        let registry = Registry::new();
+    ) -> (FleetRegistry, String, tokio::task::JoinHandle<()>) {
+        let registry = FleetRegistry::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = service(registry.clone(), policy);
@@ -397,7 +401,7 @@ mod tests {
         }
     }
 
-    fn metrics_text(registry: &Registry) -> String {
+    fn metrics_text(registry: &FleetRegistry) -> String {
         let mut metrics = prometheus_client::registry::Registry::default();
         registry.register_metrics(&mut metrics);
         let mut text = String::new();

@@ -3,11 +3,11 @@
 //! with store-and-forward configured `GET /saf/status` (counters, queue depth per class,
 //! uplink and retry state per class) and `GET /saf/deadletters`.
 //!
-//! Invariants: read-only; answers from the latest published [`Snapshot`], never
+//! Invariants: read-only; answers from the latest published [`EngineView`], never
 //! blocking the engine. `/readyz` is 200 only once the first selection was made and a
 //! policy is in force (received, stored or shipped); otherwise 503 says which is missing.
 
-use crate::engine::Snapshot;
+use crate::engine::EngineView;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub vehicle_id: String,
-    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub views: watch::Receiver<Arc<EngineView>>,
     pub metrics: Arc<prometheus_client::registry::Registry>,
     pub connected: Arc<AtomicBool>,
     /// Store-and-forward, when configured (`/saf/...`).
@@ -31,7 +31,7 @@ pub struct ApiState {
 }
 
 /// The `/links` document.
-pub fn links_json(vehicle_id: &str, s: &Snapshot, connected: bool) -> Value {
+pub fn links_json(vehicle_id: &str, s: &EngineView, connected: bool) -> Value {
     let links: Vec<Value> = s
         .links
         .iter()
@@ -100,7 +100,7 @@ fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>>
     }
     let (status, ctype, body) = match (method, path) {
         (&Method::GET, "/links") => {
-            let snap = state.snapshots.borrow().clone();
+            let snap = state.views.borrow().clone();
             let doc = links_json(
                 &state.vehicle_id,
                 &snap,
@@ -124,7 +124,7 @@ fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>>
             }
         }
         (&Method::GET, "/readyz") => {
-            let snap = state.snapshots.borrow().clone();
+            let snap = state.views.borrow().clone();
             if !snap.ready {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,

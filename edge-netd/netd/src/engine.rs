@@ -1,9 +1,9 @@
 //! The engine: owns link state, probe windows, the policy and the [`Selector`];
-//! turns monitor/probe/policy inputs into selections and publishes a [`Snapshot`].
+//! turns monitor/probe/policy inputs into selections and publishes an [`EngineView`].
 //!
 //! Invariants:
 //! - Single owner: only the engine task mutates link state and selections; everyone
-//!   else reads [`Snapshot`]s from a `watch` channel.
+//!   else reads [`EngineView`]s from a `watch` channel.
 //! - No selection before the link monitor's initial dump (`Synced`), so the first
 //!   selection — and with it readiness — reflects real carrier state.
 //! - Carrier loss clears the link's probe window: samples from before the outage say
@@ -14,7 +14,7 @@
 //!   published at construction, so the receiver never waits for the cloud.
 //! - A delta is applied only to the policy it was made against
 //!   ([`VehiclePolicy::updated`]). A rejected delta is published as
-//!   [`Snapshot::policy_resync`] (a new `seq` each time), which the reporter sends to
+//!   [`EngineView::policy_resync`] (a new `seq` each time), which the reporter sends to
 //!   the control plane so it answers with the policy from the version held here; a
 //!   rejected whole policy is not (resending it would not help).
 
@@ -105,7 +105,7 @@ pub struct PolicyResync {
 
 /// Everything the API and the reporter need, immutable once published.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Snapshot {
+pub struct EngineView {
     /// At least one selection has been made.
     pub ready: bool,
     pub policy_version: String,
@@ -115,7 +115,7 @@ pub struct Snapshot {
     pub policy_resync: Option<PolicyResync>,
 }
 
-impl Snapshot {
+impl EngineView {
     pub fn selection(&self, class: &str) -> Option<&SelectionView> {
         self.selections.iter().find(|s| s.class == class)
     }
@@ -221,7 +221,7 @@ pub struct Engine {
     selector: Selector,
     synced: bool,
     ready: bool,
-    snapshot: watch::Sender<Arc<Snapshot>>,
+    view: watch::Sender<Arc<EngineView>>,
     mesh: watch::Sender<Arc<misaki_policy::Policy>>,
     metrics: Metrics,
     resync: Option<PolicyResync>,
@@ -242,7 +242,7 @@ impl Engine {
         config: Arc<Config>,
         policy: VehiclePolicy,
         metrics: Metrics,
-    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+    ) -> (Self, watch::Receiver<Arc<EngineView>>) {
         let links = config
             .uplinks
             .iter()
@@ -259,7 +259,7 @@ impl Engine {
             .collect();
         let mut selector = Selector::new(config.selection.dwell);
         selector.set_classes(policy.classes_with_default(&config.uplinks));
-        let (snapshot, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (view, rx) = watch::channel(Arc::new(EngineView::default()));
         let mesh = watch::Sender::new(policy.mesh.clone());
         let mut e = Engine {
             config,
@@ -268,7 +268,7 @@ impl Engine {
             selector,
             synced: false,
             ready: false,
-            snapshot,
+            view,
             mesh,
             metrics,
             resync: None,
@@ -491,14 +491,14 @@ impl Engine {
                 })
             })
             .collect();
-        let snap = Snapshot {
+        let snap = EngineView {
             ready: self.ready,
             policy_version: self.policy.version.clone(),
             links,
             selections,
             policy_resync: self.resync.clone(),
         };
-        self.snapshot.send_if_modified(|cur| {
+        self.view.send_if_modified(|cur| {
             if **cur == snap {
                 false
             } else {
@@ -544,7 +544,7 @@ mod tests {
     fn engine(
         state_dir: &std::path::Path,
         policy: VehiclePolicy,
-    ) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+    ) -> (Engine, watch::Receiver<Arc<EngineView>>) {
         let text = format!(
             "vehicle_id: car-1\ncontrol_plane: http://198.18.0.1:18000\napi: 127.0.0.1:9470\n\
              state_dir: {}\nuplinks:\n  - {{ name: wifi, interface: wlan0, kind: wifi }}\n\
@@ -555,12 +555,12 @@ mod tests {
         Engine::new(Arc::new(config), policy, Metrics::default())
     }
 
-    /// Feed one update; the published snapshot afterwards.
+    /// Feed one update; the published view afterwards.
     fn feed(
         e: &mut Engine,
-        rx: &watch::Receiver<Arc<Snapshot>>,
+        rx: &watch::Receiver<Arc<EngineView>>,
         u: pb::PolicyUpdate,
-    ) -> Arc<Snapshot> {
+    ) -> Arc<EngineView> {
         e.handle(Input::Policy(u));
         e.evaluate(Instant::now());
         Arc::clone(&rx.borrow())
@@ -616,7 +616,7 @@ mod tests {
     }
 
     /// Two uplinks, `wifi` preferred (the `default` class ranks them in config order).
-    fn two_uplinks(state_dir: &std::path::Path) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+    fn two_uplinks(state_dir: &std::path::Path) -> (Engine, watch::Receiver<Arc<EngineView>>) {
         let text = format!(
             "vehicle_id: car-1\ncontrol_plane: http://198.18.0.1:18000\napi: 127.0.0.1:9470\n\
              state_dir: {}\nuplinks:\n  - {{ name: wifi, interface: wlan0, kind: wifi }}\n\
@@ -640,15 +640,15 @@ mod tests {
 
     /// The `default` class's uplink and why, as last published.
     fn default_class(
-        rx: &watch::Receiver<Arc<Snapshot>>,
+        rx: &watch::Receiver<Arc<EngineView>>,
     ) -> Option<(Option<String>, &'static str)> {
         rx.borrow()
             .selection(crate::policy::DEFAULT_CLASS)
             .map(|s| (s.uplink.clone(), s.reason))
     }
 
-    /// Waits (in paused time) until the published snapshot satisfies `f`.
-    async fn until(rx: &mut watch::Receiver<Arc<Snapshot>>, f: impl Fn(&Snapshot) -> bool) {
+    /// Waits (in paused time) until the published view satisfies `f`.
+    async fn until(rx: &mut watch::Receiver<Arc<EngineView>>, f: impl Fn(&EngineView) -> bool) {
         tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|s| f(s)))
             .await
             .expect("the engine publishes it within a minute")

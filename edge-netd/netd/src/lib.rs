@@ -7,7 +7,7 @@
 //! - The selector is pure (`selector`): no I/O and no clock; everything with side
 //!   effects lives around it (`monitor`, `probe`, `reporter`, `api`).
 //! - One engine task owns all mutable link/selection state (`engine`); the others
-//!   read published snapshots or send it inputs.
+//!   read the published [`EngineView`]s or send it inputs.
 //! - The daemon works without the cloud: it starts from the stored policy (or the
 //!   built-in `default` class) and keeps selecting — and accepting and forwarding
 //!   deferred traffic — while the control plane is away.
@@ -35,5 +35,5 @@ pub mod selector;
 pub mod store_forward;
 
 pub use config::{Config, ConfigError, ConfigIssue};
-pub use engine::{Engine, Input, Snapshot};
+pub use engine::{Engine, EngineView, Input};
 pub use run::{RunError, run};

@@ -24,7 +24,7 @@ use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::engine::Snapshot as LinkSnapshot;
+use crate::engine::EngineView;
 
 #[derive(Debug)]
 struct Inner {
@@ -59,8 +59,8 @@ pub struct LocalSource {
     inner: Arc<Mutex<Inner>>,
 }
 
-/// The vehicle state of an engine snapshot under `config`.
-pub fn vehicle_state(config: &Config, links: &LinkSnapshot) -> VehicleState {
+/// The vehicle state of an engine view under `config`.
+pub fn vehicle_state(config: &Config, view: &EngineView) -> VehicleState {
     let mut state = VehicleState {
         interfaces: config
             .uplinks
@@ -71,13 +71,13 @@ pub fn vehicle_state(config: &Config, links: &LinkSnapshot) -> VehicleState {
         defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
         cross_uplink_retry: config.cross_uplink_retry,
     };
-    set_selected(&mut state, links);
+    set_selected(&mut state, view);
     state
 }
 
 /// Take the engine's current selection into `state`.
-fn set_selected(state: &mut VehicleState, links: &LinkSnapshot) {
-    state.selected = links
+fn set_selected(state: &mut VehicleState, view: &EngineView) {
+    state.selected = view
         .selections
         .iter()
         .map(|s| (s.class.clone(), s.uplink.clone()))
@@ -157,14 +157,14 @@ impl SnapshotSource for LocalSource {
 pub async fn follow(
     config: Arc<Config>,
     source: LocalSource,
-    mut links: watch::Receiver<Arc<LinkSnapshot>>,
+    mut views: watch::Receiver<Arc<EngineView>>,
     mut policy: watch::Receiver<Arc<Policy>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     // Only the selection moves; the config's part is built once. The engine publishes
     // every probe's RTT, so this loop runs often and must stay cheap.
-    let mut state = vehicle_state(&config, &links.borrow_and_update());
+    let mut state = vehicle_state(&config, &views.borrow_and_update());
     loop {
         let current = policy.borrow_and_update().clone();
         let changed = source.update(current, &state);
@@ -173,10 +173,10 @@ pub async fn follow(
         }
         tokio::select! {
             _ = &mut shutdown => return,
-            r = links.changed() => if r.is_err() { return },
+            r = views.changed() => if r.is_err() { return },
             r = policy.changed() => if r.is_err() { return },
         }
-        set_selected(&mut state, &links.borrow_and_update());
+        set_selected(&mut state, &views.borrow_and_update());
     }
 }
 

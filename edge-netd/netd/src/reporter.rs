@@ -14,14 +14,14 @@
 //!   delay drawn from [d/2, d]); a stream whose Hello was acknowledged resets it.
 //! - Received policies (whole or delta) go to the engine, which validates, persists
 //!   and applies them. `Hello.policy_deltas` is set: a delta the engine rejects comes
-//!   back as `Snapshot::policy_resync` and is sent once, as `LinkChange.policy_resync`
+//!   back as `EngineView::policy_resync` and is sent once, as `LinkChange.policy_resync`
 //!   with the version held, so the control plane resends from that version.
 //! - With store-and-forward, the full `LinkState` carries the queue depth per class, and
 //!   changed queue stats ride along at most once per heartbeat interval (like
 //!   measurement drift; a drained class is sent once with depth 0).
 //! - With the local xDS tier, the full `LinkState` carries its clients (the vehicle's
 //!   sidecars: node, ACKed/sent version and last NACK per type). The tier's registry
-//!   has no change notification, so it is polled whenever the engine snapshot changes
+//!   has no change notification, so it is polled whenever the engine view changes
 //!   and on every heartbeat tick; a changed list (a stream opened or closed, a push, an
 //!   ACK, a NACK) is sent whole as a `LinkChange` with `sidecars_changed`
 //!   ([`sidecars_update`]).
@@ -31,7 +31,7 @@
 //! (what the control plane was told; deciding what to send is a pure diff against it).
 
 use crate::config::Config;
-use crate::engine::{Input, LinkView, Metrics, ResultLabel, Snapshot};
+use crate::engine::{EngineView, Input, LinkView, Metrics, ResultLabel};
 use crate::policy::DEFAULT_CLASS;
 use misaki_compiler::snapshot::ResourceType;
 use misaki_proto::fleet_v1 as pb;
@@ -85,7 +85,7 @@ pub fn link_pb(l: &LinkView) -> pb::Link {
     }
 }
 
-fn selections_pb(s: &Snapshot) -> Vec<pb::ClassSelection> {
+fn selections_pb(s: &EngineView) -> Vec<pb::ClassSelection> {
     s.selections
         .iter()
         .map(|c| pb::ClassSelection {
@@ -188,7 +188,7 @@ pub fn sidecars_update(
 #[allow(clippy::too_many_arguments)]
 pub async fn run_reporter(
     config: Arc<Config>,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut views: watch::Receiver<Arc<EngineView>>,
     engine: mpsc::Sender<Input>,
     metrics: Metrics,
     connected: Arc<AtomicBool>,
@@ -200,8 +200,8 @@ pub async fn run_reporter(
     let mut backoff = BACKOFF_MIN;
     loop {
         // Wait for the first selection so the stream can be bound to an uplink.
-        let _ = snapshots.wait_for(|s| s.ready).await;
-        let interface = snapshots
+        let _ = views.wait_for(|s| s.ready).await;
+        let interface = views
             .borrow()
             .selection(DEFAULT_CLASS)
             .and_then(|s| s.uplink.clone())
@@ -218,7 +218,7 @@ pub async fn run_reporter(
             r = one_stream(
                 StreamDeps { config: &config, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref(), xds: xds.as_ref() },
                 interface.as_deref(),
-                &mut snapshots,
+                &mut views,
                 &mut acked,
             ) => r,
         };
@@ -243,7 +243,7 @@ pub async fn run_reporter(
     }
 }
 
-/// What one stream reads and updates besides the snapshots.
+/// What one stream reads and updates besides the views.
 #[derive(Clone, Copy)]
 struct StreamDeps<'a> {
     config: &'a Config,
@@ -298,7 +298,7 @@ async fn connect(
         .accept_compressed(pb::COMPRESSION))
 }
 
-fn hello(config: &Config, snap: &Snapshot) -> pb::Hello {
+fn hello(config: &Config, snap: &EngineView) -> pb::Hello {
     pb::Hello {
         vehicle_id: config.vehicle_id.clone(),
         daemon_version: env!("CARGO_PKG_VERSION").into(),
@@ -314,7 +314,7 @@ fn hello(config: &Config, snap: &Snapshot) -> pb::Hello {
 struct Reported {
     /// Link state fields, selections, policy version and resync as last sent; link
     /// measurements as last sent (they lag the engine's until they drift).
-    snap: Arc<Snapshot>,
+    snap: Arc<EngineView>,
     queues: Vec<pb::QueueStats>,
     sidecars: Vec<pb::Sidecar>,
 }
@@ -332,12 +332,12 @@ impl Reported {
         }
     }
 
-    /// The `LinkChange` for a new engine snapshot, if there is news: link state (not
+    /// The `LinkChange` for a new engine view, if there is news: link state (not
     /// measurement drift), selections, a policy applied or a delta rejected, and the
     /// sidecar list when `sidecars` has a new one.
     fn snapshot_change(
         &mut self,
-        snap: &Snapshot,
+        snap: &EngineView,
         sidecars: Option<Vec<pb::Sidecar>>,
     ) -> Option<pb::LinkChange> {
         let sent = &self.snap;
@@ -394,7 +394,7 @@ impl Reported {
     /// `queues`, the current ones) and a new sidecar list, or a plain `Heartbeat`.
     fn tick(
         &mut self,
-        snap: &Snapshot,
+        snap: &EngineView,
         queues: Vec<pb::QueueStats>,
         sidecars: Option<Vec<pb::Sidecar>>,
     ) -> pb::vehicle_report::Report {
@@ -441,7 +441,7 @@ impl Reported {
 }
 
 /// The engine's last rejected delta, as the control plane is told it.
-fn resync_pb(snap: &Snapshot) -> Option<pb::PolicyResync> {
+fn resync_pb(snap: &EngineView) -> Option<pb::PolicyResync> {
     snap.policy_resync.as_ref().map(|r| pb::PolicyResync {
         held_version: snap.policy_version.clone(),
         rejected_version: r.rejected_version.clone(),
@@ -451,7 +451,7 @@ fn resync_pb(snap: &Snapshot) -> Option<pb::PolicyResync> {
 }
 
 /// The uplink the `default` class moved to, if the stream is bound elsewhere.
-fn uplink_moved(config: &Config, interface: Option<&str>, snap: &Snapshot) -> Option<String> {
+fn uplink_moved(config: &Config, interface: Option<&str>, snap: &EngineView) -> Option<String> {
     let up = snap
         .selection(DEFAULT_CLASS)
         .and_then(|s| s.uplink.as_ref())
@@ -466,12 +466,12 @@ fn uplink_moved(config: &Config, interface: Option<&str>, snap: &Snapshot) -> Op
 async fn one_stream(
     deps: StreamDeps<'_>,
     interface: Option<&str>,
-    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    views: &mut watch::Receiver<Arc<EngineView>>,
     acked: &mut bool,
 ) -> Result<(), StreamError> {
     let mut client = connect(deps.config, interface, deps.metrics).await?;
     let (tx, rx) = mpsc::channel::<pb::VehicleReport>(32);
-    let (mut session, opening) = Session::open(deps, interface, snapshots);
+    let (mut session, opening) = Session::open(deps, interface, views);
     for report in opening {
         // Fresh channel of 32: cannot fail.
         let _ = tx.try_send(report);
@@ -483,7 +483,7 @@ async fn one_stream(
         interface = interface.unwrap_or("(default route)"),
         "report stream open"
     );
-    session.run(inbound, &tx, snapshots, acked).await
+    session.run(inbound, &tx, views, acked).await
 }
 
 /// The protocol of one open stream, over channels (no network: tests drive it with
@@ -501,9 +501,9 @@ impl<'a> Session<'a> {
     fn open(
         deps: StreamDeps<'a>,
         interface: Option<&'a str>,
-        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        views: &mut watch::Receiver<Arc<EngineView>>,
     ) -> (Self, [pb::VehicleReport; 2]) {
-        let snap = snapshots.borrow_and_update().clone();
+        let snap = views.borrow_and_update().clone();
         let reported = Reported {
             queues: deps.queues(&[]),
             sidecars: deps.sidecars(&[]).unwrap_or_default(),
@@ -538,7 +538,7 @@ impl<'a> Session<'a> {
         &mut self,
         mut inbound: impl Stream<Item = Result<pb::ControlMessage, tonic::Status>> + Unpin,
         out: &mpsc::Sender<pb::VehicleReport>,
-        snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+        views: &mut watch::Receiver<Arc<EngineView>>,
         acked: &mut bool,
     ) -> Result<(), StreamError> {
         let config = self.deps.config;
@@ -558,16 +558,16 @@ impl<'a> Session<'a> {
                     }
                     (None, None)
                 },
-                changed = snapshots.changed() => {
+                changed = views.changed() => {
                     changed.map_err(|_| StreamError::Closed)?;
-                    let snap = snapshots.borrow_and_update().clone();
+                    let snap = views.borrow_and_update().clone();
                     let sidecars = self.deps.sidecars(&self.reported.sidecars);
                     let change = self.reported.snapshot_change(&snap, sidecars);
                     let moved = uplink_moved(config, self.interface, &snap);
                     (change.map(pb::vehicle_report::Report::LinkChange), moved)
                 }
                 _ = heartbeat.tick() => {
-                    let snap = snapshots.borrow().clone();
+                    let snap = views.borrow().clone();
                     let queues = self.deps.queues(&self.reported.queues);
                     let sidecars = self.deps.sidecars(&self.reported.sidecars);
                     (Some(self.reported.tick(&snap, queues, sidecars)), None)
@@ -776,7 +776,7 @@ mod tests {
 
     #[test]
     fn a_rejected_delta_is_reported_once_with_the_version_held() {
-        let base = Snapshot {
+        let base = EngineView {
             ready: true,
             policy_version: "v1".into(),
             ..Default::default()
@@ -854,8 +854,8 @@ mod tests {
     }
 
     /// wifi (wlan0, selected for `default`) and lte (wwan0).
-    fn snapshot() -> Snapshot {
-        Snapshot {
+    fn engine_view() -> EngineView {
+        EngineView {
             ready: true,
             policy_version: "v1".into(),
             links: vec![view("wifi", "wlan0", 20), view("lte", "wwan0", 60)],
@@ -864,7 +864,7 @@ mod tests {
         }
     }
 
-    fn reported(snap: &Snapshot) -> Reported {
+    fn reported(snap: &EngineView) -> Reported {
         Reported {
             snap: Arc::new(snap.clone()),
             queues: vec![],
@@ -882,7 +882,7 @@ mod tests {
 
     #[test]
     fn state_changes_go_out_at_once_and_only_the_links_that_changed() {
-        let snap = snapshot();
+        let snap = engine_view();
         let mut r = reported(&snap);
         assert_eq!(r.snapshot_change(&snap, None), None, "nothing new");
 
@@ -912,7 +912,7 @@ mod tests {
 
     #[test]
     fn measurement_drift_waits_for_the_heartbeat_and_small_jitter_is_not_drift() {
-        let snap = snapshot();
+        let snap = engine_view();
         let mut r = reported(&snap);
         let mut slower = snap.clone();
         slower.links[0].rtt = Some(Duration::from_millis(21)); // 1 ms: noise
@@ -947,7 +947,7 @@ mod tests {
 
     #[test]
     fn queue_stats_ride_on_the_tick_only_when_they_changed() {
-        let snap = snapshot();
+        let snap = engine_view();
         let mut r = reported(&snap);
         let first = r.tick(&snap, vec![queue("bulk", 3)], None);
         let pb::vehicle_report::Report::LinkChange(c) = first else {
@@ -973,7 +973,7 @@ mod tests {
     fn a_stream_bound_elsewhere_than_the_default_class_moves() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path());
-        let mut snap = snapshot();
+        let mut snap = engine_view();
         assert_eq!(uplink_moved(&config, Some("wlan0"), &snap), None);
         snap.selections = vec![selected(DEFAULT_CLASS, Some("lte"))];
         assert_eq!(
@@ -1004,7 +1004,7 @@ mod tests {
         control: mpsc::Sender<Result<pb::ControlMessage, tonic::Status>>,
         reports: mpsc::Receiver<pb::VehicleReport>,
         engine: mpsc::Receiver<Input>,
-        snapshots: watch::Sender<Arc<Snapshot>>,
+        views: watch::Sender<Arc<EngineView>>,
         ended: tokio::task::JoinHandle<(Result<(), StreamError>, bool)>,
     }
 
@@ -1016,7 +1016,7 @@ mod tests {
         let connected: &'static AtomicBool = Box::leak(Box::default());
         let (engine_tx, engine) = mpsc::channel(4);
         let engine_tx: &'static mpsc::Sender<Input> = Box::leak(Box::new(engine_tx));
-        let (snapshots, mut snap_rx) = watch::channel(Arc::new(snapshot()));
+        let (views, mut snap_rx) = watch::channel(Arc::new(engine_view()));
         let (control, inbound) = mpsc::channel(4);
         let (out, reports) = mpsc::channel(8);
         let deps = StreamDeps {
@@ -1038,7 +1038,7 @@ mod tests {
             control,
             reports,
             engine,
-            snapshots,
+            views,
             ended,
         };
         (h, opening)
@@ -1078,7 +1078,7 @@ mod tests {
 
         // A state change goes out without waiting for the tick.
         let at = tokio::time::Instant::now();
-        h.snapshots.send_modify(|s| {
+        h.views.send_modify(|s| {
             let s = Arc::make_mut(s);
             s.links[1].carrier = false;
         });
@@ -1117,7 +1117,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_session_ends_when_the_default_class_moves_to_another_interface() {
         let (mut h, _) = start(Some("wlan0"));
-        h.snapshots.send_modify(|s| {
+        h.views.send_modify(|s| {
             Arc::make_mut(s).selections = vec![selected(DEFAULT_CLASS, Some("lte"))];
         });
         // The move itself is reported first, then the stream ends to rebind.

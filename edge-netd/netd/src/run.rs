@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config};
-use crate::engine::{self, Engine, Input, Snapshot};
+use crate::engine::{self, Engine, EngineView, Input};
 use crate::{api, local_xds, monitor, policy, probe, reporter, store_forward};
 
 /// Room for a burst of inputs (a netlink dump, every prober answering at once, a
@@ -69,14 +69,14 @@ pub async fn run(
     let metrics = engine::Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let (engine, snapshots) = Engine::new(config.clone(), initial_policy(&config), metrics.clone());
+    let (engine, views) = Engine::new(config.clone(), initial_policy(&config), metrics.clone());
     let (inputs, input_rx) = mpsc::channel::<Input>(INPUT_QUEUE);
     let (stop_tx, stop) = Stop::new();
 
     let saf = match &config.store_forward {
         None => None,
         Some(sf) => {
-            Some(start_store_forward(sf, &engine, &snapshots, &mut registry, stop.wait()).await?)
+            Some(start_store_forward(sf, &engine, &views, &mut registry, stop.wait()).await?)
         }
     };
     // After the queue, so a second daemon on the same queue reports the lock first.
@@ -91,7 +91,7 @@ pub async fn run(
                 &config,
                 listener,
                 &engine,
-                &snapshots,
+                &views,
                 &mut registry,
                 &stop,
             ))
@@ -104,7 +104,7 @@ pub async fn run(
     let connected = Arc::new(AtomicBool::new(false));
     let reporter = tokio::spawn(reporter::run_reporter(
         config.clone(),
-        snapshots.clone(),
+        views.clone(),
         inputs,
         metrics,
         connected.clone(),
@@ -116,7 +116,7 @@ pub async fn run(
         api_listener,
         api::ApiState {
             vehicle_id: config.vehicle_id.clone(),
-            snapshots: snapshots.clone(),
+            views: views.clone(),
             metrics: Arc::new(registry),
             connected,
             saf: saf.clone(),
@@ -124,7 +124,7 @@ pub async fn run(
         },
         stop.wait(),
     ));
-    tokio::spawn(notify_systemd(snapshots));
+    tokio::spawn(notify_systemd(views));
     let engine = tokio::spawn(engine.run(input_rx, stop.wait()));
 
     shutdown.await;
@@ -239,7 +239,7 @@ fn start_local_xds(
     config: &Arc<Config>,
     listener: TcpListener,
     engine: &Engine,
-    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    views: &watch::Receiver<Arc<EngineView>>,
     registry: &mut Registry,
     stop: &Stop,
 ) -> misaki_xds::XdsServer {
@@ -247,7 +247,7 @@ fn start_local_xds(
     let source = local_xds::LocalSource::new(
         &config.vehicle_id,
         mesh.borrow().clone(),
-        local_xds::vehicle_state(config, &snapshots.borrow()),
+        local_xds::vehicle_state(config, &views.borrow()),
         misaki_xds::version_prefix(),
     );
     let xds =
@@ -256,7 +256,7 @@ fn start_local_xds(
     tokio::spawn(local_xds::follow(
         config.clone(),
         source,
-        snapshots.clone(),
+        views.clone(),
         mesh,
         stop.wait(),
     ));
@@ -284,7 +284,7 @@ fn start_local_xds(
 async fn start_store_forward(
     sf: &config::StoreForwardConfig,
     engine: &Engine,
-    snapshots: &watch::Receiver<Arc<Snapshot>>,
+    views: &watch::Receiver<Arc<EngineView>>,
     registry: &mut Registry,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> Result<misaki_saf::StoreForward, RunError> {
@@ -304,7 +304,7 @@ async fn start_store_forward(
             })
         })??;
     tracing::info!(dir = %sf.queue_dir.display(), messages = queue.len(), "store-and-forward queue open");
-    let uplinks = store_forward::SelectionUplinks::new(snapshots.clone());
+    let uplinks = store_forward::SelectionUplinks::new(views.clone());
     let saf = misaki_saf::StoreForward::start(
         sf.saf_config(),
         Arc::new(queue),
@@ -323,8 +323,8 @@ async fn start_store_forward(
 
 /// READY=1 after the first selection; WATCHDOG=1 while the engine keeps publishing
 /// (its tick publishes at least whenever anything changes; a stuck engine stops it).
-async fn notify_systemd(mut snapshots: watch::Receiver<Arc<Snapshot>>) {
-    if snapshots.wait_for(|s| s.ready).await.is_err() {
+async fn notify_systemd(mut views: watch::Receiver<Arc<EngineView>>) {
+    if views.wait_for(|s| s.ready).await.is_err() {
         return;
     }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -337,7 +337,7 @@ async fn notify_systemd(mut snapshots: watch::Receiver<Arc<Snapshot>>) {
     let mut tick = tokio::time::interval(period / 2);
     loop {
         tick.tick().await;
-        if snapshots.has_changed().is_err() {
+        if views.has_changed().is_err() {
             return;
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

@@ -9,11 +9,11 @@
 //!   The selector only ever picks uplinks the class allows, so neither does the
 //!   forwarder.
 //! - `changed()` is bumped when what `usable` would answer for some class changed, not on
-//!   every snapshot: snapshots change with every probe's RTT, and each bump ends the
+//!   every new view: views change with every probe's RTT, and each bump ends the
 //!   forwarder's backoff waits, so bumping on measurement drift would turn backoff into
 //!   a 100 ms retry loop.
 
-use crate::engine::Snapshot;
+use crate::engine::EngineView;
 use misaki_proto::fleet_v1 as pb;
 use misaki_saf::{StoreForward, UplinkChoice, UplinkView};
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 /// What the forwarder may use for `class` in `snap`.
-pub fn usable_in(snap: &Snapshot, class: &str) -> Option<UplinkChoice> {
+pub fn usable_in(snap: &EngineView, class: &str) -> Option<UplinkChoice> {
     let name = snap.selection(class)?.uplink.as_deref()?;
     let link = snap.link(name)?;
     if !(link.exists && link.up && link.carrier && link.reachable) {
@@ -36,7 +36,7 @@ pub fn usable_in(snap: &Snapshot, class: &str) -> Option<UplinkChoice> {
     })
 }
 
-fn usable_all(snap: &Snapshot) -> BTreeMap<String, Option<UplinkChoice>> {
+fn usable_all(snap: &EngineView) -> BTreeMap<String, Option<UplinkChoice>> {
     snap.selections
         .iter()
         .map(|s| (s.class.clone(), usable_in(snap, &s.class)))
@@ -46,20 +46,20 @@ fn usable_all(snap: &Snapshot) -> BTreeMap<String, Option<UplinkChoice>> {
 /// The engine's selection as an [`UplinkView`].
 #[derive(Debug)]
 pub struct SelectionUplinks {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    views: watch::Receiver<Arc<EngineView>>,
     changed: watch::Sender<u64>,
 }
 
 impl SelectionUplinks {
-    /// Follow `snapshots` (spawns a task on the current runtime that ends with the
+    /// Follow `views` (spawns a task on the current runtime that ends with the
     /// engine's sender).
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Arc<Self> {
+    pub fn new(views: watch::Receiver<Arc<EngineView>>) -> Arc<Self> {
         let this = Arc::new(SelectionUplinks {
-            snapshots: snapshots.clone(),
+            views: views.clone(),
             changed: watch::Sender::new(0),
         });
         let tx = this.changed.clone();
-        let mut rx = snapshots;
+        let mut rx = views;
         tokio::spawn(async move {
             let mut last = usable_all(&rx.borrow_and_update());
             while rx.changed().await.is_ok() {
@@ -76,7 +76,7 @@ impl SelectionUplinks {
 
 impl UplinkView for SelectionUplinks {
     fn usable(&self, class: &str) -> Option<UplinkChoice> {
-        usable_in(&self.snapshots.borrow(), class)
+        usable_in(&self.views.borrow(), class)
     }
 
     fn changed(&self) -> watch::Receiver<u64> {
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn usable_is_the_selection_while_its_link_is_up_and_reachable() {
-        let mut snap = Snapshot {
+        let mut snap = EngineView {
             ready: true,
             policy_version: "v".into(),
             links: vec![link("lte", true), link("wifi", false)],
@@ -177,7 +177,7 @@ mod tests {
 
     #[tokio::test]
     async fn changed_bumps_on_usable_changes_only() {
-        let snap = Snapshot {
+        let snap = EngineView {
             ready: true,
             policy_version: "v".into(),
             links: vec![link("lte", true)],
