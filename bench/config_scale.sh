@@ -64,7 +64,7 @@ case "$N$IDLE_S$STARTS" in ''|*[!0-9]*) echo "--services, --idle and --starts ta
 [ "$STARTS" -ge 1 ] || { echo "--starts must be at least 1" >&2; exit 64; }
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, veth pairs)" >&2; exit 1; }
 for t in ip curl jq awk python3 zstd cargo git; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
-. bench/lib/lab.sh   # lab_kill_ns, lab_down, lab_ticks, lab_rss_kib
+. bench/lib/lab.sh   # lab_up, lab_stop_all, lab_watchdog, lab_envoy, lab_ticks, lab_rss_kib, helpers
 GEN=$ROOT/bench/lib/config_scale_policy.py
 log() { echo "== $*" >&2; }
 
@@ -89,13 +89,7 @@ ROWS_READY=() ROWS_EDIT=() ROWS_CP=() NOTES=()
 cleanup() {
   local rc=$?
   set +e
-  [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
-  [ -f "$DIR/watchdog.sleep" ] && kill "$(cat "$DIR/watchdog.sleep")" 2>/dev/null
-  lab_kill_pids
-  sleep 0.2
-  lab_kill_ns
-  wait 2>/dev/null
-  lab_down
+  lab_stop_all
   if [ $rc != 0 ] && [ ${#ROWS_READY[@]} -gt 0 ]; then
     echo "---- failed (status $rc); rows measured so far:" >&2
     printf '%s\n' "${ROWS_READY[@]}" "${ROWS_EDIT[@]}" "${ROWS_CP[@]}" >&2
@@ -105,20 +99,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 # Watchdog: the whole run stays bounded even if something hangs between waits.
-( sleep 540 & echo $! >"$DIR/watchdog.sleep"; wait $!; echo "config_scale.sh: watchdog: 9 minutes, giving up" >&2; kill -TERM $$ ) & WATCHDOG=$!
+lab_watchdog config_scale.sh 540
 
 log "lab: namespaces $V (vehicle: wlan0, wwan0) and $C (cloud), files in $DIR"
 lab_up "wlan0 cwlan0 1" "wwan0 cwwan0 2"   # unshaped: this measures config, not links
 
-vcurl() { ip netns exec $V curl -s --max-time 3 "$@"; }
-ccurl() { ip netns exec $C curl -s --max-time 3 "$@"; }
-CPA=http://198.18.0.1:8080      # misaki-cp admin (cloud namespace)
-NDA=http://127.0.0.1:9470       # edge-netd API (vehicle namespace)
-now_ms() { date +%s%3N; }
-TCK=$(getconf CLK_TCK)
-tick_ms() { echo $(( $1 * 1000 / TCK )); }
-mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+LAB_CURL_TIMEOUT=3   # vcurl, ccurl, CPA, NDA, now_ms, tick_ms, mib, stop: bench/lib/lab.sh
 
 # Bootstraps: the cp-fed ones pointed at the cloud's misaki-cp; the edge one as shipped.
 for v in sotw:vehicle-sidecar delta:vehicle-sidecar-delta; do
@@ -298,8 +284,7 @@ start_envoy() {
 # R_MS, R_LOG_MS, R_ENVOY_CPU_MS), and from the first start, whose connection makes the
 # server compile: S_COMP (the server's CPU from spawn to ready, ms) and S_INIT (xDS bytes
 # pushed from spawn to 1 s after ready, all types).
-med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-cell() { local m; m=$(med "$1"); if [ "$STARTS" -gt 1 ]; then echo "$m (${1% })"; else echo "$m"; fi; }
+# (med, cell: bench/lib/lab.sh)
 envoy_starts() {
   local s=$1 who=$2 k pid c0 tk0 ms="" lg="" cpu=""
   pid=$( [ "$who" = cp ] && echo "$CP_PID" || echo "$NETD_PID" )
@@ -379,25 +364,7 @@ run_edge() {
   log "[$label] $tag: misaki-cp, then edge-netd (policy over the fleet stream)"
   start_cp "edge${xr:+-$xr}" || return 1
   sleep 1
-  cat >"$DIR/netd-$NSVC${xr:+-$xr}.yaml" <<YAML
-vehicle_id: cs-car
-control_plane: http://198.18.0.1:50051
-api: 127.0.0.1:9470
-state_dir: $DIR/state-$NSVC
-xds: 127.0.0.1:15010
-heartbeat_interval: 1s
-uplinks:
-  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }
-  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }
-probe:
-  targets: ["198.18.0.1:7007"]
-  interval: 100ms
-  timeout: 200ms
-selection:
-  blackhole_after: 3
-  dwell: 1s
-YAML
-  [ -z "$xr" ] || echo "cross_uplink_retry: $xr" >>"$DIR/netd-$NSVC${xr:+-$xr}.yaml"
+  lab_netd_config_xds cs-car "$DIR/state-$NSVC" ${xr:+"cross_uplink_retry: $xr"} >"$DIR/netd-$NSVC${xr:+-$xr}.yaml"
   rm -rf "$DIR/state-$NSVC"
   c0=$(cp_counters); tk0=$(lab_ticks "$CP_PID")
   local t0 nd_ready; t0=$(now_ms)

@@ -65,7 +65,7 @@ case "$N$STARTS$SETTLE_S" in ''|*[!0-9]*) echo "--services, --starts and --settl
 [ "$N" -ge 2 ] && [ "$STARTS" -ge 1 ] || { echo "--services must be at least 2, --starts at least 1" >&2; exit 64; }
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, veth pairs)" >&2; exit 1; }
 for t in ip curl awk python3 cargo git ${EDGE:+jq}; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
-. bench/lib/lab.sh   # lab_up, lab_kill_ns, lab_down, lab_envoy, lab_ticks, lab_rss_kib
+. bench/lib/lab.sh   # lab_up, lab_stop_all, lab_watchdog, lab_envoy, lab_ticks, lab_rss_kib, helpers
 GEN=$ROOT/bench/lib/config_scale_policy.py
 log() { echo "== $*" >&2; }
 
@@ -90,30 +90,16 @@ PIDS=() WATCHDOG=
 cleanup() {
   local rc=$?
   set +e
-  [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
-  [ -f "$DIR/watchdog.sleep" ] && kill "$(cat "$DIR/watchdog.sleep")" 2>/dev/null
-  lab_kill_pids
-  sleep 0.2
-  lab_kill_ns
-  wait 2>/dev/null
-  lab_down
+  lab_stop_all
   if [ -n "$KEEP" ] || [ $rc != 0 ]; then echo "files kept in $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-( sleep 540 & echo $! >"$DIR/watchdog.sleep"; wait $!; echo "envoy_stats.sh: watchdog: 9 minutes, giving up" >&2; kill -TERM $$ ) & WATCHDOG=$!
+lab_watchdog envoy_stats.sh 540
 
 log "lab: namespaces $V (vehicle: wlan0, wwan0) and $C (cloud), files in $DIR"
 lab_up "wlan0 cwlan0 1" "wwan0 cwwan0 2"   # unshaped: this measures config, not links
-vcurl() { ip netns exec $V curl -s --max-time 5 "$@"; }
-ccurl() { ip netns exec $C curl -s --max-time 5 "$@"; }
-CPA=http://198.18.0.1:8080      # misaki-cp admin (cloud namespace)
-NDA=http://127.0.0.1:9470       # edge-netd API (vehicle namespace)
-now_ms() { date +%s%3N; }
-TCK=$(getconf CLK_TCK)
-tick_ms() { echo $(( $1 * 1000 / TCK )); }
-mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# vcurl, ccurl (5 s), CPA, NDA, now_ms, tick_ms, mib, stop: bench/lib/lab.sh
 
 # ---- bootstrap variants -----------------------------------------------------------------
 # The shipped file without its top-level stats_config block (its comment lines stay).
@@ -190,24 +176,7 @@ wait_until 60 cp_ready || { tail "$DIR/cp.log" >&2; echo "misaki-cp never ready"
 if [ -n "$EDGE" ]; then
   python3 "$GEN" --services 0 >"$DIR/echo-mesh.yaml"
   ip netns exec $C "$CP" serve --policy "$DIR/echo-mesh.yaml" --probe-addr 198.18.0.1:7007 >"$DIR/echo.log" 2>&1 & PIDS+=($!)
-  cat >"$DIR/netd.yaml" <<YAML
-vehicle_id: es-car
-control_plane: http://198.18.0.1:50051
-api: 127.0.0.1:9470
-state_dir: $DIR/netd-state
-xds: 127.0.0.1:15010
-heartbeat_interval: 1s
-uplinks:
-  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }
-  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }
-probe:
-  targets: ["198.18.0.1:7007"]
-  interval: 100ms
-  timeout: 200ms
-selection:
-  blackhole_after: 3
-  dwell: 1s
-YAML
+  lab_netd_config_xds es-car "$DIR/netd-state" >"$DIR/netd.yaml"
   BASE=$(ccurl $CPA/policy | jq -r .version)
   log "edge-netd (policy $BASE over the fleet stream)"
   lab_start_netd "$DIR/netd.yaml" "$DIR/netd.log"
@@ -278,8 +247,7 @@ done
 ELAPSED=$((SECONDS - T0))
 
 # ---- report -------------------------------------------------------------------------------
-med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-cell() { local m; m=$(med "$1"); if [ "$STARTS" -gt 1 ]; then echo "$m (${1% })"; else echo "$m"; fi; }
+# (med, cell: bench/lib/lab.sh)
 declare -A WHAT=(
   [old]="no \`stats_config\` (before)"
   [new]="**as shipped: the inclusion list**"

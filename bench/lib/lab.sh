@@ -1,5 +1,5 @@
 # The network-namespace lab of the link benchmarks, sourced by bench/edge_links.sh,
-# bench/vehicle_loop.sh and bench/config_scale.sh (the topology of tests/src/netns.rs):
+# bench/vehicle_loop.sh, bench/config_scale.sh and bench/envoy_stats.sh (the topology of tests/src/netns.rs):
 #
 #   vehicle namespace $V                          cloud namespace $C
 #   wlan0 198.18.1.1/30 (tbf 50mbit) ── veth ──  cwlan0 198.18.1.2/30
@@ -90,16 +90,34 @@ YAML
 # every further argument is appended as a line.
 lab_netd_config() {
   local state=$1; shift
+  _lab_netd_yaml bench-car "$state" "" 3 "$@"
+}
+
+# edge-netd's config for the unshaped two-uplink lab of bench/config_scale.sh and
+# bench/envoy_stats.sh (wifi on wlan0, lte on wwan0; local xDS tier on 127.0.0.1:15010):
+# $1 = vehicle id, $2 = state dir; every further argument is appended as a line.
+lab_netd_config_xds() {
+  local id=$1 state=$2; shift 2
+  _lab_netd_yaml "$id" "$state" 127.0.0.1:15010 2 "$@"
+}
+
+# $1 = vehicle id, $2 = state dir, $3 = local xDS address ("": no `xds:`), $4 = how many
+# of the uplinks wifi, lte, dsrc; every further argument is appended as a line.
+_lab_netd_yaml() {
+  local id=$1 state=$2 xds=$3 n=$4 l; shift 4
   cat <<YAML
-vehicle_id: bench-car
+vehicle_id: $id
 control_plane: http://198.18.0.1:50051
 api: 127.0.0.1:9470
 state_dir: $state
-heartbeat_interval: 1s
-uplinks:
-  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }
-  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }
-  - { name: dsrc, interface: dsrc0, kind: dsrc, cost: 2 }
+YAML
+  [ -z "$xds" ] || echo "xds: $xds"
+  echo "heartbeat_interval: 1s"
+  echo "uplinks:"
+  echo "  - { name: wifi, interface: wlan0, kind: wifi, cost: 1 }"
+  echo "  - { name: lte, interface: wwan0, kind: lte, cost: 5, metered: true }"
+  [ "$n" -lt 3 ] || echo "  - { name: dsrc, interface: dsrc0, kind: dsrc, cost: 2 }"
+  cat <<YAML
 probe:
   targets: ["198.18.0.1:7007"]
   interval: 100ms
@@ -139,3 +157,39 @@ lab_vget() { ip netns exec $V curl -s --max-time 2 "http://127.0.0.1:$1$2"; }
 lab_ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 # $1 = pid → its VmRSS in KiB.
 lab_rss_kib() { awk '/^VmRSS/{print $2}' /proc/$1/status; }
+
+# ---- run scaffolding (bench/config_scale.sh, bench/envoy_stats.sh) ---------------------
+# Start the watchdog that ends the run (SIGTERM to this shell) after $2 s: $1 = the
+# script's name for the message. Sets WATCHDOG; lab_stop_all stops it.
+lab_watchdog() {
+  ( sleep "$2" & echo $! >"$DIR/watchdog.sleep"; wait $!; echo "$1: watchdog: $(($2 / 60)) minutes, giving up" >&2; kill -TERM $$ ) & WATCHDOG=$!
+}
+# For the sourcing script's EXIT trap: stop the watchdog, every process in PIDS and
+# anything left in the namespaces, then delete the namespaces.
+lab_stop_all() {
+  [ -n "${WATCHDOG:-}" ] && kill "$WATCHDOG" 2>/dev/null
+  [ -f "$DIR/watchdog.sleep" ] && kill "$(cat "$DIR/watchdog.sleep")" 2>/dev/null
+  lab_kill_pids
+  sleep 0.2
+  lab_kill_ns
+  wait 2>/dev/null
+  lab_down
+}
+
+# curl inside the vehicle / cloud namespace, LAB_CURL_TIMEOUT s at most (default 5).
+vcurl() { ip netns exec $V curl -s --max-time "${LAB_CURL_TIMEOUT:-5}" "$@"; }
+ccurl() { ip netns exec $C curl -s --max-time "${LAB_CURL_TIMEOUT:-5}" "$@"; }
+CPA=http://198.18.0.1:8080      # misaki-cp admin (cloud namespace)
+NDA=http://127.0.0.1:9470       # edge-netd API (vehicle namespace)
+now_ms() { date +%s%3N; }
+TCK=$(getconf CLK_TCK)
+# $1 = clock ticks → ms.
+tick_ms() { echo $(( $1 * 1000 / TCK )); }
+# $1 = KiB → MiB, one decimal.
+mib() { awk -v k="$1" 'BEGIN{printf "%.1f", k/1024}'; }
+# $1 = pid: SIGTERM it and reap it.
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# $1 = space-separated numbers → their median.
+med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+# $1 = space-separated samples → "median (samples)", or the median alone when STARTS is 1.
+cell() { local m; m=$(med "$1"); if [ "$STARTS" -gt 1 ]; then echo "$m (${1% })"; else echo "$m"; fi; }

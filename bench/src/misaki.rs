@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::Context;
+use misaki_e2e::policy::{CloudService, MeshPorts, WIFI_STANDARD, policy_doc};
 use misaki_e2e::process::{repo_root, wait_for};
 use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port};
 
@@ -37,25 +38,16 @@ pub fn start_cp(bin: &Path, policy: &Path, dir: &Path) -> anyhow::Result<Control
 
 /// The smallest policy with one cloud service, `maps`, on one upstream. The mesh
 /// ports are fresh ephemeral ones (the vehicle sidecar binds them).
-fn policy(outbound: u16, inbound: u16, cloud: u16, upstream: u16) -> String {
-    format!(
-        r#"version: 1
-mesh:
-  vehicle_outbound_port: {outbound}
-  vehicle_inbound_port: {inbound}
-  cloud_inbound_port: {cloud}
-uplinks:
-  - {{ name: wifi, kind: wifi, cost: 1 }}
-classes:
-  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi] }}
-services:
-  - name: maps
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{upstream}"]
-    routes: ["/maps"]
-    class: standard
-"#
+fn policy(ports: &MeshPorts, upstream: u16) -> String {
+    policy_doc(
+        ports,
+        WIFI_STANDARD,
+        &[CloudService {
+            name: "maps",
+            upstream,
+            route: "/maps",
+            class: "standard",
+        }],
     )
 }
 
@@ -67,23 +59,20 @@ pub fn edit_latency(
     dir: &Path,
 ) -> anyhow::Result<Vec<Sample>> {
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
-    let (outbound, inbound, cloud) = (free_port(), free_port(), free_port());
+    let ports = MeshPorts::fresh();
     let policy_path = dir.join("mesh.yaml");
-    measure::save(&policy_path, &policy(outbound, inbound, cloud, a.port))?;
+    measure::save(&policy_path, &policy(&ports, a.port))?;
     let cp = start_cp(cp_bin, &policy_path, dir)?;
     let _envoy = Envoy::start(flavour.bootstrap(), "bench-car", cp.xds_port, dir);
     let mut samples = measure::run(
         plan,
-        outbound,
+        ports.outbound,
         "/maps/tile",
         Sides {
             a: a.port,
             b: b.port,
         },
-        |port| {
-            measure::save(&policy_path, &policy(outbound, inbound, cloud, port))
-                .context("save policy")
-        },
+        |port| measure::save(&policy_path, &policy(&ports, port)).context("save policy"),
     )?;
     // Split each latency at the moment misaki-cp logged the new policy in force.
     let applied = logtime::policy_in_force(&cp.proc.log_text());

@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod netns;
+pub mod policy;
 pub mod process;
 pub mod tls;
 

@@ -8,47 +8,38 @@ use std::path::Path;
 use std::time::Duration;
 
 use misaki_e2e::http;
+use misaki_e2e::policy::{CloudService, MeshPorts, policy_doc};
 use misaki_e2e::process::wait_for;
 use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port};
 
-#[derive(Clone, Copy)]
-struct Ports {
-    outbound: u16,
-    inbound: u16,
-    cloud: u16,
-}
-
-fn policy(p: &Ports, maps_upstream: u16, telemetry_upstream: u16, maps_prefix: &str) -> String {
-    format!(
-        r#"version: 1
-mesh:
-  vehicle_outbound_port: {outbound}
-  vehicle_inbound_port: {inbound}
-  cloud_inbound_port: {cloud}
-uplinks:
-  - {{ name: wifi, kind: wifi, cost: 1 }}
-  - {{ name: lte, kind: lte, metered: true, cost: 10 }}
+/// Two uplinks, the three classes of the quickstart.
+const HEAD: &str = "uplinks:
+  - { name: wifi, kind: wifi, cost: 1 }
+  - { name: lte, kind: lte, metered: true, cost: 10 }
 classes:
-  - {{ name: critical, priority: high, timeout: 2s, retries: 2, uplinks: [lte, wifi], dscp: 46 }}
-  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte] }}
-  - {{ name: bulk, timeout: 30s, uplinks: [wifi], deferrable: true, dscp: 8 }}
-services:
-  - name: maps
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{maps_upstream}"]
-    routes: ["{maps_prefix}"]
-    class: standard
-  - name: telemetry
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{telemetry_upstream}"]
-    routes: ["/telemetry"]
-    class: bulk
-"#,
-        outbound = p.outbound,
-        inbound = p.inbound,
-        cloud = p.cloud,
+  - { name: critical, priority: high, timeout: 2s, retries: 2, uplinks: [lte, wifi], dscp: 46 }
+  - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte] }
+  - { name: bulk, timeout: 30s, uplinks: [wifi], deferrable: true, dscp: 8 }
+";
+
+fn policy(p: &MeshPorts, maps_upstream: u16, telemetry_upstream: u16, maps_prefix: &str) -> String {
+    policy_doc(
+        p,
+        HEAD,
+        &[
+            CloudService {
+                name: "maps",
+                upstream: maps_upstream,
+                route: maps_prefix,
+                class: "standard",
+            },
+            CloudService {
+                name: "telemetry",
+                upstream: telemetry_upstream,
+                route: "/telemetry",
+                class: "bulk",
+            },
+        ],
     )
 }
 
@@ -66,20 +57,12 @@ fn get_body(port: u16, path: &str) -> Option<String> {
         .map(|r| r.body)
 }
 
-fn ports() -> Ports {
-    Ports {
-        outbound: free_port(),
-        inbound: free_port(),
-        cloud: free_port(),
-    }
-}
-
 /// The whole vehicle story for one ADS flavour.
 fn vehicle_sidecar_routes_live(bootstrap: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = Upstream::start("A");
     let b = Upstream::start("B");
-    let p = ports();
+    let p = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
     save(&policy_path, &policy(&p, a.port, a.port, "/maps"));
     let cp = ControlPlane::start(&policy_path, dir.path());
@@ -196,7 +179,7 @@ fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = Upstream::start("maps");
     let t = Upstream::start("telemetry");
-    let p = ports();
+    let p = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
     save(&policy_path, &policy(&p, a.port, t.port, "/maps"));
     let cp = ControlPlane::start(&policy_path, dir.path());
@@ -248,7 +231,7 @@ fn cloud_sidecar_routes_inbound_requests_to_cloud_services() {
 fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = Upstream::start("A");
-    let p = ports();
+    let p = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
     let vehicle_service = "  - { name: diag, location: vehicle, port: 18999, routes: [\"/diag\"], class: standard }\n";
     save(
@@ -261,7 +244,7 @@ fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
     // Hold a port without SO_REUSEPORT, then point the inbound listener at it.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").expect("bind blocker");
     let held = blocker.local_addr().expect("addr").port();
-    let bad = Ports { inbound: held, ..p };
+    let bad = MeshPorts { inbound: held, ..p };
     save(
         &policy_path,
         &(policy(&bad, a.port, a.port, "/maps") + vehicle_service),
@@ -290,7 +273,7 @@ fn nack_from_real_envoy_is_recorded_not_resent_and_a_fixed_edit_recovers() {
     );
 
     // A fixed edit is pushed and ACKed.
-    let fixed = Ports {
+    let fixed = MeshPorts {
         inbound: free_port(),
         ..p
     };

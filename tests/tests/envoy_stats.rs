@@ -10,8 +10,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use misaki_e2e::policy::{CloudService, MeshPorts, WIFI_STANDARD, policy_doc};
 use misaki_e2e::process::wait_for;
-use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port, http};
+use misaki_e2e::{ControlPlane, Envoy, Upstream, http};
 
 /// What the list keeps of every service cluster (the documented list).
 const KEPT: &[&str] = &[
@@ -66,48 +67,28 @@ struct Case {
     cluster: fn(&str) -> String,
     xds_cluster: &'static str,
     hcm: &'static str,
-    port: fn(&Ports) -> u16,
+    port: fn(&MeshPorts) -> u16,
     /// Whether the service clusters have outlier detection (not on the cloud side,
     /// where the service is local).
     outlier: bool,
 }
 
-struct Ports {
-    outbound: u16,
-    inbound: u16,
-    cloud: u16,
-}
-
 /// Two cloud services: `maps` on a live upstream, `down` on a port nobody listens on
 /// (connection refused), both with one retry on connect failure.
-fn policy(p: &Ports, maps_upstream: u16) -> String {
-    format!(
-        r#"version: 1
-mesh:
-  vehicle_outbound_port: {outbound}
-  vehicle_inbound_port: {inbound}
-  cloud_inbound_port: {cloud}
-uplinks:
-  - {{ name: wifi, kind: wifi, cost: 1 }}
-classes:
-  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi] }}
-services:
-  - name: maps
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{maps_upstream}"]
-    routes: ["/maps"]
-    class: standard
-  - name: down
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:1"]
-    routes: ["/down"]
-    class: standard
-"#,
-        outbound = p.outbound,
-        inbound = p.inbound,
-        cloud = p.cloud,
+fn policy(p: &MeshPorts, maps_upstream: u16) -> String {
+    let service = |name, upstream, route| CloudService {
+        name,
+        upstream,
+        route,
+        class: "standard",
+    };
+    policy_doc(
+        p,
+        WIFI_STANDARD,
+        &[
+            service("maps", maps_upstream, "/maps"),
+            service("down", 1, "/down"),
+        ],
     )
 }
 
@@ -129,11 +110,7 @@ fn counter(all: &BTreeMap<String, String>, name: &str) -> Option<u64> {
 fn requests_are_counted_and_unread_cluster_stats_are_gone(case: &Case) {
     let dir = tempfile::tempdir().expect("tempdir");
     let maps = Upstream::start("maps");
-    let p = Ports {
-        outbound: free_port(),
-        inbound: free_port(),
-        cloud: free_port(),
-    };
+    let p = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
     fs::write(&policy_path, policy(&p, maps.port)).expect("write policy");
     let cp = ControlPlane::start(&policy_path, dir.path());

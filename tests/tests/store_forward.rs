@@ -28,6 +28,7 @@ use misaki_e2e::http;
 use misaki_e2e::netns::{
     CLOUD_ADDR, CLOUD_SERVICE_PORT, NETD_INGEST_PORT, NetdOptions, VehicleLab,
 };
+use misaki_e2e::policy::{CloudService, MeshPorts, policy_doc};
 use misaki_e2e::process::wait_for;
 use misaki_e2e::{ControlPlane, Envoy, Process, Upstream, free_port, target_bin};
 
@@ -38,34 +39,31 @@ const LONG: Duration = Duration::from_secs(30);
 /// Mesh policy: one uplink, `bulk` (deferrable, wifi only) for telemetry, `standard`
 /// (not deferrable) for maps.
 fn policy(cloud_port: u16, telemetry_upstream: u16) -> String {
-    format!(
-        r#"version: 1
-mesh:
-  vehicle_outbound_port: {out}
-  vehicle_inbound_port: {inb}
-  cloud_inbound_port: {cloud_port}
-uplinks:
-  - {{ name: wifi, kind: wifi, cost: 1 }}
-  - {{ name: lte, kind: lte, metered: true, cost: 10 }}
+    let ports = MeshPorts {
+        outbound: free_port(),
+        inbound: free_port(),
+        cloud: cloud_port,
+    };
+    let head = "uplinks:
+  - { name: wifi, kind: wifi, cost: 1 }
+  - { name: lte, kind: lte, metered: true, cost: 10 }
 classes:
-  - {{ name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte] }}
-  - {{ name: bulk, timeout: 30s, uplinks: [wifi], deferrable: true, dscp: 8, ttl: 1h }}
-services:
-  - name: telemetry
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{telemetry_upstream}"]
-    routes: ["/telemetry"]
-    class: bulk
-  - name: maps
-    location: cloud
-    port: 8080
-    endpoints: ["127.0.0.1:{telemetry_upstream}"]
-    routes: ["/maps"]
-    class: standard
-"#,
-        out = free_port(),
-        inb = free_port(),
+  - { name: standard, timeout: 5s, retries: 1, uplinks: [wifi, lte] }
+  - { name: bulk, timeout: 30s, uplinks: [wifi], deferrable: true, dscp: 8, ttl: 1h }
+";
+    let service = |name, route, class| CloudService {
+        name,
+        upstream: telemetry_upstream,
+        route,
+        class,
+    };
+    policy_doc(
+        &ports,
+        head,
+        &[
+            service("telemetry", "/telemetry", "bulk"),
+            service("maps", "/maps", "standard"),
+        ],
     )
 }
 

@@ -514,30 +514,14 @@ mod tests {
         Arc::new(Resource::new("v-", name, &rc))
     }
 
-    /// The hand encoding is byte-for-byte prost's encoding of the struct the reference
-    /// conversion builds, and decodes back to that struct.
     fn check(reply: DeltaReply) {
-        let bytes = reply.encode_to_vec();
-        assert_eq!(bytes.len(), reply.encoded_len());
-        crate::wire::tests::check_framed(&reply, &bytes, reply.items.iter().map(|i| i.wire()));
-        let expected = DeltaDiscoveryResponse::from(reply);
-        assert_eq!(bytes, expected.encode_to_vec());
-        assert_eq!(
-            DeltaDiscoveryResponse::decode(bytes.as_slice()).unwrap(),
-            expected
-        );
+        let bodies: Vec<_> = reply.items.iter().map(|i| i.wire().clone()).collect();
+        crate::sotw::tests::check_hand_encoding::<_, DeltaDiscoveryResponse>(reply, &bodies);
     }
 
     #[test]
     fn hand_encoded_reply_is_the_delta_discovery_response() {
-        let big = Arc::new(Resource::from_any(
-            "big",
-            "v-big",
-            Any {
-                type_url: ResourceType::Route.type_url().into(),
-                value: vec![7; 7400],
-            },
-        ));
+        let big = crate::sotw::tests::big_route();
         let empty = Arc::new(Resource::from_any("", "", Any::default()));
         for (t, version, nonce, items, removed) in [
             (

@@ -482,11 +482,42 @@ impl Protocol for Sotw {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    use bytes::Bytes;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::google::protobuf::Any;
     use prost::Message;
+
+    /// A route whose body is big enough that its length prefix takes two varint bytes
+    /// (and that framing shares rather than copies).
+    pub(crate) fn big_route() -> Arc<Resource> {
+        Arc::new(Resource::from_any(
+            "big",
+            "v-big",
+            Any {
+                type_url: ResourceType::Route.type_url().into(),
+                value: vec![7; 7400],
+            },
+        ))
+    }
+
+    /// The hand encoding of `reply` (resource bodies `bodies`) is byte-for-byte prost's
+    /// encoding of the struct the reference conversion `M::from` builds, and decodes
+    /// back to that struct. For the SotW and the delta reply alike.
+    pub(crate) fn check_hand_encoding<R, M>(reply: R, bodies: &[Bytes])
+    where
+        R: WireMessage,
+        M: Message + Default + PartialEq + std::fmt::Debug + From<R>,
+    {
+        let bytes = reply.encode_to_vec();
+        assert_eq!(bytes.len(), reply.encoded_len());
+        crate::wire::tests::check_framed(&reply, &bytes, bodies.iter());
+        let expected = M::from(reply);
+        assert_eq!(bytes, expected.encode_to_vec());
+        assert_eq!(M::decode(bytes.as_slice()).unwrap(), expected);
+    }
 
     fn r(name: &str, version: &str) -> Arc<Resource> {
         Arc::new(Resource::from_any(name, version, Default::default()))
@@ -504,31 +535,14 @@ mod tests {
         Arc::new(Resource::new("v-", name, &c))
     }
 
-    /// The hand encoding is byte-for-byte prost's encoding of the struct the reference
-    /// conversion builds, and decodes back to that struct.
     fn check(reply: SotwReply) {
-        let bytes = reply.encode_to_vec();
-        assert_eq!(bytes.len(), reply.encoded_len());
-        crate::wire::tests::check_framed(&reply, &bytes, reply.items.iter().map(|i| i.wire()));
-        let expected = DiscoveryResponse::from(reply);
-        assert_eq!(bytes, expected.encode_to_vec());
-        assert_eq!(
-            DiscoveryResponse::decode(bytes.as_slice()).unwrap(),
-            expected
-        );
+        let bodies: Vec<Bytes> = reply.items.iter().map(|i| i.wire().clone()).collect();
+        check_hand_encoding::<_, DiscoveryResponse>(reply, &bodies);
     }
 
     #[test]
     fn hand_encoded_reply_is_the_discovery_response() {
-        // A body big enough that its length prefix takes two varint bytes.
-        let big = Arc::new(Resource::from_any(
-            "big",
-            "v-big",
-            envoy_types::pb::google::protobuf::Any {
-                type_url: ResourceType::Route.type_url().into(),
-                value: vec![7; 7400],
-            },
-        ));
+        let big = big_route();
         for (t, version, nonce, items) in [
             (
                 ResourceType::Cluster,

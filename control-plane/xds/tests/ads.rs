@@ -258,35 +258,47 @@ impl Harness {
             .expect("connect")
     }
 
-    async fn sotw(&self) -> Sotw {
+    /// Open an ADS stream (`what` for the failure message) with `call`, the client's
+    /// method for it: the request sender and the response stream.
+    async fn open<Req, Resp, Fut>(
+        &self,
+        what: &str,
+        call: impl FnOnce(AggregatedDiscoveryServiceClient<Channel>, ReceiverStream<Req>) -> Fut,
+    ) -> (mpsc::Sender<Req>, Streaming<Resp>)
+    where
+        Fut: Future<Output = Result<tonic::Response<Streaming<Resp>>, tonic::Status>>,
+    {
         let (tx, rx) = mpsc::channel(16);
-        let stream = self
-            .client()
+        let stream = call(self.client().await, ReceiverStream::new(rx))
             .await
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("open sotw stream")
+            .unwrap_or_else(|e| panic!("open {what} stream: {e}"))
             .into_inner();
+        (tx, stream)
+    }
+
+    async fn sotw(&self) -> Sotw {
+        let (tx, rx) = self
+            .open("sotw", |mut c, rx| async move {
+                c.stream_aggregated_resources(rx).await
+            })
+            .await;
         Sotw {
             tx,
-            rx: stream,
+            rx,
             node_sent: false,
             names: HashMap::new(),
         }
     }
 
     async fn delta(&self) -> Delta {
-        let (tx, rx) = mpsc::channel(16);
-        let stream = self
-            .client()
-            .await
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("open delta stream")
-            .into_inner();
+        let (tx, rx) = self
+            .open("delta", |mut c, rx| async move {
+                c.delta_aggregated_resources(rx).await
+            })
+            .await;
         Delta {
             tx,
-            rx: stream,
+            rx,
             node_sent: false,
         }
     }
@@ -322,6 +334,76 @@ fn vehicle(id: &str) -> Node {
         cluster: "vehicle".into(),
         ..Default::default()
     }
+}
+
+// ---------------------------------------------------------------- both clients
+
+/// The receiving side the SotW and the delta client share.
+trait Client {
+    type Response;
+    fn rx(&mut self) -> &mut Streaming<Self::Response>;
+    fn type_url(r: &Self::Response) -> &str;
+    fn names(r: &Self::Response) -> Vec<String>;
+    /// What a failure message says of a response beyond its type and names.
+    fn detail(r: &Self::Response) -> String;
+
+    /// A response for a failure message: its type, names, and detail.
+    fn describe(r: &Self::Response) -> String {
+        let t = type_of(Self::type_url(r)).short();
+        format!("{t} {:?} {}", Self::names(r), Self::detail(r))
+    }
+
+    /// The next response (within PATIENCE, the stream healthy and open), no name twice.
+    async fn recv(&mut self) -> Self::Response {
+        let r = tokio::time::timeout(PATIENCE, self.rx().message())
+            .await
+            .expect("a response within the timeout")
+            .expect("stream healthy")
+            .expect("stream open");
+        let names = Self::names(&r);
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(
+            names.len(),
+            dedup.len(),
+            "a name twice in one reply: {names:?}"
+        );
+        r
+    }
+
+    /// The types of the next `n` responses.
+    async fn recv_types(&mut self, n: usize) -> Vec<ResourceType> {
+        let mut types = Vec::new();
+        for _ in 0..n {
+            types.push(type_of(Self::type_url(&self.recv().await)));
+        }
+        types
+    }
+
+    async fn recv_type(&mut self, t: ResourceType) -> Self::Response {
+        let r = self.recv().await;
+        let got = type_of(Self::type_url(&r));
+        assert_eq!(got, t, "unexpected type: {}", Self::describe(&r));
+        r
+    }
+
+    /// Nothing arrives within QUIET.
+    async fn assert_quiet(&mut self) {
+        if let Ok(r) = tokio::time::timeout(QUIET, self.rx().message()).await {
+            let r = r.expect("stream healthy").expect("stream open");
+            panic!("expected no response, got {}", Self::describe(&r));
+        }
+    }
+}
+
+/// The `error_detail` of a NACK saying `message`.
+fn nack_detail(message: &str) -> Option<RpcStatus> {
+    Some(RpcStatus {
+        code: Code::InvalidArgument as i32,
+        message: message.into(),
+        details: vec![],
+    })
 }
 
 // ---------------------------------------------------------------- SotW client
@@ -378,66 +460,26 @@ impl Sotw {
             resource_names: names,
             version_info: previous_version.into(),
             response_nonce: r.nonce.clone(),
-            error_detail: Some(RpcStatus {
-                code: Code::InvalidArgument as i32,
-                message: message.into(),
-                details: vec![],
-            }),
+            error_detail: nack_detail(message),
             ..Default::default()
         })
         .await;
     }
 
-    async fn recv(&mut self) -> DiscoveryResponse {
-        let r = tokio::time::timeout(PATIENCE, self.rx.message())
-            .await
-            .expect("a response within the timeout")
-            .expect("stream healthy")
-            .expect("stream open");
-        let n = names(&r);
-        let mut dedup = n.clone();
-        dedup.sort();
-        dedup.dedup();
-        assert_eq!(n.len(), dedup.len(), "a name twice in one reply: {n:?}");
-        r
-    }
-
-    /// The types of the next `n` responses.
-    async fn recv_types(&mut self, n: usize) -> Vec<ResourceType> {
-        let mut types = Vec::new();
-        for _ in 0..n {
-            types.push(type_of(&self.recv().await.type_url));
-        }
-        types
-    }
-
-    async fn recv_type(&mut self, t: ResourceType) -> DiscoveryResponse {
-        let r = self.recv().await;
-        assert_eq!(
-            type_of(&r.type_url),
-            t,
-            "unexpected type, names {:?}",
-            names(&r)
-        );
-        r
-    }
-
-    async fn assert_quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            let r = r.expect("stream healthy").expect("stream open");
-            panic!(
-                "expected no response, got {} {:?} version {}",
-                type_of(&r.type_url).short(),
-                names(&r),
-                r.version_info
-            );
-        }
+    /// [`Sotw::request`], then the response of type `t` (not ACKed).
+    async fn ask(
+        &mut self,
+        t: ResourceType,
+        names: &[&str],
+        last: Option<&DiscoveryResponse>,
+    ) -> DiscoveryResponse {
+        self.request(t, names, last).await;
+        self.recv_type(t).await
     }
 
     /// First subscription of `t` to `names`: the response, ACKed.
     async fn take(&mut self, t: ResourceType, names: &[&str]) -> DiscoveryResponse {
-        self.request(t, names, None).await;
-        let r = self.recv_type(t).await;
+        let r = self.ask(t, names, None).await;
         self.ack(&r).await;
         r
     }
@@ -453,6 +495,32 @@ impl Sotw {
         ]
     }
 }
+
+/// `impl Client` for a client struct whose `rx` streams `$response`, named by `$names`,
+/// detailed by `$detail`.
+macro_rules! client {
+    ($client:ty, $response:ty, $names:path, $detail:expr) => {
+        impl Client for $client {
+            type Response = $response;
+            fn rx(&mut self) -> &mut Streaming<$response> {
+                &mut self.rx
+            }
+            fn type_url(r: &$response) -> &str {
+                &r.type_url
+            }
+            fn names(r: &$response) -> Vec<String> {
+                $names(r)
+            }
+            fn detail(r: &$response) -> String {
+                $detail(r)
+            }
+        }
+    };
+}
+
+client!(Sotw, DiscoveryResponse, names, |r: &DiscoveryResponse| {
+    format!("version {}", r.version_info)
+});
 
 // ---------------------------------------------------------------- delta client
 
@@ -517,57 +585,19 @@ impl Delta {
         self.send(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
-            error_detail: Some(RpcStatus {
-                code: Code::InvalidArgument as i32,
-                message: message.into(),
-                details: vec![],
-            }),
+            error_detail: nack_detail(message),
             ..Default::default()
         })
         .await;
     }
-
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        let r = tokio::time::timeout(PATIENCE, self.rx.message())
-            .await
-            .expect("a response within the timeout")
-            .expect("stream healthy")
-            .expect("stream open");
-        let mut n = delta_names(&r);
-        let len = n.len();
-        n.sort();
-        n.dedup();
-        assert_eq!(n.len(), len, "a name twice in one reply");
-        r
-    }
-
-    /// The types of the next `n` responses.
-    async fn recv_types(&mut self, n: usize) -> Vec<ResourceType> {
-        let mut types = Vec::new();
-        for _ in 0..n {
-            types.push(type_of(&self.recv().await.type_url));
-        }
-        types
-    }
-
-    async fn recv_type(&mut self, t: ResourceType) -> DeltaDiscoveryResponse {
-        let r = self.recv().await;
-        assert_eq!(type_of(&r.type_url), t, "unexpected type: {r:?}");
-        r
-    }
-
-    async fn assert_quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            let r = r.expect("stream healthy").expect("stream open");
-            panic!(
-                "expected no response, got {} {:?} removed {:?}",
-                type_of(&r.type_url).short(),
-                delta_names(&r),
-                r.removed_resources
-            );
-        }
-    }
 }
+
+client!(
+    Delta,
+    DeltaDiscoveryResponse,
+    delta_names,
+    |r: &DeltaDiscoveryResponse| { format!("removed {:?}", r.removed_resources) }
+);
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -668,8 +698,7 @@ async fn sotw_nack_is_recorded_and_the_rejected_version_is_not_resent_until_the_
 async fn sotw_request_with_a_stale_nonce_is_ignored() {
     let h = Harness::start(&base()).await;
     let mut c = h.sotw().await;
-    c.request(EDS, &["a"], None).await;
-    let first = c.recv_type(EDS).await;
+    let first = c.ask(EDS, &["a"], None).await;
     c.ack(&first).await;
 
     let mut changed = base();
@@ -684,8 +713,7 @@ async fn sotw_request_with_a_stale_nonce_is_ignored() {
     c.assert_quiet().await;
 
     // The same request with the latest nonce is answered.
-    c.request(EDS, &["a", "b"], Some(&second)).await;
-    let third = c.recv_type(EDS).await;
+    let third = c.ask(EDS, &["a", "b"], Some(&second)).await;
     assert_eq!(names(&third), ["a", "b"]);
 }
 
@@ -693,8 +721,7 @@ async fn sotw_request_with_a_stale_nonce_is_ignored() {
 async fn sotw_newly_requested_name_is_answered_even_if_unchanged() {
     let h = Harness::start(&base()).await;
     let mut c = h.sotw().await;
-    c.request(EDS, &["a", "b"], None).await;
-    let r1 = c.recv_type(EDS).await;
+    let r1 = c.ask(EDS, &["a", "b"], None).await;
     assert_eq!(names(&r1), ["a", "b"]);
     c.ack(&r1).await;
     c.assert_quiet().await;
@@ -703,8 +730,7 @@ async fn sotw_newly_requested_name_is_answered_even_if_unchanged() {
     c.request(EDS, &["a"], Some(&r1)).await;
     c.assert_quiet().await;
     // ... asking for it again does, though nothing changed.
-    c.request(EDS, &["a", "b"], Some(&r1)).await;
-    let r2 = c.recv_type(EDS).await;
+    let r2 = c.ask(EDS, &["a", "b"], Some(&r1)).await;
     assert_eq!(names(&r2), ["a", "b"]);
 }
 
@@ -712,8 +738,7 @@ async fn sotw_newly_requested_name_is_answered_even_if_unchanged() {
 async fn sotw_requested_name_that_does_not_exist_yet_is_sent_when_it_appears() {
     let h = Harness::start(&base()).await;
     let mut c = h.sotw().await;
-    c.request(EDS, &["a", "later"], None).await;
-    let r1 = c.recv_type(EDS).await;
+    let r1 = c.ask(EDS, &["a", "later"], None).await;
     assert_eq!(names(&r1), ["a"]);
     c.ack(&r1).await;
     c.assert_quiet().await;
@@ -788,8 +813,7 @@ async fn sotw_on_demand_route_is_fetched_by_name_when_a_scope_needs_it() {
     let mut c = h.sotw().await;
     let rds = c.take(RDS, &["r"]).await;
     // Envoy adds an on-demand scope's route to its RDS names on first use.
-    c.request(RDS, &["r", "r-od"], Some(&rds)).await;
-    let rds = c.recv_type(RDS).await;
+    let rds = c.ask(RDS, &["r", "r-od"], Some(&rds)).await;
     assert_eq!(names(&rds), ["r", "r-od"]);
     c.ack(&rds).await;
     spec.od_routes = vec![("r-od", 2)];
@@ -809,8 +833,7 @@ async fn sotw_on_demand_cluster_goes_only_to_the_stream_that_names_it() {
     let mut other = h.sotw().await;
     other.take(CDS, &[]).await;
 
-    c.request(CDS, &["*", "od"], Some(&cds)).await;
-    let mut last = c.recv_type(CDS).await;
+    let mut last = c.ask(CDS, &["*", "od"], Some(&cds)).await;
     assert_eq!(names(&last), ["a", "b", "od"]);
     c.ack(&last).await;
     c.assert_quiet().await;
@@ -830,8 +853,7 @@ async fn sotw_on_demand_cluster_goes_only_to_the_stream_that_names_it() {
     }
 
     // Dropped from the names: left out of the full state, then no more updates.
-    c.request(CDS, &["*"], Some(&last)).await;
-    let r = c.recv_type(CDS).await;
+    let r = c.ask(CDS, &["*"], Some(&last)).await;
     assert_eq!(names(&r), ["a", "b"]);
     c.ack(&r).await;
     spec.od_clusters = vec![("od", 4)];
@@ -1394,8 +1416,7 @@ async fn nacks_are_counted_in_metrics_by_type() {
     let mut reg = prometheus_client::registry::Registry::default();
     h.xds.register_metrics(&mut reg);
     let mut c = h.sotw().await;
-    c.request(CDS, &[], None).await;
-    let r = c.recv_type(CDS).await;
+    let r = c.ask(CDS, &[], None).await;
     c.nack(&r, "", "nope").await;
     let _ = h
         .stream_status_when(|s| !s["types"]["cds"]["last_nack"].is_null())
