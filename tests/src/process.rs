@@ -322,6 +322,23 @@ impl Envoy {
         Self::try_start_config(node_id, &cfg, admin_port, dir).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Start Envoy on the bootstrap text `cfg` (written to `dir/<name>.yaml`, logging to
+    /// `dir/envoy-<name>.log`) without waiting for it: one the control plane refuses
+    /// never gets the configuration it would wait for.
+    pub fn spawn_config(name: &str, cfg: &str, dir: &Path) -> Result<Process, String> {
+        let path = dir.join(format!("{name}.yaml"));
+        fs::write(&path, cfg).map_err(|e| format!("write {}: {e}", path.display()))?;
+        Ok(Process::spawn(
+            "envoy",
+            Command::new(envoy_bin())
+                .arg("-c")
+                .arg(&path)
+                .arg("--disable-hot-restart")
+                .args(["-l", "info", "--concurrency", "1"]),
+            dir.join(format!("envoy-{name}.log")),
+        ))
+    }
+
     /// Start Envoy on the bootstrap text `cfg` (whose admin listens on `admin_port`)
     /// and wait until it is LIVE; the error carries Envoy's log.
     pub fn try_start_config(
@@ -330,17 +347,7 @@ impl Envoy {
         admin_port: u16,
         dir: &Path,
     ) -> Result<Envoy, String> {
-        let path = dir.join(format!("{name}.yaml"));
-        fs::write(&path, cfg).map_err(|e| format!("write {}: {e}", path.display()))?;
-        let proc = Process::spawn(
-            "envoy",
-            Command::new(envoy_bin())
-                .arg("-c")
-                .arg(&path)
-                .arg("--disable-hot-restart")
-                .args(["-l", "info", "--concurrency", "1"]),
-            dir.join(format!("envoy-{name}.log")),
-        );
+        let proc = Self::spawn_config(name, cfg, dir)?;
         let mut e = Envoy { proc, admin_port };
         // /ready is 200 once the server is LIVE: initial CDS and LDS have arrived.
         let live = wait_for(Duration::from_secs(30), || {

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process::{Process, envoy_bin, free_port, repo_root, target_bin};
+use crate::process::{free_port, repo_root, target_bin};
 
 /// Where the shipped bootstrap and SDS files expect the vehicle's certificates.
 pub const TLS_DIR_IN_CONFIGS: &str = "/etc/misaki/tls";
@@ -103,20 +103,4 @@ pub fn mtls_bootstrap(
         .replace("vehicle_id: demo-1", &format!("vehicle_id: {vehicle_id}"))
         .replace(TLS_DIR_IN_CONFIGS, &tls_dir.display().to_string());
     (cfg, admin_port)
-}
-
-/// Start Envoy on the bootstrap text `cfg` without waiting for it to go LIVE: one the
-/// control plane refuses never gets the configuration it would wait for.
-pub fn spawn_envoy(name: &str, cfg: &str, dir: &Path) -> Process {
-    let path = dir.join(format!("{name}.yaml"));
-    fs::write(&path, cfg).expect("write bootstrap");
-    Process::spawn(
-        "envoy",
-        Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&path)
-            .arg("--disable-hot-restart")
-            .args(["-l", "info", "--concurrency", "1"]),
-        dir.join(format!("envoy-{name}.log")),
-    )
 }

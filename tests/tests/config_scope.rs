@@ -216,4 +216,21 @@ fn undeclared_services_come_on_demand_and_their_edits_reach_only_envoys_holding_
         other_before,
         "an Envoy that never used svc-7 got nothing"
     );
+    // The documented differences from one big table (docs/policy.md): a prefix matches
+    // within its first path segment, and a bare-name Host that is no service is not
+    // routed by path. Both are Envoy's 404 at once.
+    // (Last: they may load other buckets into either Envoy.)
+    let r = http::request(outbound, "GET", "/svc-7extra/x", &[], b"").expect("request");
+    assert_eq!(
+        r.status, 404,
+        "/svc-7 must not catch /svc-7extra: {}",
+        r.body
+    );
+    let r =
+        http::request(outbound, "GET", "/svc-7/x", &[("host", "nosuch")], b"").expect("request");
+    assert_eq!(
+        r.status, 404,
+        "a bare-name Host that is no service: {}",
+        r.body
+    );
 }

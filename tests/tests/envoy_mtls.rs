@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use misaki_e2e::process::wait_for;
-use misaki_e2e::tls::{FleetCa, install_sds, mtls_bootstrap, spawn_envoy};
+use misaki_e2e::tls::{FleetCa, install_sds, mtls_bootstrap};
 use misaki_e2e::{ControlPlane, Envoy, Upstream, free_port, http};
 
 /// Listener ports of the policy: vehicle outbound, vehicle inbound, cloud inbound.
@@ -167,7 +167,7 @@ fn an_envoy_with_another_vehicles_certificate_or_none_gets_nothing_and_is_told_w
     let tls = f.vehicle_certs("car-2", "car-2");
     // car-2's certificate, a node that says car-1.
     let (cfg, _) = mtls_bootstrap("car-1-sidecar", "car-1", f.cp.xds_port, &tls);
-    let mut spoof = spawn_envoy("spoof", &cfg, f.dir.path());
+    let mut spoof = Envoy::spawn_config("spoof", &cfg, f.dir.path()).expect("spawn Envoy");
     let log = cp_log_with(&f.cp, &["refused xDS stream: identity"]).expect("misaki-cp refused it");
     assert!(
         log.contains("spiffe://misaki.local/vehicle/car-2") && log.contains("car-1"),
@@ -195,7 +195,7 @@ fn an_envoy_with_another_vehicles_certificate_or_none_gets_nothing_and_is_told_w
                 &format!("port_value: {}", f.cp.xds_port),
             )
             .replace("port_value: 19901", &format!("port_value: {}", free_port()));
-    let _plain = spawn_envoy("plain", &plain, f.dir.path());
+    let _plain = Envoy::spawn_config("plain", &plain, f.dir.path()).expect("spawn Envoy");
     let refused = wait_for(Duration::from_secs(15), || {
         let m = f.cp.admin("/metrics").body;
         m.lines()
@@ -209,4 +209,46 @@ fn an_envoy_with_another_vehicles_certificate_or_none_gets_nothing_and_is_told_w
         f.streams()
     );
     assert_eq!(f.cp.admin_json("/fleet")["total"], 0);
+}
+
+/// Every bootstrap in envoy-configs/ passes Envoy's own validator; the mTLS one once its
+/// certificates and SDS files are where its header says to put them (file-based SDS
+/// paths must exist, so it cannot validate before that).
+#[test]
+fn every_shipped_bootstrap_passes_envoys_validator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = FleetCa::init(&dir.path().join("ca"));
+    let tls = dir.path().join("tls");
+    ca.issue(&["--vehicle", "demo-1"], &tls);
+    install_sds(&tls);
+    let configs = misaki_e2e::process::repo_root().join("envoy-configs");
+    let mut checked = Vec::new();
+    for entry in fs::read_dir(&configs).expect("envoy-configs") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).expect("read bootstrap").replace(
+            misaki_e2e::tls::TLS_DIR_IN_CONFIGS,
+            &tls.display().to_string(),
+        );
+        let copy = dir.path().join(path.file_name().expect("a file"));
+        fs::write(&copy, text).expect("write bootstrap");
+        let out = std::process::Command::new(misaki_e2e::process::envoy_bin())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(&copy)
+            .output()
+            .expect("run envoy --mode validate");
+        assert!(
+            out.status.success(),
+            "{} fails Envoy's validator:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    assert!(
+        checked.iter().any(|f| f == "vehicle-sidecar-mtls.yaml") && checked.len() >= 5,
+        "{checked:?}"
+    );
 }

@@ -270,10 +270,13 @@ impl Output {
             self.routes.push(rc);
         }
         self.scoped_routes = built.scopes;
-        let mut hcm = hcm(VEHICLE_OUTBOUND, on_demand::filters());
-        hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::ScopedRoutes(
-            on_demand::scoped_routes(VEHICLE_OUTBOUND),
-        ));
+        let hcm = hcm_routed(
+            VEHICLE_OUTBOUND,
+            http_connection_manager::RouteSpecifier::ScopedRoutes(on_demand::scoped_routes(
+                VEHICLE_OUTBOUND,
+            )),
+            on_demand::filters(),
+        );
         self.listeners
             .push(listener(VEHICLE_OUTBOUND, "127.0.0.1", port, &hcm));
     }
@@ -759,7 +762,21 @@ fn route_action(svc: &Service, class: &TrafficClass, cluster: &str) -> RouteActi
 
 /// An HTTP connection manager taking route configuration `name` over RDS; `filters`
 /// run before the router.
-fn hcm(name: &str, mut filters: Vec<HttpFilter>) -> HttpConnectionManager {
+fn hcm(name: &str, filters: Vec<HttpFilter>) -> HttpConnectionManager {
+    let rds = http_connection_manager::RouteSpecifier::Rds(Rds {
+        config_source: Some(ads()),
+        route_config_name: name.to_string(),
+    });
+    hcm_routed(name, rds, filters)
+}
+
+/// An HTTP connection manager named `name` whose routes come from `routes`; `filters`
+/// run before the router.
+fn hcm_routed(
+    name: &str,
+    routes: http_connection_manager::RouteSpecifier,
+    mut filters: Vec<HttpFilter>,
+) -> HttpConnectionManager {
     filters.push(HttpFilter {
         name: "envoy.filters.http.router".to_string(),
         config_type: Some(http_filter::ConfigType::TypedConfig(
@@ -769,10 +786,7 @@ fn hcm(name: &str, mut filters: Vec<HttpFilter>) -> HttpConnectionManager {
     });
     HttpConnectionManager {
         stat_prefix: name.to_string(),
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: Some(ads()),
-            route_config_name: name.to_string(),
-        })),
+        route_specifier: Some(routes),
         http_filters: filters,
         ..Default::default()
     }
