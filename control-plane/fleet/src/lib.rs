@@ -15,16 +15,22 @@
 //!   as deltas from recent versions ([`PolicyHistory`], by `misaki-policy-wire`), and
 //!   pushed.
 //!
-//! Code map: `registry` (state, JSON, metrics, events), `service` (gRPC server),
+//! Code map: `record` (what is kept of a vehicle: domain types from the wire, serde for
+//! `/fleet`), `registry` (state, liveness, metrics, events), `service` (gRPC server),
 //! `policy` (Policy → `PolicyUpdate`, history and deltas), `echo` (UDP probe responder).
 
 mod echo;
 mod policy;
+mod record;
 mod registry;
 mod service;
 
 pub use echo::run_probe_echo;
 pub use policy::{HISTORY_LEN, PolicyHistory, PolicyVersioned, UpdateKind, policy_update};
+pub use record::{
+    LinkRecord, NackRecord, Power, QueueRecord, SelectionRecord, SidecarRecord, VehicleState,
+    XdsTypeRecord,
+};
 pub use registry::{
     FleetEvent, FleetEventKind, FleetRegistry, OFFLINE_AFTER_HEARTBEATS, RegistryError,
 };

@@ -14,6 +14,7 @@
 //! never await, so a blocking mutex is cheaper than an async one here.
 
 use crate::policy::UpdateKind;
+use crate::record::{LinkRecord, QueueRecord, SelectionRecord, SidecarRecord, VehicleState};
 use misaki_proto::fleet_v1 as pb;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -62,26 +63,16 @@ pub enum FleetEventKind {
     State,
 }
 
+/// One vehicle: what it reported ([`VehicleState`], shown as JSON) and the registry's
+/// own bookkeeping of its streams and clock.
 #[derive(Debug, Clone)]
 struct VehicleRecord {
-    daemon_version: String,
-    policy_version: String,
+    state: VehicleState,
     heartbeat_interval: Duration,
-    online: bool,
     /// Identifies the newest stream; an older stream's end must not mark us offline.
     stream: u64,
     connected_at: SystemTime,
     last_seen: Instant,
-    last_observed_unix_ms: u64,
-    links: BTreeMap<String, pb::Link>,
-    selections: BTreeMap<String, pb::ClassSelection>,
-    queues: BTreeMap<String, pb::QueueStats>,
-    power: pb::PowerState,
-    /// The clients of the vehicle's local xDS tier, as last reported (whole list).
-    sidecars: Vec<pb::Sidecar>,
-    link_changes: u64,
-    /// The identity the newest stream's client certificate proved (None: plaintext).
-    identity: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,7 +214,7 @@ impl FleetRegistry {
     }
 
     fn recount_online(&self, vehicles: &BTreeMap<Arc<str>, VehicleRecord>) {
-        let n = vehicles.values().filter(|v| v.online).count();
+        let n = vehicles.values().filter(|v| v.state.online).count();
         self.inner
             .metrics
             .online
@@ -259,27 +250,17 @@ impl FleetRegistry {
                 .cloned()
                 .unwrap_or_else(|| Arc::from(hello.vehicle_id.as_str()));
             let rec = vehicles.entry(id.clone()).or_insert_with(|| VehicleRecord {
-                daemon_version: String::new(),
-                policy_version: String::new(),
+                state: VehicleState::default(),
                 heartbeat_interval,
-                online: false,
                 stream,
                 connected_at: SystemTime::now(),
                 last_seen: Instant::now(),
-                last_observed_unix_ms: 0,
-                links: BTreeMap::new(),
-                selections: BTreeMap::new(),
-                queues: BTreeMap::new(),
-                power: pb::PowerState::Unspecified,
-                sidecars: Vec::new(),
-                link_changes: 0,
-                identity: None,
             });
-            rec.identity = identity;
-            rec.daemon_version = hello.daemon_version.clone();
-            rec.policy_version = hello.policy_version.clone();
+            rec.state.identity = identity;
+            rec.state.daemon_version = hello.daemon_version.clone();
+            rec.state.policy_version = hello.policy_version.clone();
+            rec.state.online = true;
             rec.heartbeat_interval = heartbeat_interval;
-            rec.online = true;
             rec.stream = stream;
             rec.connected_at = SystemTime::now();
             rec.last_seen = Instant::now();
@@ -313,7 +294,7 @@ impl FleetRegistry {
                 return true;
             };
             rec.last_seen = Instant::now();
-            rec.last_observed_unix_ms = report.observed_unix_ms;
+            rec.state.last_observed_unix_ms = report.observed_unix_ms;
             match r {
                 Report::Hello(_) => return false,
                 Report::Heartbeat(_) => {
@@ -322,57 +303,17 @@ impl FleetRegistry {
                 }
                 Report::LinkState(s) => {
                     self.count("link_state");
-                    rec.links = s
-                        .links
-                        .iter()
-                        .map(|l| (l.name.clone(), l.clone()))
-                        .collect();
-                    rec.selections = s
-                        .selections
-                        .iter()
-                        .map(|c| (c.class.clone(), c.clone()))
-                        .collect();
-                    rec.queues = s
-                        .queues
-                        .iter()
-                        .map(|q| (q.class.clone(), q.clone()))
-                        .collect();
-                    rec.power = s.power();
-                    rec.policy_version = s.policy_version.clone();
-                    rec.sidecars = s.sidecars.clone();
+                    apply_state(&mut rec.state, s);
                     true
                 }
                 Report::LinkChange(c) => {
                     self.count("link_change");
                     let n = u64::try_from(c.links.len() + c.removed_links.len()).unwrap_or(0);
                     self.inner.metrics.link_changes.inc_by(n);
-                    rec.link_changes += n;
-                    for l in &c.links {
-                        rec.links.insert(l.name.clone(), l.clone());
-                    }
-                    for name in &c.removed_links {
-                        rec.links.remove(name);
-                    }
-                    for s in &c.selections {
-                        rec.selections.insert(s.class.clone(), s.clone());
-                    }
-                    for q in &c.queues {
-                        rec.queues.insert(q.class.clone(), q.clone());
-                    }
-                    if c.power.is_some() {
-                        rec.power = c.power();
-                    }
-                    if let Some(v) = &c.policy_version {
-                        rec.policy_version = v.clone();
-                    }
-                    if let Some(r) = &c.policy_resync {
-                        // It kept this one: what it holds, whatever was sent since.
+                    if c.policy_resync.is_some() {
                         self.inner.metrics.policy_resyncs.inc();
-                        rec.policy_version = r.held_version.clone();
                     }
-                    if c.sidecars_changed {
-                        rec.sidecars = c.sidecars.clone();
-                    }
+                    apply_change(&mut rec.state, c, n);
                     true
                 }
             }
@@ -387,7 +328,7 @@ impl FleetRegistry {
         let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
         if let Some(rec) = vehicles.get_mut(vehicle) {
             rec.last_seen = Instant::now();
-            rec.last_observed_unix_ms = observed_unix_ms;
+            rec.state.last_observed_unix_ms = observed_unix_ms;
         }
     }
 
@@ -397,8 +338,8 @@ impl FleetRegistry {
         let went_offline = {
             let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
             match vehicles.get_mut(vehicle) {
-                Some(rec) if rec.stream == stream && rec.online => {
-                    rec.online = false;
+                Some(rec) if rec.stream == stream && rec.state.online => {
+                    rec.state.online = false;
                     self.recount_online(&vehicles);
                     true
                 }
@@ -419,7 +360,7 @@ impl FleetRegistry {
     /// Whether the vehicle is online (`None`: never seen).
     pub fn is_online(&self, vehicle: &str) -> Option<bool> {
         let vehicles = self.inner.vehicles.lock().expect("registry lock");
-        vehicles.get(vehicle).map(|v| v.online)
+        vehicles.get(vehicle).map(|v| v.state.online)
     }
 
     /// The uplink the vehicle last reported for `class` (`Some("")`: none eligible).
@@ -427,9 +368,10 @@ impl FleetRegistry {
         let vehicles = self.inner.vehicles.lock().expect("registry lock");
         vehicles
             .get(vehicle)?
+            .state
             .selections
             .get(class)
-            .map(|s| s.uplink.clone())
+            .map(|s| s.uplink.clone().unwrap_or_default())
     }
 
     /// The whole fleet, for the admin route `GET /fleet`:
@@ -438,7 +380,7 @@ impl FleetRegistry {
         let vehicles = self.inner.vehicles.lock().expect("registry lock");
         let list: Vec<Value> = vehicles.iter().map(|(id, v)| record_json(id, v)).collect();
         json!({
-            "online": vehicles.values().filter(|v| v.online).count(),
+            "online": vehicles.values().filter(|v| v.state.online).count(),
             "total": vehicles.len(),
             "vehicles": list,
         })
@@ -453,127 +395,78 @@ impl FleetRegistry {
     }
 }
 
-fn kind_str(k: i32) -> &'static str {
-    match pb::UplinkKind::try_from(k).unwrap_or(pb::UplinkKind::Unspecified) {
-        pb::UplinkKind::Unspecified => "unspecified",
-        pb::UplinkKind::Lte => "lte",
-        pb::UplinkKind::FiveG => "5g",
-        pb::UplinkKind::ThreeG => "3g",
-        pb::UplinkKind::Wifi => "wifi",
-        pb::UplinkKind::Dsrc => "dsrc",
-        pb::UplinkKind::Lpwa => "lpwa",
-    }
-}
-
-fn power_str(p: pb::PowerState) -> &'static str {
-    match p {
-        pb::PowerState::Unspecified => "unspecified",
-        pb::PowerState::On => "on",
-        pb::PowerState::Accessory => "accessory",
-        pb::PowerState::Low => "low",
-        pb::PowerState::ShuttingDown => "shutting_down",
-    }
-}
-
-/// `{"node_id", "kind", "proxyless", "connected_since_unix_ms", "types": {"cds": {...}}}`
-/// with, per type, `sent_version`/`acked_version` (null when none) and `last_nack`
-/// (`{"version", "message", "at_unix_ms"}` or null).
-fn sidecar_json(s: &pb::Sidecar) -> Value {
-    let types: serde_json::Map<String, Value> = s
-        .types
-        .iter()
-        .map(|t| {
-            (
-                t.xds_type.clone(),
-                json!({
-                    "sent_version": t.sent_version,
-                    "acked_version": t.acked_version,
-                    "last_nack": t.last_nack.as_ref().map(|n| json!({
-                        "version": n.version,
-                        "message": n.message,
-                        "at_unix_ms": n.at_unix_ms,
-                    })),
-                }),
-            )
-        })
-        .collect();
-    json!({
-        "node_id": s.node_id,
-        "kind": s.kind,
-        "proxyless": s.proxyless,
-        "connected_since_unix_ms": s.connected_since_unix_ms,
-        "types": types,
-    })
-}
-
-fn record_json(id: &str, v: &VehicleRecord) -> Value {
-    let links: Vec<Value> = v
+/// A whole `LinkState` replaces what the vehicle reported before.
+fn apply_state(state: &mut VehicleState, s: &pb::LinkState) {
+    state.links = s
         .links
-        .values()
-        .map(|l| {
-            json!({
-                "name": l.name,
-                "interface": l.interface,
-                "kind": kind_str(l.kind),
-                "up": l.up,
-                "carrier": l.carrier,
-                "reachable": l.reachable,
-                "rtt_us": l.rtt_us,
-                "loss_permille": l.loss_permille,
-                "jitter_us": l.jitter_us,
-                "throughput_bps": l.throughput_bps,
-                "metered": l.metered,
-                "cost": l.cost,
-            })
-        })
+        .iter()
+        .map(|l| (l.name.clone(), LinkRecord::from(l)))
         .collect();
-    let selections: serde_json::Map<String, Value> = v
+    state.selections = s
         .selections
-        .values()
-        .map(|s| {
-            let uplink = if s.uplink.is_empty() {
-                Value::Null
-            } else {
-                json!(s.uplink)
-            };
-            (
-                s.class.clone(),
-                json!({"uplink": uplink, "reason": s.reason}),
-            )
-        })
+        .iter()
+        .map(|c| (c.class.clone(), SelectionRecord::from(c)))
         .collect();
-    let queues: serde_json::Map<String, Value> = v
+    state.queues = s
         .queues
-        .values()
-        .map(|q| {
-            (
-                q.class.clone(),
-                json!({
-                    "depth_messages": q.depth_messages,
-                    "depth_bytes": q.depth_bytes,
-                    "dropped_total": q.dropped_total,
-                    "expired_total": q.expired_total,
-                }),
-            )
-        })
+        .iter()
+        .map(|q| (q.class.clone(), QueueRecord::from(q)))
         .collect();
-    json!({
-        "vehicle_id": id,
-        "identity": v.identity,
-        "online": v.online,
-        "daemon_version": v.daemon_version,
-        "policy_version": v.policy_version,
-        "heartbeat_interval_ms": u64::try_from(v.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
-        "connected_at_unix_ms": unix_ms(v.connected_at),
-        "last_seen_ms_ago": u64::try_from(v.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "last_observed_unix_ms": v.last_observed_unix_ms,
-        "power": power_str(v.power),
-        "links": links,
-        "selections": selections,
-        "queues": queues,
-        "sidecars": v.sidecars.iter().map(sidecar_json).collect::<Vec<_>>(),
-        "link_changes": v.link_changes,
-    })
+    state.power = s.power().into();
+    state.policy_version = s.policy_version.clone();
+    state.sidecars = s.sidecars.iter().map(SidecarRecord::from).collect();
+}
+
+/// A `LinkChange` (`n` link records changed) merges into what the vehicle reported.
+fn apply_change(state: &mut VehicleState, c: &pb::LinkChange, n: u64) {
+    state.link_changes += n;
+    for l in &c.links {
+        state.links.insert(l.name.clone(), LinkRecord::from(l));
+    }
+    for name in &c.removed_links {
+        state.links.remove(name);
+    }
+    for s in &c.selections {
+        state
+            .selections
+            .insert(s.class.clone(), SelectionRecord::from(s));
+    }
+    for q in &c.queues {
+        state.queues.insert(q.class.clone(), QueueRecord::from(q));
+    }
+    if c.power.is_some() {
+        state.power = c.power().into();
+    }
+    if let Some(v) = &c.policy_version {
+        state.policy_version = v.clone();
+    }
+    if let Some(r) = &c.policy_resync {
+        // It kept this one: what it holds, whatever was sent since.
+        state.policy_version = r.held_version.clone();
+    }
+    if c.sidecars_changed {
+        state.sidecars = c.sidecars.iter().map(SidecarRecord::from).collect();
+    }
+}
+
+/// `/fleet/{vehicle}`: the vehicle's [`VehicleState`] plus the registry's own fields.
+fn record_json(id: &str, v: &VehicleRecord) -> Value {
+    let mut json = serde_json::to_value(&v.state).expect("VehicleState serialises");
+    let fields = json
+        .as_object_mut()
+        .expect("a struct serialises as an object");
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    fields.insert("vehicle_id".into(), id.into());
+    fields.insert(
+        "heartbeat_interval_ms".into(),
+        ms(v.heartbeat_interval).into(),
+    );
+    fields.insert(
+        "connected_at_unix_ms".into(),
+        unix_ms(v.connected_at).into(),
+    );
+    fields.insert("last_seen_ms_ago".into(), ms(v.last_seen.elapsed()).into());
+    json
 }
 
 #[cfg(test)]
@@ -622,6 +515,50 @@ mod tests {
             )
             .unwrap()
             .0
+    }
+
+    /// The `/fleet/{vehicle}` field names are an interface: exactly these.
+    #[test]
+    fn a_vehicle_shows_the_documented_fields() {
+        let registry = FleetRegistry::new();
+        let car = online(&registry);
+        let link = pb::Link {
+            name: "wifi".into(),
+            kind: pb::UplinkKind::Wifi as i32,
+            ..Default::default()
+        };
+        let state = pb::LinkState {
+            links: vec![link],
+            sidecars: vec![sidecar("envoy-1", "delta", Some("v1"))],
+            ..Default::default()
+        };
+        assert!(registry.apply(&car, &report(Report::LinkState(state))));
+        let v = registry.vehicle_json("car-1").unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "connected_at_unix_ms",
+                "daemon_version",
+                "heartbeat_interval_ms",
+                "identity",
+                "last_observed_unix_ms",
+                "last_seen_ms_ago",
+                "link_changes",
+                "links",
+                "online",
+                "policy_version",
+                "power",
+                "queues",
+                "selections",
+                "sidecars",
+                "vehicle_id",
+            ]
+        );
+        assert_eq!(v["links"][0]["kind"], "wifi");
+        assert_eq!(v["power"], "unspecified");
+        assert_eq!(v["sidecars"][0]["types"]["cds"]["acked_version"], "v1");
+        assert_eq!(v["sidecars"][0]["types"]["cds"]["last_nack"], Value::Null);
     }
 
     #[test]
