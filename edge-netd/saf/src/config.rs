@@ -9,9 +9,11 @@ use http::Uri;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpVersion {
-    /// HTTP/1.1 with keep-alive; one request per connection at a time.
+    /// HTTP/1.1 with keep-alive; one request per connection at a time (ALPN `http/1.1`
+    /// over TLS).
     Http1,
-    /// HTTP/2 over cleartext (prior knowledge, h2c); many requests per connection.
+    /// HTTP/2, many requests per connection: cleartext with prior knowledge (h2c) to
+    /// `http://`, ALPN `h2` to `https://`.
     #[default]
     Http2,
 }
@@ -19,8 +21,11 @@ pub enum HttpVersion {
 /// Where the messages of one mesh service go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DestinationConfig {
-    /// Base URL, `http://host:port` (e.g. the cloud sidecar's `cloud_inbound` listener,
-    /// which routes by path prefix). A path in it is prepended to the message path.
+    /// Base URL, `http://host:port` or `https://host:port` (e.g. the cloud sidecar's
+    /// `cloud_inbound` listener, which routes by path prefix). A path in it is prepended
+    /// to the message path. `https://` is mutual TLS with the vehicle's certificate
+    /// ([`crate::ClientIdentity`], given by [`crate::StoreForward::set_identity`]); the
+    /// server must be a cloud identity of the fleet, whatever the host name.
     pub url: String,
     pub version: HttpVersion,
 }
@@ -84,7 +89,9 @@ impl Default for SafConfig {
 /// A setting that cannot work; named by field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("destination {name}: url {url:?} is not an http:// URL with a host ({reason})")]
+    #[error(
+        "destination {name}: url {url:?} is not an http:// or https:// URL with a host ({reason})"
+    )]
     BadUrl {
         name: String,
         url: String,
@@ -102,6 +109,8 @@ pub(crate) struct Target {
     pub(crate) scheme_authority: String,
     pub(crate) base_path: String,
     pub(crate) version: HttpVersion,
+    /// `https://`: mutual TLS with the vehicle's certificate.
+    pub(crate) tls: bool,
 }
 
 impl SafConfig {
@@ -157,17 +166,19 @@ impl Target {
             .url
             .parse()
             .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported (TLS is the sidecar's job)"));
+        let scheme = uri.scheme_str().unwrap_or_default();
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("only http:// and https:// are supported"));
         }
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         if uri.query().is_some() {
             return Err(bad("a query is not allowed in a base URL"));
         }
         Ok(Self {
-            scheme_authority: format!("http://{authority}"),
+            scheme_authority: format!("{scheme}://{authority}"),
             base_path: uri.path().trim_end_matches('/').to_string(),
             version: d.version,
+            tls: scheme == "https",
         })
     }
 
@@ -182,12 +193,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn validate_rejects_https_and_garbage_urls_naming_the_destination() {
+    fn validate_rejects_other_schemes_and_garbage_urls_naming_the_destination() {
         let mut c = SafConfig {
-            default_destination: Some(DestinationConfig::new("https://x:1", HttpVersion::Http2)),
+            default_destination: Some(DestinationConfig::new("ftp://x:1", HttpVersion::Http2)),
             ..SafConfig::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::BadUrl { name, .. }) if name == "default"));
+        c.default_destination = Some(DestinationConfig::new("https://", HttpVersion::Http1));
+        assert!(c.validate().is_err());
         c.default_destination = Some(DestinationConfig::new("not a url", HttpVersion::Http1));
         assert!(c.validate().is_err());
         c.default_destination = Some(DestinationConfig::new(
@@ -199,6 +212,18 @@ mod tests {
         assert_eq!(
             t.uri("/telemetry/up?x=1").unwrap().to_string(),
             "http://198.18.0.1:15443/base/telemetry/up?x=1"
+        );
+        assert!(!t.tls);
+        c.destinations.insert(
+            "maps".into(),
+            DestinationConfig::new("https://cloud.example:15443", HttpVersion::Http2),
+        );
+        c.validate().unwrap();
+        let t = c.target("maps").unwrap();
+        assert!(t.tls);
+        assert_eq!(
+            t.uri("/maps/x").unwrap().to_string(),
+            "https://cloud.example:15443/maps/x"
         );
     }
 }

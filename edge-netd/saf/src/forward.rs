@@ -5,8 +5,12 @@
 //!   sent on a connection bound (`SO_BINDTODEVICE`) to that uplink's interface. Connection
 //!   pools are per (interface, HTTP version), so a connection opened over one uplink never
 //!   carries a message picked for another.
+//! - `https://` destinations get pools of their own per (interface, HTTP version), made
+//!   with the current vehicle certificate and dropped whole when it changes or expires:
+//!   new connections present the newest certificate, and none outlives its certificate.
 //! - Every picked message ends in exactly one of ack (2xx), nack (408, 429, 5xx, connect
-//!   error, timeout) or dead-letter (any other status): nothing is retried in a hot loop,
+//!   or TLS error, timeout, no usable vehicle certificate for an https destination) or
+//!   dead-letter (any other status): nothing is retried in a hot loop,
 //!   nothing permanent is retried at all. Until one of those, the message stays in flight
 //!   in the queue; a crash before the ack resends it (at-least-once; receivers dedupe by
 //!   `Idempotency-Key`).
@@ -16,21 +20,25 @@
 //!   `min(max, base·2^(n-1))` with equal jitter (half fixed, half random), or the
 //!   destination's `Retry-After` if longer (capped at `backoff_max`); then one probe message
 //!   goes alone, and only its success reopens the class to full concurrency. A change of
-//!   the uplink selection ends every wait at once (the next attempt is that single probe).
+//!   the uplink selection or of the vehicle certificate ends every wait at once (the next
+//!   attempt is that single probe).
 //! - No lock is held across the two of them: the class table is copied before the queue's
 //!   `next_batch` (which calls back under the queue lock), and released before ack/nack.
 
 use std::{
     collections::HashMap,
     sync::{Arc, PoisonError},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::{
+        Client, ResponseFuture,
+        connect::{Connect, HttpConnector},
+    },
     rt::TokioExecutor,
 };
 use misaki_queue::Message;
@@ -40,8 +48,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     compress,
-    config::HttpVersion,
-    state::{ClassState, HttpClient, Inner},
+    config::{HttpVersion, Target},
+    state::{ClassState, HttpClient, HttpsClient, Inner},
+    tls::TlsConnector,
     uplink::{UplinkChoice, zstd_level},
 };
 
@@ -67,29 +76,101 @@ enum Outcome {
 }
 
 impl Inner {
+    /// TCP connector bound to `interface`, with the configured connect timeout.
+    fn tcp_connector(&self, interface: Option<&str>) -> HttpConnector {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(self.config.connect_timeout));
+        if let Some(i) = interface {
+            // SO_BINDTODEVICE: the packets leave over this uplink whatever the
+            // routing table says (needs CAP_NET_RAW, which edge-netd has).
+            conn.set_interface(i);
+        }
+        conn
+    }
+
+    fn build_client<C: Connect + Clone>(
+        &self,
+        conn: C,
+        version: HttpVersion,
+    ) -> Client<C, Full<Bytes>> {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(self.config.max_in_flight);
+        if version == HttpVersion::Http2 {
+            b.http2_only(true);
+        }
+        b.build(conn)
+    }
+
     fn client(&self, interface: Option<&str>, version: HttpVersion) -> HttpClient {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (interface.map(str::to_string), version);
         clients
             .entry(key)
-            .or_insert_with(|| {
-                let mut conn = HttpConnector::new();
-                conn.set_nodelay(true);
-                conn.set_connect_timeout(Some(self.config.connect_timeout));
-                if let Some(i) = interface {
-                    // SO_BINDTODEVICE: the packets leave over this uplink whatever the
-                    // routing table says (needs CAP_NET_RAW, which edge-netd has).
-                    conn.set_interface(i);
-                }
-                let mut b = Client::builder(TokioExecutor::new());
-                b.pool_idle_timeout(Duration::from_secs(30))
-                    .pool_max_idle_per_host(self.config.max_in_flight);
-                if version == HttpVersion::Http2 {
-                    b.http2_only(true);
-                }
-                b.build(conn)
-            })
+            .or_insert_with(|| self.build_client(self.tcp_connector(interface), version))
             .clone()
+    }
+
+    /// The pool for an `https://` destination, presenting the current vehicle
+    /// certificate; `Err(reason)` while there is none that may be used.
+    fn https_client(
+        &self,
+        interface: Option<&str>,
+        version: HttpVersion,
+    ) -> Result<HttpsClient, String> {
+        let mut tls = self.tls();
+        let Some(identity) = tls.identity.clone() else {
+            return Err(
+                "not attempted: no vehicle certificate yet for https:// destinations".into(),
+            );
+        };
+        if identity.expired(SystemTime::now()) {
+            tls.clients.clear();
+            return Err(format!(
+                "not attempted: the vehicle certificate ({}) has expired; waiting for a renewed one",
+                identity.id()
+            ));
+        }
+        let key = (interface.map(str::to_string), version);
+        let client = tls.clients.entry(key).or_insert_with(|| {
+            let tcp = self.tcp_connector(interface);
+            // The handshake gets the connect timeout again: both are one round trip or two.
+            let conn = TlsConnector::new(tcp, &identity, version, self.config.connect_timeout);
+            self.build_client(conn, version)
+        });
+        Ok(client.clone())
+    }
+
+    /// Once the vehicle certificate has expired, drop its pools, so none of its
+    /// connections outlives it by more than the forwarder's 1 s tick (plus a request
+    /// already under way).
+    fn drop_expired_pools(&self) {
+        let mut tls = self.tls();
+        if !tls.clients.is_empty()
+            && let Some(id) = tls
+                .identity
+                .as_ref()
+                .filter(|i| i.expired(SystemTime::now()))
+        {
+            warn!(identity = %id.id(), "vehicle certificate expired; https connections closed, https deliveries wait for a renewed one");
+            tls.clients.clear();
+        }
+    }
+}
+
+/// The pool a delivery goes through.
+enum Pool {
+    Plain(HttpClient),
+    Tls(HttpsClient),
+}
+
+impl Pool {
+    fn request(&self, req: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            Pool::Plain(c) => c.request(req),
+            Pool::Tls(c) => c.request(req),
+        }
     }
 }
 
@@ -108,6 +189,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             break;
         }
         while tasks.try_join_next().is_some() {}
+        inner.drop_expired_pools();
         let now = Instant::now();
         if now >= next_expire {
             let n = inner.queue.expire();
@@ -279,13 +361,20 @@ fn settle(inner: &Inner, msg: &Message, uplink: &UplinkChoice, outcome: Outcome)
             reason,
             retry_after,
         } => {
-            debug!(id = msg.id, uplink = %uplink.name, %reason, "delivery failed; will retry");
             inner.queue.nack(msg.id);
             inner.metrics.on_retried(&msg.class);
             let cfg = &inner.config;
             let mut classes = inner.classes();
             let st = classes.entry(msg.class.clone()).or_default();
             st.probe_in_flight = false;
+            // Logged once per change of reason (a refused certificate, an outage), not
+            // on every attempt of every message.
+            if st.last_error.as_deref() == Some(reason.as_str()) {
+                debug!(id = msg.id, uplink = %uplink.name, %reason, "delivery failed; will retry");
+            } else {
+                warn!(class = %msg.class, uplink = %uplink.name, %reason,
+                      "delivery failed; will retry (logged again when the reason changes)");
+            }
             st.last_error = Some(reason);
             if st.retry_at.is_some_and(|t| t > Instant::now()) {
                 // Another delivery of the class already failed and set the wait: the
@@ -331,12 +420,79 @@ async fn deliver(inner: &Inner, msg: &Message, uplink: &UplinkChoice) -> Outcome
             retry_after: None,
         };
     };
+    let interface = uplink.interface.as_deref();
+    let pool = if target.tls {
+        match inner.https_client(interface, target.version) {
+            Ok(c) => Pool::Tls(c),
+            // No vehicle certificate (yet, or any more): not attempted, no connection is
+            // made. Handled as an unreachable destination: the message goes back to the
+            // queue (nack, counted in `retried`) and the class backs off; never a dead
+            // letter, which only an answer of the destination earns. `set_identity` ends
+            // the wait at once.
+            Err(reason) => return retry(reason, None),
+        }
+    } else {
+        Pool::Plain(inner.client(interface, target.version))
+    };
+    let (req, wire) = match request(inner, msg, uplink, &target).await {
+        Ok(r) => r,
+        Err(outcome) => return outcome,
+    };
+    let timeout = inner.config.request_timeout;
+    let resp = match tokio::time::timeout(timeout, pool.request(req)).await {
+        Err(_) => return retry(format!("no response within {timeout:?}"), None),
+        Ok(Err(e)) => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            return retry(s, None);
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    // Read (a bounded part of) the answer so the connection can be reused; its content
+    // only matters for the dead-letter reason.
+    let text = tokio::time::timeout(
+        timeout,
+        Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|b| {
+        String::from_utf8_lossy(&b.to_bytes()[..])
+            .chars()
+            .take(200)
+            .collect::<String>()
+    })
+    .unwrap_or_default();
+    classify(status, retry_after, wire, text)
+}
+
+/// The request for `msg`, body compressed for `uplink`, and its body's size on the wire.
+async fn request(
+    inner: &Inner,
+    msg: &Message,
+    uplink: &UplinkChoice,
+    target: &Target,
+) -> Result<(Request<Full<Bytes>>, usize), Outcome> {
+    let dest = &msg.destination;
     let Ok(method) = Method::from_bytes(dest.method.as_bytes()) else {
-        return dead(None, format!("invalid method {:?}", dest.method));
+        return Err(dead(None, format!("invalid method {:?}", dest.method)));
     };
     let uri = match target.uri(&dest.path) {
         Ok(u) => u,
-        Err(e) => return dead(None, format!("invalid path {:?}: {e}", dest.path)),
+        Err(e) => return Err(dead(None, format!("invalid path {:?}: {e}", dest.path))),
     };
     let mut compressed = None;
     if compress::should_compress(
@@ -382,50 +538,10 @@ async fn deliver(inner: &Inner, msg: &Message, uplink: &UplinkChoice) -> Outcome
         None => Bytes::copy_from_slice(&msg.body),
     };
     let wire = body.len();
-    let req = match req.body(Full::new(body)) {
-        Ok(r) => r,
-        Err(e) => return dead(None, format!("cannot build request: {e}")),
-    };
-    let client = inner.client(uplink.interface.as_deref(), target.version);
-    let timeout = inner.config.request_timeout;
-    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => return retry(format!("no response within {timeout:?}"), None),
-        Ok(Err(e)) => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(c) = src {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                src = c.source();
-            }
-            return retry(s, None);
-        }
-        Ok(Ok(r)) => r,
-    };
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    // Read (a bounded part of) the answer so the connection can be reused; its content
-    // only matters for the dead-letter reason.
-    let text = tokio::time::timeout(
-        timeout,
-        Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect(),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .map(|b| {
-        String::from_utf8_lossy(&b.to_bytes()[..])
-            .chars()
-            .take(200)
-            .collect::<String>()
-    })
-    .unwrap_or_default();
-    classify(status, retry_after, wire, text)
+    match req.body(Full::new(body)) {
+        Ok(r) => Ok((r, wire)),
+        Err(e) => Err(dead(None, format!("cannot build request: {e}"))),
+    }
 }
 
 fn classify(

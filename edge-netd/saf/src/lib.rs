@@ -9,7 +9,7 @@
 //!  app ──HTTP/1.1|h2c──▶ ingest (ingest.rs) ──enqueue, fsync──▶ Queue ──next_batch──▶
 //!        ◀── 202 + Idempotency-Key ──┘                           forwarder (forward.rs)
 //!                                      UplinkView::usable(class) ──▶ SO_BINDTODEVICE conn
-//!                                      ──zstd, HTTP/2|1.1──▶ cloud sidecar (cloud_inbound)
+//!                                      ──zstd, HTTP/2|1.1, [mTLS]──▶ cloud sidecar (cloud_inbound)
 //! ```
 //!
 //! ## Invariants
@@ -33,6 +33,7 @@
 //! ```text
 //! let queue = Arc::new(tokio::task::spawn_blocking(move || Queue::open(qcfg)).await??);
 //! let saf = misaki_saf::StoreForward::start(cfg, queue, policy_rx, uplinks, shutdown)?;
+//! saf.set_identity(Some(Arc::new(identity)))?; // https:// destinations; again on renewal
 //! saf.register_metrics(&mut registry);
 //! tokio::spawn({ let saf = saf.clone(); async move { saf.serve(listener).await } });
 //! // local API: if let Some(resp) = saf.admin_response(req.method(), req.uri().path()) { .. }
@@ -42,7 +43,8 @@
 //! Module map: `config` (settings, validated once) → `ingest` (request → message) →
 //! `forward` (scheduler, delivery, backoff) → `runtime` (wiring, servers, status); `state`
 //! (what they share: the queue, the policy, per-class retry state, connection pools);
-//! `uplink` (the [`UplinkView`] seam and the zstd level table); `compress`; `metrics`;
+//! `uplink` (the [`UplinkView`] seam and the zstd level table); `tls` (the vehicle's
+//! certificate, the cloud server check, the TLS connector); `compress`; `metrics`;
 //! [`testkit`] (a recording receiver for tests and benchmarks).
 
 mod compress;
@@ -53,6 +55,7 @@ mod metrics;
 mod runtime;
 mod state;
 pub mod testkit;
+mod tls;
 mod uplink;
 
 pub use crate::{
@@ -60,5 +63,6 @@ pub use crate::{
     ingest::{IngestError, class_rank},
     metrics::Totals,
     runtime::{ClassReport, StoreForward},
+    tls::{ClientIdentity, ClientIdentityError},
     uplink::{StaticUplinks, UplinkChoice, UplinkView, zstd_level},
 };

@@ -1,6 +1,8 @@
 //! Wiring: [`StoreForward::start`] spawns the forwarder; [`StoreForward::serve`] runs the
 //! ingest endpoint on a listener; [`StoreForward::admin_response`] answers the local API
-//! paths (`/status`, `/deadletters`) for whatever server mounts them.
+//! paths (`/status`, `/deadletters`) for whatever server mounts them;
+//! [`StoreForward::set_identity`] gives the forwarder the vehicle's certificate for
+//! `https://` destinations.
 
 use std::{
     collections::HashMap,
@@ -23,14 +25,15 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::{ConfigError, SafConfig},
     forward,
     ingest::{self, json_response},
     metrics::Metrics,
-    state::Inner,
+    state::{Inner, TlsState},
+    tls::{ClientIdentity, ClientIdentityError, TlsIdentity},
     uplink::UplinkView,
 };
 
@@ -85,6 +88,7 @@ impl StoreForward {
             wake: Notify::new(),
             classes: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            tls: Mutex::new(TlsState::default()),
             stop: stop_rx,
         });
         tokio::spawn(async move {
@@ -98,6 +102,66 @@ impl StoreForward {
             inner,
             forwarder: Arc::new(Mutex::new(Some(forwarder))),
         })
+    }
+
+    /// Use `identity` for every `https://` destination from now on (`None`: none, https
+    /// deliveries wait). Call it at start and again whenever the vehicle's certificate is
+    /// renewed; cheap, and no delivery is interrupted:
+    ///
+    /// - new connections present the new certificate; pooled connections made with the
+    ///   old one finish the requests they carry and are closed (their pools are dropped);
+    /// - until an identity is set, and once its certificate has expired, https deliveries
+    ///   are not attempted: their messages stay queued (counted as retried, never dead
+    ///   lettered), and the waits end as soon as an identity is set;
+    /// - an identity that cannot be used (unreadable PEM, key not the certificate's, not a
+    ///   `spiffe://<trust_domain>/vehicle/<id>` certificate) is refused with the reason and
+    ///   the previous one stays in use.
+    pub fn set_identity(
+        &self,
+        identity: Option<Arc<ClientIdentity>>,
+    ) -> Result<(), ClientIdentityError> {
+        let loaded = identity
+            .as_deref()
+            .map(TlsIdentity::load)
+            .transpose()?
+            .map(Arc::new);
+        if let Some(id) = &loaded {
+            info!(identity = %id.id(), not_after_unix = id.not_after_unix(),
+                  "vehicle certificate for https destinations set");
+        }
+        let previous = {
+            let mut tls = self.inner.tls();
+            tls.clients.clear();
+            std::mem::replace(&mut tls.identity, loaded)
+        };
+        if previous.is_some() && identity.is_none() {
+            info!("vehicle certificate for https destinations removed");
+        }
+        for st in self.inner.classes().values_mut() {
+            st.retry_at = None;
+        }
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// [`StoreForward::set_identity`] with every value `identity` holds, until its sender
+    /// is dropped or shutdown; a value that cannot be used is logged and the previous one
+    /// kept. Spawn it: `tokio::spawn(async move { saf.follow_identity(rx).await })`.
+    pub async fn follow_identity(
+        &self,
+        mut identity: watch::Receiver<Option<Arc<ClientIdentity>>>,
+    ) {
+        let mut stop = self.inner.stop.clone();
+        loop {
+            let current = identity.borrow_and_update().clone();
+            if let Err(error) = self.set_identity(current) {
+                warn!(%error, "vehicle certificate refused; keeping the previous one");
+            }
+            tokio::select! {
+                r = identity.changed() => if r.is_err() { return },
+                _ = stopped(&mut stop) => return,
+            }
+        }
     }
 
     /// Resolves once the forwarder finished after shutdown (acks flushed).
@@ -268,8 +332,16 @@ impl StoreForward {
         let t = &inner.metrics.totals;
         let body = t.body_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let wire = t.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let identity = inner.tls().identity.clone().map(|id| {
+            json!({
+                "id": id.id().to_string(),
+                "not_after_unix": id.not_after_unix(),
+                "expired": id.expired(std::time::SystemTime::now()),
+            })
+        });
         json!({
             "totals": t,
+            "tls_identity": identity,
             "compression_ratio": if wire > 0 { body as f64 / wire as f64 } else { 1.0 },
             "in_flight": inner.metrics.in_flight.get(),
             "queue": {

@@ -43,6 +43,8 @@ pub struct Options {
     pub max_body_bytes: usize,
     pub version: HttpVersion,
     pub all_up: bool,
+    /// `Some`: the receiver is a TLS one with this configuration, the destination https://.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             max_body_bytes: 1 << 20,
             version: HttpVersion::Http2,
             all_up: true,
+            tls: None,
         }
     }
 }
@@ -68,9 +71,12 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(opts: Options) -> Self {
-        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), true)
-            .await
-            .expect("receiver binds");
+        let any = "127.0.0.1:0".parse().unwrap();
+        let (receiver, scheme) = match opts.tls {
+            Some(config) => (Receiver::start_tls(any, true, config).await, "https"),
+            None => (Receiver::start(any, true).await, "http"),
+        };
+        let receiver = receiver.expect("receiver binds");
         let dir = tempfile::tempdir().unwrap();
         let mut qcfg = QueueConfig::new(dir.path().join("queue"));
         qcfg.budget_bytes = opts.budget_bytes;
@@ -86,7 +92,7 @@ impl Harness {
         }
         let config = SafConfig {
             default_destination: Some(DestinationConfig::new(
-                format!("http://{}", receiver.addr()),
+                format!("{scheme}://{}", receiver.addr()),
                 opts.version,
             )),
             max_body_bytes: opts.max_body_bytes,
