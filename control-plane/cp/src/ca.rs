@@ -9,6 +9,8 @@
 //!   signed it;
 //! - the SAN of an identity is [`misaki_identity::SpiffeId`]'s spelling, so what is
 //!   issued here is exactly what the control plane reads back;
+//! - one place builds a leaf certificate (`Ca::sign_leaf`): `ca issue` and enrolment's
+//!   [`Ca::sign_csr`] differ only in where the public key comes from;
 //! - keys are ECDSA P-256 (fast handshakes on vehicle CPUs, small certificates); a
 //!   brought CA may use any key rcgen can sign with.
 //!
@@ -20,6 +22,7 @@
 //! DIR/trust-domain    the SPIFFE trust domain, one line
 //! DIR/revoked         one line per revoked certificate: `<serial hex> <unix seconds>`
 //! DIR/crl.pem         CRL of those serials, signed by the CA (`serve --crl`); empty after `init`
+//! DIR/enrolled/ID.json the live certificates enrolment issued to vehicle ID (`crate::enroll`)
 //! OUTDIR/cert.pem     an issued certificate; OUTDIR/key.pem (0600) its key; OUTDIR/ca.pem the CA
 //! ```
 //!
@@ -61,6 +64,8 @@ pub const CA_KEY: &str = "ca-key.pem";
 pub const TRUST_DOMAIN_FILE: &str = "trust-domain";
 pub const REVOKED: &str = "revoked";
 pub const CRL: &str = "crl.pem";
+/// Directory of enrolment records, one JSON file per vehicle (`crate::enroll`).
+pub const ENROLLED: &str = "enrolled";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -89,6 +94,8 @@ pub enum CaError {
     },
     #[error("{0}")]
     Identity(#[from] misaki_identity::IdentityError),
+    #[error("the CA expired at {}; it can sign nothing more", utc(*.0))]
+    Expired(OffsetDateTime),
 }
 
 impl CaError {
@@ -155,7 +162,7 @@ pub fn utc(t: OffsetDateTime) -> String {
     )
 }
 
-fn create_dir(dir: &Path, mode: u32) -> Result<(), CaError> {
+pub(crate) fn create_dir(dir: &Path, mode: u32) -> Result<(), CaError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(mode)
@@ -176,7 +183,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -258,6 +265,16 @@ fn distinguished_name(cn: &str) -> DistinguishedName {
     dn.push(DnType::OrganizationName, "misaki");
     dn.push(DnType::CommonName, cn);
     dn
+}
+
+/// A certificate signed by the CA, PEM, without a key: enrolment's key never leaves the
+/// vehicle.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub serial_hex: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
 }
 
 /// A certificate and its key, PEM, with the CA that signed it.
@@ -386,6 +403,16 @@ impl Ca {
         &self.cert_der
     }
 
+    /// The CA certificate, PEM (what clients trust).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
     }
@@ -412,6 +439,50 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, CaError> {
+        let key = KeyPair::generate()?;
+        let leaf = self.sign_leaf(subject, &key, not_before, not_after)?;
+        Ok(Issued {
+            cert_pem: leaf.cert_pem,
+            key_pem: key.serialize_pem(),
+            ca_pem: self.cert_pem.clone(),
+            serial_hex: leaf.serial_hex,
+            not_after,
+        })
+    }
+
+    /// Sign a certificate for vehicle `vehicle` over `public_key` (from a CSR whose
+    /// signature the caller has verified), valid from now (less [`CLOCK_SKEW`]) for
+    /// `valid_for`, cut short at the CA's own expiry: a CA near its end still renews the
+    /// fleet for as long as it can, and never signs past itself.
+    pub fn sign_csr(
+        &self,
+        vehicle: &str,
+        public_key: &impl PublicKeyData,
+        valid_for: Duration,
+    ) -> Result<Leaf, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let not_after = (now + std_to_time(valid_for)).min(self.not_after);
+        if not_after <= now {
+            return Err(CaError::Expired(self.not_after));
+        }
+        let subject = Subject::Vehicle(vehicle.to_string());
+        self.sign_leaf(
+            &subject,
+            public_key,
+            now - std_to_time(CLOCK_SKEW),
+            not_after,
+        )
+    }
+
+    /// The one place a leaf certificate is made: names and key usages from `subject`,
+    /// a fresh random serial, the given validity, `public_key`.
+    fn sign_leaf(
+        &self,
+        subject: &Subject,
+        public_key: &impl PublicKeyData,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Leaf, CaError> {
         if not_after > self.not_after {
             return Err(CaError::OutlivesCa {
                 cert: not_after,
@@ -423,15 +494,34 @@ impl Ca {
         params.not_after = not_after;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer()?)?;
-        Ok(Issued {
+        let cert = params.signed_by(public_key, &self.issuer()?)?;
+        Ok(Leaf {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            ca_pem: self.cert_pem.clone(),
             serial_hex: hex(serial.as_ref()),
+            not_before,
             not_after,
         })
+    }
+
+    /// The serials in `DIR/revoked` (lower-case hex, as [`Leaf::serial_hex`]); none
+    /// when the file does not exist yet.
+    pub fn revoked_serials(&self) -> Result<std::collections::HashSet<String>, CaError> {
+        let list = self.revoked_list()?;
+        Ok(list
+            .lines()
+            .filter_map(|l| parse_hex(l.split(' ').next()?))
+            .map(|s| hex(&s))
+            .collect())
+    }
+
+    /// The `revoked` file's text ("" before the first revocation).
+    fn revoked_list(&self) -> Result<String, CaError> {
+        let path = self.dir.join(REVOKED);
+        match fs::read_to_string(&path) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(CaError::Read { path, source: e }),
+        }
     }
 
     /// Revoke the certificate with serial `serial_hex`: record it in `DIR/revoked` and
@@ -440,11 +530,7 @@ impl Ca {
         let serial = parse_hex(serial_hex)
             .ok_or_else(|| invalid(Path::new(serial_hex), "not a hex serial number"))?;
         let list_path = self.dir.join(REVOKED);
-        let mut list = match fs::read_to_string(&list_path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_err(&list_path)(e)),
-        };
+        let mut list = self.revoked_list()?;
         let now = OffsetDateTime::now_utc();
         let canonical = hex(&serial);
         if !list

@@ -124,6 +124,10 @@ pub struct TlsArgs {
     /// domain is the default for `--trust-domain`.
     #[arg(long, value_name = "DIR", requires = "client_ca")]
     pub ca: Option<PathBuf>,
+    /// Lifetime of certificates issued by enrolment (a claim's or a renewal; `168h` is
+    /// 7 days), cut short at the CA's own expiry.
+    #[arg(long, value_name = "DURATION", default_value = "168h", value_parser = duration, requires = "ca")]
+    pub enrol_valid_for: Duration,
     /// Trust domain of client identities (default: the `--ca` directory's, else
     /// misaki.local).
     #[arg(long, value_parser = trust_domain, requires = "client_ca")]
@@ -237,6 +241,8 @@ mod tests {
             "serve --tls-cert c --tls-key k",
             "serve --crl x",
             "serve --tls-cert c --tls-key k --client-ca a --max-handshakes 0",
+            "serve --tls-cert c --tls-key k --client-ca a --enrol-valid-for 24h",
+            "serve --tls-cert c --tls-key k --client-ca a --ca d --enrol-valid-for 7d",
         ] {
             let e = parse(bad).map(|_| ()).unwrap_err();
             assert!(e.use_stderr(), "{bad}: {e}");
@@ -253,6 +259,15 @@ mod tests {
         };
         assert!(a.tls.enabled());
         assert_eq!(a.tls.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(a.tls.enrol_valid_for, Duration::from_secs(7 * 24 * 3600));
+        let Command::Serve(a) =
+            parse("serve --tls-cert c --tls-key k --client-ca a --ca d --enrol-valid-for 36h")
+                .unwrap()
+                .command
+        else {
+            panic!("expected serve");
+        };
+        assert_eq!(a.tls.enrol_valid_for, Duration::from_secs(36 * 3600));
         let Command::Serve(a) = parse("serve").unwrap().command else {
             panic!("expected serve");
         };

@@ -1,5 +1,6 @@
 //! `misaki-cp serve`: wire policy, cache, xDS server, watcher and admin together, with
-//! mutual TLS on the gRPC port when `--client-ca` is given.
+//! mutual TLS on the gRPC port when `--client-ca` is given, and certificate enrolment
+//! on it (`crate::enroll`) when `--ca` and `--crl` are given too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::admin::{self, Admin};
 use crate::ca::{Ca, CaError};
 use crate::cache::SnapshotCache;
 use crate::cli::{ServeArgs, TlsArgs};
+use crate::enroll::{self, Enrollment};
 use crate::policy_state::PolicyState;
 use crate::tls::{Limits, TlsError, TlsFiles, TlsServer};
 use crate::watcher;
@@ -57,8 +59,15 @@ impl RunError {
     }
 }
 
+/// The gRPC port's mutual TLS, and the CA of `--ca` that enrolment signs with.
+#[derive(Debug)]
+pub struct GrpcTls {
+    pub server: TlsServer,
+    pub ca: Option<Ca>,
+}
+
 /// Load and check the TLS files and `--ca` (nothing binds before this). `None`: TLS off.
-pub fn load_tls(args: &TlsArgs) -> Result<Option<TlsServer>, RunError> {
+pub fn load_tls(args: &TlsArgs) -> Result<Option<GrpcTls>, RunError> {
     let Some(files) = TlsFiles::from_args(args) else {
         return Ok(None);
     };
@@ -100,7 +109,49 @@ pub fn load_tls(args: &TlsArgs) -> Result<Option<TlsServer>, RunError> {
         }
     }
     tracing::info!(%trust_domain, enrolment_ca = ca.is_some(), "mutual TLS on the gRPC port");
-    Ok(Some(server))
+    Ok(Some(GrpcTls {
+        server,
+        ca: ca.map(|(_, ca)| ca),
+    }))
+}
+
+/// The gRPC port's TLS, and the enrolment service for what `serve` was given: on with
+/// TLS, `--ca` and `--crl`.
+fn enrolment(args: &TlsArgs, tls: Option<GrpcTls>) -> (Option<TlsServer>, Enrollment) {
+    let (server, ca) = match tls {
+        Some(t) => (Some(t.server), t.ca),
+        None => (None, None),
+    };
+    let enrollment = Enrollment::new(enroll::Config {
+        tls: server.is_some(),
+        crl: args.crl.is_some(),
+        ca,
+        valid_for: args.enrol_valid_for,
+    });
+    if enrollment.is_on() {
+        tracing::info!(valid_for = ?args.enrol_valid_for, "certificate enrolment on the gRPC port");
+    } else if args.ca.is_some() {
+        tracing::warn!(
+            "--ca is given but enrolment is off: it needs --crl too (the CA's crl.pem), so a revoked certificate cannot enrol"
+        );
+    }
+    (server, enrollment)
+}
+
+/// The UDP probe echo's socket, if `--probe-addr` is given.
+async fn bind_probe(
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::net::UdpSocket>, RunError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let socket = tokio::net::UdpSocket::bind(addr).await;
+    let err = |source| RunError::Bind {
+        what: "probe echo",
+        addr,
+        source,
+    };
+    socket.map(Some).map_err(err)
 }
 
 /// Load the policy named on the command line, or the embedded quickstart.
@@ -166,7 +217,7 @@ pub async fn serve(
 ) -> Result<(), RunError> {
     // Parse everything before binding anything.
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
-    let tls = load_tls(&args.tls)?;
+    let (tls, enrollment) = enrolment(&args.tls, load_tls(&args.tls)?);
     let cache = SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix());
     let policy_state = PolicyState::new(cache.clone(), source);
 
@@ -177,6 +228,7 @@ pub async fn serve(
     xds.register_metrics(&mut metrics);
     policy_state.register_metrics(&mut metrics);
     fleet.register_metrics(&mut metrics);
+    enrollment.register_metrics(&mut metrics);
     if let Some(tls) = &tls {
         tls.register_metrics(&mut metrics);
         if !args.admin_addr.ip().is_loopback() {
@@ -186,20 +238,7 @@ pub async fn serve(
 
     let xds_listener = bind("xDS", args.xds_addr).await?;
     let admin_listener = bind("admin", args.admin_addr).await?;
-    let probe_socket = match args.probe_addr {
-        Some(addr) => {
-            Some(
-                tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .map_err(|source| RunError::Bind {
-                        what: "probe echo",
-                        addr,
-                        source,
-                    })?,
-            )
-        }
-        None => None,
-    };
+    let probe_socket = bind_probe(args.probe_addr).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -237,7 +276,8 @@ pub async fn serve(
     let routes = tonic::service::Routes::new(misaki_fleet::service(
         fleet.clone(),
         policy_state.subscribe(),
-    ));
+    ))
+    .add_service(enrollment.service());
     let result = serve_grpc(xds_listener, &xds, routes, tls.as_ref(), stopped).await;
     let _ = admin_task.await;
     if let Some(t) = watch_task {
