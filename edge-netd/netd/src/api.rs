@@ -4,8 +4,9 @@
 //! uplink and retry state per class) and `GET /saf/deadletters`.
 //!
 //! Invariants: read-only; answers from the latest published [`EngineView`], never
-//! blocking the engine. `/readyz` is 200 only once the first selection was made and a
-//! policy is in force (received, stored or shipped); otherwise 503 says which is missing.
+//! blocking the engine. `/readyz` is 200 only once the first selection was made, a
+//! policy is in force (received, stored or shipped) and, with `tls:`, a usable
+//! certificate is held; otherwise 503 says which is missing.
 
 use crate::engine::EngineView;
 use bytes::Bytes;
@@ -28,6 +29,8 @@ pub struct ApiState {
     pub saf: Option<misaki_saf::StoreForward>,
     /// The local xDS tier's streams, when it runs (`/xds`).
     pub xds: Option<misaki_xds::StreamRegistry>,
+    /// The credential manager, with `tls:` (`/readyz` says why nothing is reported).
+    pub identity: Option<crate::identity::IdentityHandle>,
 }
 
 /// The `/links` document.
@@ -125,7 +128,11 @@ fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>>
         }
         (&Method::GET, "/readyz") => {
             let snap = state.views.borrow().clone();
-            if !snap.ready {
+            let identity = state.identity.as_ref().and_then(|i| i.problem());
+            if let Some(why) = identity {
+                let why = format!("{why}; nothing is reported to the control plane\n");
+                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
+            } else if !snap.ready {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",

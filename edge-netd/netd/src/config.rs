@@ -5,7 +5,9 @@
 //! - A [`Config`] value is always valid: at least one uplink, unique uplink names and
 //!   interfaces, probe targets as `IP:port`, the local API and the store-and-forward
 //!   ingest on loopback, durations > 0, sizes > 0 with `max_body` ≤ `budget`,
-//!   destination URLs `http://host:port[/base]`.
+//!   destination URLs `http://host:port[/base]`; `control_plane` is `https://` exactly
+//!   when a `tls:` section is given, whose two written files (`cert`, `key`) are
+//!   distinct from each other and from the files it only reads.
 //! - Every problem in the file is reported at once, each as
 //!   `file:line:column: field.path: what` (`edge-netd.yaml:12:16: uplinks[1].interface:
 //!   "wlan0" is already used by uplinks[0]`), as the mesh policy's errors are.
@@ -154,6 +156,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// The `tls:` section: the vehicle's credential files for mutual TLS to misaki-cp
+/// (docs/security.md). edge-netd writes `cert` and `key` (enrolment, renewal) and only
+/// reads the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The operational certificate (PEM, leaf first), `spiffe://TD/vehicle/<vehicle_id>`.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8 PEM), mode 0600.
+    pub key: PathBuf,
+    /// The fleet CA (PEM) that misaki-cp's certificate must chain to. Provisioned at the
+    /// factory, never written by edge-netd.
+    pub ca: PathBuf,
+    /// The factory claim credential, used to enrol while no usable certificate is held.
+    pub claim: Option<ClaimConfig>,
+}
+
+/// A claim credential (`spiffe://TD/claim/<vehicle_id>`): certificate and key, PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// One uplink of this vehicle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UplinkConfig {
@@ -189,8 +214,11 @@ pub struct SelectionConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub vehicle_id: String,
-    /// `http://host:port` of the control plane's gRPC port.
+    /// `http://host:port` or (with `tls`) `https://host:port` of the control plane's
+    /// gRPC port.
     pub control_plane: http::Uri,
+    /// Mutual TLS to the control plane; present exactly when `control_plane` is https.
+    pub tls: Option<TlsConfig>,
     /// Loopback address of the local HTTP API.
     pub api: SocketAddr,
     /// Holds the last received policy.
@@ -404,7 +432,7 @@ selection:
             &[
                 (
                     "cloud_url: http://198.18.0.1:15443",
-                    "cloud_url: https://x:1",
+                    "cloud_url: ftp://x:1",
                     "store_forward.cloud_url",
                 ),
                 (
@@ -440,6 +468,101 @@ selection:
         assert!(e.contains("colour"), "{e}");
         let e = err(&format!("{GOOD}store_forward:\n  budget: 1MiB\n"));
         assert!(e.contains("cloud_url"), "{e}");
+    }
+
+    const TLS: &str = "tls:\n  cert: /var/lib/misaki/tls/cert.pem\n  key: /var/lib/misaki/tls/key.pem\n  ca: /etc/misaki/ca.pem\n  claim_cert: /etc/misaki/claim/cert.pem\n  claim_key: /etc/misaki/claim/key.pem\n";
+
+    /// GOOD over https with the `tls:` section.
+    fn good_tls() -> String {
+        let https = GOOD.replace("http://198.18.0.1:18000", "https://cp.fleet.example:18000");
+        format!("{https}{TLS}")
+    }
+
+    #[test]
+    fn tls_goes_with_an_https_control_plane() {
+        assert_eq!(Config::parse("t.yaml", GOOD).unwrap().tls, None);
+        let c = Config::parse("t.yaml", &good_tls()).unwrap();
+        assert_eq!(c.control_plane.scheme_str(), Some("https"));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/var/lib/misaki/tls/cert.pem"));
+        assert_eq!(tls.key, Path::new("/var/lib/misaki/tls/key.pem"));
+        assert_eq!(tls.ca, Path::new("/etc/misaki/ca.pem"));
+        let claim = tls.claim.unwrap();
+        assert_eq!(
+            (claim.cert.as_path(), claim.key.as_path()),
+            (
+                Path::new("/etc/misaki/claim/cert.pem"),
+                Path::new("/etc/misaki/claim/key.pem")
+            )
+        );
+        // The claim is optional.
+        let no_claim = good_tls()
+            .replace("  claim_cert: /etc/misaki/claim/cert.pem\n", "")
+            .replace("  claim_key: /etc/misaki/claim/key.pem\n", "");
+        let c = Config::parse("t.yaml", &no_claim).unwrap();
+        assert_eq!(c.tls.unwrap().claim, None);
+    }
+
+    #[test]
+    fn tls_problems_are_all_reported_at_their_field() {
+        // https without tls: at `tls`; tls with http: at `control_plane`.
+        let https = GOOD.replace("http://198.18.0.1:18000", "https://198.18.0.1:18000");
+        assert_names(&https, "tls");
+        let e = err(&https);
+        assert!(e.contains("missing required section `tls`"), "{e}");
+        assert_names(&format!("{GOOD}{TLS}"), "control_plane");
+        let e = err(&format!("{GOOD}{TLS}"));
+        assert!(e.contains("must be https://"), "{e}");
+        assert_each_names(
+            &good_tls(),
+            &[
+                ("  ca: /etc/misaki/ca.pem\n", "", "tls.ca"),
+                ("  cert: /var/lib/misaki/tls/cert.pem\n", "", "tls.cert"),
+                (
+                    "  claim_key: /etc/misaki/claim/key.pem\n",
+                    "",
+                    "tls.claim_key",
+                ),
+                (
+                    "  claim_cert: /etc/misaki/claim/cert.pem\n",
+                    "",
+                    "tls.claim_cert",
+                ),
+                ("claim_key: ", "claim_kye: ", "tls.claim_kye"),
+                // edge-netd writes cert and key: never over a file it only reads.
+                (
+                    "ca: /etc/misaki/ca.pem",
+                    "ca: /var/lib/misaki/tls/cert.pem",
+                    "tls.cert",
+                ),
+                (
+                    "key: /var/lib/misaki/tls/key.pem",
+                    "key: /etc/misaki/claim/key.pem",
+                    "tls.key",
+                ),
+                (
+                    "key: /var/lib/misaki/tls/key.pem",
+                    "key: /var/lib/misaki/tls/cert.pem",
+                    "tls.key",
+                ),
+                (
+                    "https://cp.fleet.example:18000",
+                    "ftp://cp:1",
+                    "control_plane",
+                ),
+            ],
+        );
+        // Every problem at once: a bad claim and a missing ca in one go.
+        let text = good_tls()
+            .replace("  ca: /etc/misaki/ca.pem\n", "")
+            .replace("  claim_key: /etc/misaki/claim/key.pem\n", "")
+            .replace("interval: 150ms", "interval: 0ms");
+        let paths: Vec<String> = issues(&text).into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            ["probe.interval", "tls.ca", "tls.claim_key"],
+            "{paths:?}"
+        );
     }
 
     #[test]
@@ -613,5 +736,7 @@ mod example_file {
             c.store_forward.is_some(),
             "the example documents store_forward"
         );
+        let tls = c.tls.expect("the example documents tls");
+        assert!(tls.claim.is_some(), "and the claim credential");
     }
 }

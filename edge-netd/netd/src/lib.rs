@@ -20,11 +20,16 @@
 //! plane) and `api` (local HTTP). `policy` converts and persists the received policy.
 //! `store_forward` adapts the engine's selection for `misaki-saf` (ingest endpoint,
 //! durable queue, forwarder), which `run` starts when configured. `local_xds` is the
-//! vehicle's own xDS tier. `run` wires them together (as misaki-cp's `run.rs` does).
+//! vehicle's own xDS tier. `identity` keeps the vehicle's certificate (enrolment with
+//! the claim credential, renewal, crash-safe files) for mutual TLS to the control plane;
+//! `channel` is the connection both it and the reporter open. `run` wires them together
+//! (as misaki-cp's `run.rs` does).
 
 pub mod api;
+pub mod channel;
 pub mod config;
 pub mod engine;
+pub mod identity;
 pub mod local_xds;
 pub mod monitor;
 pub mod policy;

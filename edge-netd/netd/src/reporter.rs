@@ -12,6 +12,11 @@
 //!   reconnects over the new uplink.
 //! - Reconnects back off exponentially with jitter (200 ms doubling to 5 s, each
 //!   delay drawn from [d/2, d]); a stream whose Hello was acknowledged resets it.
+//! - Over mutual TLS (`https://` control plane), a stream is opened only with a usable
+//!   credential from `identity`, and reopened once (no backoff) when a new one is
+//!   published: misaki-cp checks the client certificate per connection, so a renewed
+//!   certificate counts only on a new one, and the old connection would be closed when
+//!   the old certificate expires anyway.
 //! - Received policies (whole or delta) go to the engine, which validates, persists
 //!   and applies them. `Hello.policy_deltas` is set: a delta the engine rejects comes
 //!   back as `EngineView::policy_resync` and is sent once, as `LinkChange.policy_resync`
@@ -27,11 +32,14 @@
 //!   ([`sidecars_update`]).
 //!
 //! Layers: [`run_reporter`] (reconnects, backoff) → `one_stream` (connects, bound to
-//! the interface) → `Session` (one stream's protocol, over channels) → `Reported`
-//! (what the control plane was told; deciding what to send is a pure diff against it).
+//! the interface, `crate::channel`) → `Session` (one stream's protocol, over channels)
+//! → `Reported` (what the control plane was told; deciding what to send is a pure diff
+//! against it).
 
+use crate::channel;
 use crate::config::Config;
 use crate::engine::{EngineView, Input, LinkView, Metrics, ResultLabel};
+use crate::identity::{Credential, CredentialRx};
 use crate::policy::DEFAULT_CLASS;
 use misaki_compiler::snapshot::ResourceType;
 use misaki_proto::fleet_v1 as pb;
@@ -44,7 +52,6 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -56,6 +63,15 @@ enum StreamError {
     Closed,
     #[error("the default class moved to {0}; reconnecting over it")]
     UplinkMoved(String),
+    #[error("the vehicle's certificate changed (renewed or expired); reconnecting")]
+    Renewed,
+}
+
+impl StreamError {
+    /// Reconnect at once: nothing failed.
+    fn is_move(&self) -> bool {
+        matches!(self, StreamError::UplinkMoved(_) | StreamError::Renewed)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -185,6 +201,7 @@ pub fn sidecars_update(
 
 /// Run the reporter until `shutdown` completes. `xds` is the local xDS tier's stream
 /// registry, when the tier runs: its clients are reported as the vehicle's sidecars.
+/// `identity` is the credential manager's output, over mutual TLS.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_reporter(
     config: Arc<Config>,
@@ -194,6 +211,7 @@ pub async fn run_reporter(
     connected: Arc<AtomicBool>,
     saf: Option<misaki_saf::StoreForward>,
     xds: Option<misaki_xds::StreamRegistry>,
+    mut identity: Option<CredentialRx>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -201,17 +219,16 @@ pub async fn run_reporter(
     loop {
         // Wait for the first selection so the stream can be bound to an uplink.
         let _ = views.wait_for(|s| s.ready).await;
-        let interface = views
-            .borrow()
-            .selection(DEFAULT_CLASS)
-            .and_then(|s| s.uplink.clone())
-            .and_then(|u| {
-                config
-                    .uplinks
-                    .iter()
-                    .find(|c| c.name == u)
-                    .map(|c| c.interface.clone())
-            });
+        let interface = channel::default_interface(&config, &views.borrow());
+        // Over TLS, nothing is reported without a usable credential (the credential
+        // manager logs why, and /readyz says it).
+        let credential = match identity.as_mut() {
+            None => None,
+            Some(rx) => tokio::select! {
+                _ = &mut shutdown => return,
+                c = usable_credential(rx) => Some(c),
+            },
+        };
         let mut acked = false;
         let result = tokio::select! {
             _ = &mut shutdown => return,
@@ -220,6 +237,7 @@ pub async fn run_reporter(
                 interface.as_deref(),
                 &mut views,
                 &mut acked,
+                credential.as_deref().zip(identity.as_mut()),
             ) => r,
         };
         connected.store(false, Ordering::Relaxed);
@@ -229,11 +247,16 @@ pub async fn run_reporter(
         }
         let err = result.err().unwrap_or(StreamError::Closed);
         let delay = backoff.mul_f64(rand::random_range(0.5..=1.0));
-        match &err {
-            StreamError::UplinkMoved(_) => tracing::info!(%err, "reconnecting"),
-            _ => tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "report stream down"),
+        if err.is_move() {
+            tracing::info!(%err, "reconnecting");
+        } else {
+            let err = match &err {
+                StreamError::Connect(e) => channel::error_chain(e),
+                e => e.to_string(),
+            };
+            tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "report stream down");
         }
-        if !matches!(err, StreamError::UplinkMoved(_)) {
+        if !err.is_move() {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -269,25 +292,37 @@ impl StreamDeps<'_> {
     }
 }
 
-/// Open the channel to the control plane, bound to `interface` when given.
+/// The credential in use, once there is one (marked seen: the next change is news).
+async fn usable_credential(rx: &mut CredentialRx) -> Arc<Credential> {
+    let found = rx
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|c| c.clone());
+    match found {
+        Some(c) => c,
+        // The manager is gone (shutting down): nothing to connect with.
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the credential manager publishes another credential (or withdraws it).
+async fn credential_replaced(rx: &mut CredentialRx) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Open the channel to the control plane, bound to `interface` when given, presenting
+/// `credential` over TLS.
 async fn connect(
     config: &Config,
     interface: Option<&str>,
     metrics: &Metrics,
+    credential: Option<&Credential>,
 ) -> Result<FleetServiceClient<tonic::transport::Channel>, StreamError> {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    if let Some(i) = interface {
-        connector.set_interface(i);
-    }
-    let channel = tonic::transport::Endpoint::from(config.control_plane.clone())
-        // Detect a dead path within a few seconds even when nothing is sent.
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connector)
-        .await;
+    let tls = credential.map(Credential::client_tls);
+    let channel = channel::connect(&config.control_plane, interface, tls).await;
     let result = if channel.is_ok() { "ok" } else { "error" };
     metrics
         .reporter_connects
@@ -462,14 +497,17 @@ fn uplink_moved(config: &Config, interface: Option<&str>, snap: &EngineView) -> 
 }
 
 /// One connection: connect, queue `Hello` and the full `LinkState`, open the stream,
-/// then run the [`Session`] until it fails or the uplink moves.
+/// then run the [`Session`] until it fails, the uplink moves, or (over TLS: `tls` is
+/// the credential presented and the manager's channel) another credential is published.
 async fn one_stream(
     deps: StreamDeps<'_>,
     interface: Option<&str>,
     views: &mut watch::Receiver<Arc<EngineView>>,
     acked: &mut bool,
+    tls: Option<(&Credential, &mut CredentialRx)>,
 ) -> Result<(), StreamError> {
-    let mut client = connect(deps.config, interface, deps.metrics).await?;
+    let (credential, renewed) = tls.unzip();
+    let mut client = connect(deps.config, interface, deps.metrics, credential).await?;
     let (tx, rx) = mpsc::channel::<pb::VehicleReport>(32);
     let (mut session, opening) = Session::open(deps, interface, views);
     for report in opening {
@@ -481,9 +519,16 @@ async fn one_stream(
     deps.metrics.reporter_connected.set(1);
     tracing::info!(
         interface = interface.unwrap_or("(default route)"),
+        identity = credential.map(|c| c.spiffe_id.as_str()),
         "report stream open"
     );
-    session.run(inbound, &tx, views, acked).await
+    let Some(renewed) = renewed else {
+        return session.run(inbound, &tx, views, acked).await;
+    };
+    tokio::select! {
+        r = session.run(inbound, &tx, views, acked) => r,
+        _ = credential_replaced(renewed) => Err(StreamError::Renewed),
+    }
 }
 
 /// The protocol of one open stream, over channels (no network: tests drive it with
@@ -602,6 +647,7 @@ mod tests {
                 vehicle_id: Some("car-1".into()),
                 proxyless: false,
                 delta: false,
+                tls_dir: None,
             },
             kind,
             connected_since: at(since_ms),
@@ -638,20 +684,25 @@ mod tests {
         );
         assert_eq!(c.connected_since_unix_ms, 1_000);
         let types: Vec<&str> = c.types.iter().map(|t| t.xds_type.as_str()).collect();
-        assert_eq!(types, ["cds", "eds", "lds", "srds", "rds"]);
-        assert_eq!(c.types[0].acked_version.as_deref(), Some("p-c1"));
-        assert_eq!(c.types[0].last_nack, None);
+        assert_eq!(types, ["sds", "cds", "eds", "lds", "srds", "rds"]);
+        let of = |t: ResourceType| &c.types[t.index()];
         assert_eq!(
-            c.types[1],
+            of(ResourceType::Cluster).acked_version.as_deref(),
+            Some("p-c1")
+        );
+        assert_eq!(of(ResourceType::Cluster).last_nack, None);
+        assert_eq!(
+            *of(ResourceType::Endpoint),
             pb::SidecarXdsType {
                 xds_type: "eds".into(),
                 ..Default::default()
             }
         );
-        assert_eq!(c.types[2].sent_version.as_deref(), Some("p-l2"));
-        assert_eq!(c.types[2].acked_version.as_deref(), Some("p-l1"));
+        let lds = of(ResourceType::Listener);
+        assert_eq!(lds.sent_version.as_deref(), Some("p-l2"));
+        assert_eq!(lds.acked_version.as_deref(), Some("p-l1"));
         assert_eq!(
-            c.types[2].last_nack,
+            lds.last_nack,
             Some(pb::XdsNack {
                 version: Some("p-l2".into()),
                 message: "bad listener".into(),
@@ -710,10 +761,11 @@ mod tests {
         // A push, then its ACK: each is a change.
         s.types[ResourceType::Cluster.index()].last_sent = Some("v1".into());
         let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("push");
-        assert_eq!(sent[0].types[0].acked_version, None);
+        let cds = ResourceType::Cluster.index();
+        assert_eq!(sent[0].types[cds].acked_version, None);
         acked(&mut s, ResourceType::Cluster, "v1");
         let sent = sidecars_update(&sent, std::slice::from_ref(&s)).expect("ack");
-        assert_eq!(sent[0].types[0].acked_version.as_deref(), Some("v1"));
+        assert_eq!(sent[0].types[cds].acked_version.as_deref(), Some("v1"));
         assert_eq!(sidecars_update(&sent, std::slice::from_ref(&s)), None);
 
         // A NACK.

@@ -4,7 +4,8 @@
 //! or factory policy, the engine, store-and-forward (before the xDS tier, so a second
 //! daemon on the same queue reports the queue lock), the local xDS tier, then the link
 //! monitor and one prober per uplink (both feeding the engine's one input queue), the
-//! reporter, the local API and systemd notification.
+//! credential manager (with `tls:`), the reporter, the local API and systemd
+//! notification.
 //!
 //! Shutdown: every task gets the same stop signal; the engine, reporter and API get
 //! 5 s to end, then store-and-forward its grace period to finish in-flight deliveries
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config};
 use crate::engine::{self, Engine, EngineView, Input};
-use crate::{api, local_xds, monitor, policy, probe, reporter, store_forward};
+use crate::{api, identity, local_xds, monitor, policy, probe, reporter, store_forward};
 
 /// Room for a burst of inputs (a netlink dump, every prober answering at once, a
 /// policy) without blocking their senders; the engine drains a burst per evaluation.
@@ -101,6 +102,11 @@ pub async fn run(
 
     spawn_link_monitor(&config, inputs.clone());
     spawn_probers(&config, &inputs);
+    let identity = config.tls.is_some().then(|| {
+        let metrics = identity::IdentityMetrics::default();
+        metrics.register(&mut registry);
+        identity::start(config.clone(), views.clone(), metrics, stop.wait())
+    });
     let connected = Arc::new(AtomicBool::new(false));
     let reporter = tokio::spawn(reporter::run_reporter(
         config.clone(),
@@ -110,6 +116,7 @@ pub async fn run(
         connected.clone(),
         saf.clone(),
         xds_streams.clone(),
+        identity.as_ref().map(|i| i.credential.clone()),
         stop.wait(),
     ));
     let api = tokio::spawn(api::serve(
@@ -121,6 +128,7 @@ pub async fn run(
             connected,
             saf: saf.clone(),
             xds: xds_streams,
+            identity,
         },
         stop.wait(),
     ));

@@ -11,10 +11,10 @@ use misaki_saf::{DestinationConfig, HttpVersion, SafConfig};
 
 use super::yaml::{Fields, Node, Reader};
 use super::{
-    Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT, DEFAULT_PROBE_INTERVAL,
-    DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN, DEFAULT_SAF_MAX_BODY,
-    DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig, SelectionConfig,
-    StoreForwardConfig, UplinkConfig,
+    ClaimConfig, Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT,
+    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN,
+    DEFAULT_SAF_MAX_BODY, DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig,
+    SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig,
 };
 
 const TOP: &[&str] = &[
@@ -30,7 +30,9 @@ const TOP: &[&str] = &[
     "xds",
     "factory_policy",
     "cross_uplink_retry",
+    "tls",
 ];
+const TLS: &[&str] = &["cert", "key", "ca", "claim_cert", "claim_key"];
 const UPLINK: &[&str] = &[
     "name",
     "interface",
@@ -62,8 +64,9 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
         .required(r, "vehicle_id", "the vehicle's id in the fleet")
         .and_then(|n| vehicle_id(r, n));
     let control_plane = f
-        .required(r, "control_plane", "http://host:port of misaki-cp")
+        .required(r, "control_plane", "http(s)://host:port of misaki-cp")
         .and_then(|n| control_plane(r, n));
+    let tls = tls(r, &f, control_plane.as_ref());
     let api = f
         .required(r, "api", "a loopback IP:port")
         .and_then(|n| loopback(r, n, "api", "the local API has no authentication"));
@@ -98,6 +101,7 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
     Some(Config {
         vehicle_id: vehicle_id?,
         control_plane: control_plane?,
+        tls: tls?,
         api: api?,
         state_dir: state_dir?,
         heartbeat_interval,
@@ -125,16 +129,113 @@ fn vehicle_id(r: &mut Reader, node: &Node<'_>) -> Option<String> {
 }
 
 fn control_plane(r: &mut Reader, node: &Node<'_>) -> Option<http::Uri> {
-    let text = r.text(node, "control_plane", "http://host:port")?;
+    let text = r.text(
+        node,
+        "control_plane",
+        "http://host:port or https://host:port",
+    )?;
     let problem = match text.parse::<http::Uri>() {
         Err(e) => format!("{text:?}: {e}"),
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() =>
+        {
             return Some(uri);
         }
-        Ok(_) => format!("{text:?} must be http://host:port"),
+        Ok(_) => format!("{text:?} must be http://host:port or https://host:port"),
     };
     r.error(node, "control_plane", problem);
     None
+}
+
+/// `tls:`, which goes with an `https://` control plane (`None` if either is wrong):
+/// without it the certificate would go nowhere, and https without it has no identity
+/// to present.
+fn tls(
+    r: &mut Reader,
+    top: &Fields<'_, '_>,
+    control_plane: Option<&http::Uri>,
+) -> Option<Option<TlsConfig>> {
+    let https = control_plane.map(|u| u.scheme_str() == Some("https"));
+    let Some(node) = top.get("tls") else {
+        if https == Some(true) {
+            let message = "missing required section `tls` (cert, key, ca): an https:// \
+                           control plane needs the vehicle's credential and the fleet CA";
+            r.error(top.at("tls"), "tls", message);
+            return None;
+        }
+        return Some(None);
+    };
+    if https == Some(false) {
+        let message = "must be https://host:port when `tls:` is given (http:// would not use it)";
+        r.error(top.at("control_plane"), "control_plane", message);
+    }
+    let f = r.map(node, "tls", TLS)?;
+    let file = |r: &mut Reader, field: &str, hint: &str| {
+        f.required(r, field, hint)
+            .and_then(|n| r.nonempty(n, &f.path(field)))
+            .map(PathBuf::from)
+    };
+    let cert = file(
+        r,
+        "cert",
+        "where the vehicle's certificate is (and will be) kept",
+    );
+    let key = file(r, "key", "where its private key is (and will be) kept");
+    let ca = file(r, "ca", "the fleet CA certificate, PEM");
+    let claim = claim(r, &f);
+    let (cert, key, ca, claim) = (cert?, key?, ca?, claim?);
+    // The two files edge-netd writes must not be each other or a file it only reads.
+    let mut read_only = vec![("ca", &ca)];
+    if let Some(c) = &claim {
+        read_only.extend([("claim_cert", &c.cert), ("claim_key", &c.key)]);
+    }
+    let mut ok = true;
+    for (field, written, also) in [("cert", &cert, None), ("key", &key, Some(("cert", &cert)))] {
+        for (name, path) in read_only.iter().copied().chain(also) {
+            if written == path {
+                let message = format!(
+                    "{} is also tls.{name}: edge-netd writes tls.{field} on enrolment and renewal",
+                    written.display()
+                );
+                r.error(f.at(field), &f.path(field), message);
+                ok = false;
+            }
+        }
+    }
+    (https != Some(false) && ok).then_some(Some(TlsConfig {
+        cert,
+        key,
+        ca,
+        claim,
+    }))
+}
+
+/// `tls.claim_cert` and `tls.claim_key`: both or neither.
+fn claim(r: &mut Reader, f: &Fields<'_, '_>) -> Option<Option<ClaimConfig>> {
+    let read = |r: &mut Reader, field: &str| {
+        f.get(field)
+            .map(|n| r.nonempty(n, &f.path(field)).map(PathBuf::from))
+    };
+    match (read(r, "claim_cert"), read(r, "claim_key")) {
+        (None, None) => Some(None),
+        (Some(cert), Some(key)) => Some(Some(ClaimConfig {
+            cert: cert?,
+            key: key?,
+        })),
+        (Some(_), None) | (None, Some(_)) => {
+            let (given, missing) = if f.get("claim_cert").is_some() {
+                ("claim_cert", "claim_key")
+            } else {
+                ("claim_key", "claim_cert")
+            };
+            let message = format!(
+                "missing `{missing}`: tls.{given} is given, and a claim credential is a \
+                 certificate and its key"
+            );
+            r.error(f.at(missing), &f.path(missing), message);
+            None
+        }
+    }
 }
 
 /// An `IP:port` on loopback; `why` says what an outside address would expose.
