@@ -630,8 +630,17 @@ pub fn run_command(cmd: &CaCommand) -> Result<String, CaError> {
         CaCommand::Issue(args) => {
             let ca = Ca::load(&args.dir)?;
             let subject = Subject::from_args(args);
-            let valid_for = args.valid_for.unwrap_or(subject.default_validity());
-            let issued = ca.issue(&subject, valid_for)?;
+            let issued = match args.valid_for {
+                Some(valid_for) => ca.issue(&subject, valid_for)?,
+                // The default is a lifetime, not a promise: a claim's ten years would
+                // otherwise outlive a ten-year CA made moments earlier, by those moments.
+                None => {
+                    let now = OffsetDateTime::now_utc();
+                    let not_after =
+                        (now + std_to_time(subject.default_validity())).min(ca.not_after);
+                    ca.issue_between(&subject, now - std_to_time(CLOCK_SKEW), not_after)?
+                }
+            };
             issued.write(&args.out)?;
             Ok(format!(
                 "{}: {}, serial {}, valid until {}",

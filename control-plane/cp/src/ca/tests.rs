@@ -151,3 +151,30 @@ fn revoking_lists_each_serial_once_in_a_signed_crl() {
 }
 
 use rustls_pki_types::CertificateRevocationListDer;
+
+/// `ca init` and `ca issue --claim` with their default lifetimes (both ten years): the
+/// claim is cut at the CA's end instead of being refused for outliving it.
+#[test]
+fn a_default_claim_right_after_a_default_ca_is_issued_within_the_ca() {
+    use clap::Parser;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let out = tmp.path().join("claim");
+    let run = |args: &str| {
+        let cli = crate::cli::Cli::try_parse_from(args.split_whitespace()).unwrap();
+        let crate::cli::Command::Ca(command) = cli.command else {
+            panic!("not a ca command: {args}");
+        };
+        run_command(&command)
+    };
+    run(&format!("misaki-cp ca init {}", dir.display())).unwrap();
+    let said = run(&format!(
+        "misaki-cp ca issue {} --claim car-1 --out {}",
+        dir.display(),
+        out.display()
+    ))
+    .unwrap();
+    let ca = Ca::load(&dir).unwrap();
+    assert!(said.contains(&utc(ca.not_after())), "{said}");
+    assert!(!serial_of(&out.join("cert.pem")).unwrap().is_empty());
+}
