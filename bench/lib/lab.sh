@@ -193,3 +193,19 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 med() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 # $1 = space-separated samples → "median (samples)", or the median alone when STARTS is 1.
 cell() { local m; m=$(med "$1"); if [ "$STARTS" -gt 1 ]; then echo "$m (${1% })"; else echo "$m"; fi; }
+
+# ---- machine and limits (bench/mtls.sh) ------------------------------------------------
+# "N cores (CPU model), M GiB, Linux R": the machine line of a results file.
+lab_machine() {
+  local model mem
+  model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+  mem=$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
+  echo "$(nproc) cores (${model:-unknown CPU}), $mem, Linux $(uname -r)"
+}
+# Raise this shell's open-file limit to $1 (default 65536), or to the hard limit if that
+# is lower (containers cap it), and print the limit in force: one descriptor per
+# connection on each side, so 10,000 connections need more than 10,000.
+lab_nofile() {
+  ulimit -n "${1:-65536}" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  ulimit -n
+}

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::client::{ClientConfig, Mode};
+use crate::client::{ClientConfig, Mode, Target};
 use crate::fleet::{Fleet, join_one};
 use crate::policy::PolicySpec;
 use crate::stats::{Summary, ms};
@@ -76,7 +76,7 @@ fn mib(b: u64) -> String {
 }
 
 /// misaki-cp's `misaki_xds_push_bytes_total`, summed over resource types.
-async fn push_bytes(admin: u16) -> Result<u64> {
+pub async fn push_bytes(admin: u16) -> Result<u64> {
     let (status, body) = tokio::task::spawn_blocking(move || sys::http_get(admin, "/metrics"))
         .await?
         .context("GET /metrics")?;
@@ -151,7 +151,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     policy.save(&policy_path)?;
     let (mut cp, xds_port, admin) = sys::start_cp(cp_bin, &policy_path, &row_dir, &tag)?;
     let pid = cp.pid();
-    let addr = format!("127.0.0.1:{xds_port}");
+    let target = Target::plain(format!("127.0.0.1:{xds_port}"));
     let cfg = Arc::new(ClientConfig {
         mode: spec.mode,
         nack_every: spec.nack_every,
@@ -177,7 +177,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     let cpu0 = sys::cpu_secs(pid)?;
     let bytes0 = push_bytes(admin).await?;
     let start = Instant::now();
-    let fleet = Fleet::connect(&addr, cfg.clone(), spec.streams, spec.conns, "veh-").await?;
+    let fleet = Fleet::connect(&target, cfg.clone(), spec.streams, spec.conns, "veh-").await?;
     fleet
         .wait_ready(Duration::from_secs(300), || cp.check_alive())
         .await?;
@@ -252,7 +252,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     let mut joins = Vec::new();
     let cpu_a = sys::cpu_secs(pid)?;
     for k in 0..spec.trials {
-        joins.push(join_one(&addr, cfg.clone(), format!("veh-new-{k}")).await?);
+        joins.push(join_one(&target, cfg.clone(), format!("veh-new-{k}")).await?);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     row.cpu_per_join = (sys::cpu_secs(pid)? - cpu_a) / spec.trials.max(1) as f64;

@@ -51,6 +51,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{Connector, FleetTls};
+
 pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -246,17 +248,43 @@ pub fn node(id: &str) -> Node {
     }
 }
 
-/// One HTTP/2 connection to the xDS server (a tonic `Channel` is exactly one).
-pub async fn connect(addr: &str) -> Result<Channel> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
-        // As the vehicle bootstrap: find a dead control plane within ~40 s.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))
+/// Where the simulated vehicles connect, and how: plaintext, or mutual TLS with each
+/// vehicle's own certificate.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    pub tls: Option<Arc<FleetTls>>,
+}
+
+impl Target {
+    pub fn plain(addr: impl Into<String>) -> Arc<Target> {
+        Arc::new(Target {
+            addr: addr.into(),
+            tls: None,
+        })
+    }
+
+    /// One HTTP/2 connection for vehicle `node_id` (a tonic `Channel` is exactly one).
+    pub async fn connect(&self, node_id: &str) -> Result<Channel> {
+        // The URI is `http` either way: with TLS our connector does the handshake.
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            // As the vehicle bootstrap: find a dead control plane within ~40 s.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = match &self.tls {
+            None => endpoint.connect().await,
+            Some(tls) => {
+                let connector = Connector {
+                    addr: self.addr.clone(),
+                    config: tls.get(node_id)?,
+                };
+                endpoint.connect_with_connector(connector).await
+            }
+        };
+        channel.with_context(|| format!("connecting to {}", self.addr))
+    }
 }
 
 fn nack_status(n: u64) -> RpcStatus {
@@ -302,7 +330,7 @@ pub fn record_failure(shared: &Shared, node_id: &str, e: &anyhow::Error) {
 /// `shared.reconnects`: a fleet reconnecting at once overflows the server's accept
 /// queue, and Envoy's answer to that is exactly this.
 pub async fn run_with_retries(
-    addr: String,
+    target: Arc<Target>,
     channel: Option<Channel>,
     cfg: Arc<ClientConfig>,
     node_id: String,
@@ -314,7 +342,7 @@ pub async fn run_with_retries(
     loop {
         let ch = match &channel {
             Some(c) => Ok(c.clone()),
-            None => connect(&addr).await,
+            None => target.connect(&node_id).await,
         };
         let r = match ch {
             Ok(ch) => run_stream(ch, &cfg, &node_id, &rec, &shared).await,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::client::{ClientConfig, Mode};
+use crate::client::{ClientConfig, Mode, Target};
 use crate::fleet::Fleet;
 use crate::policy::PolicySpec;
 use crate::stats::{Summary, ms};
@@ -237,8 +237,14 @@ pub async fn run(
                     nack_every: 0,
                     nack_version: None,
                 });
-                let f = Fleet::connect(&format!("127.0.0.1:{xds}"), cfg, spec.count, 0, "veh-sim-")
-                    .await?;
+                let f = Fleet::connect(
+                    &Target::plain(format!("127.0.0.1:{xds}")),
+                    cfg,
+                    spec.count,
+                    0,
+                    "veh-sim-",
+                )
+                .await?;
                 f.wait_ready(Duration::from_secs(60), || cp.check_alive())
                     .await?;
                 fleet = Some(f);

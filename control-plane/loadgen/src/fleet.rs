@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use crate::client::{self, ClientConfig, Shared, StreamRec};
+use crate::client::{self, ClientConfig, Shared, StreamRec, Target};
 
 /// Live simulated streams; aborted (the server sees them reset) when dropped.
 pub struct Fleet {
@@ -31,9 +31,10 @@ impl Drop for Fleet {
 impl Fleet {
     /// Open `n` streams named `{prefix}{i}`. `conns == 0` or `conns >= n` gives every
     /// stream its own connection, as Envoy does; otherwise streams are spread
-    /// round-robin over `conns` shared connections.
+    /// round-robin over `conns` shared connections (plaintext only: over mutual TLS
+    /// a connection is one vehicle's).
     pub async fn connect(
-        addr: &str,
+        target: &Arc<Target>,
         cfg: Arc<ClientConfig>,
         n: usize,
         conns: usize,
@@ -41,10 +42,13 @@ impl Fleet {
     ) -> Result<Fleet> {
         let shared = Arc::new(Shared::default());
         let per_stream = conns == 0 || conns >= n;
+        if !per_stream && target.tls.is_some() {
+            bail!("over mutual TLS every vehicle needs its own connection (conns 0)");
+        }
         let mut channels = Vec::new();
         if !per_stream {
             for _ in 0..conns {
-                channels.push(client::connect(addr).await?);
+                channels.push(target.connect("").await?);
             }
         }
         let mut recs = Vec::with_capacity(n);
@@ -52,11 +56,11 @@ impl Fleet {
         for i in 0..n {
             let rec = Arc::new(StreamRec::default());
             recs.push(rec.clone());
-            let (cfg, shared, addr) = (cfg.clone(), shared.clone(), addr.to_string());
+            let (cfg, shared, target) = (cfg.clone(), shared.clone(), target.clone());
             let node_id = format!("{prefix}{i}");
             let channel = (!per_stream).then(|| channels[i % channels.len()].clone());
             tasks.push(tokio::spawn(client::run_with_retries(
-                addr, channel, cfg, node_id, rec, shared,
+                target, channel, cfg, node_id, rec, shared,
             )));
         }
         Ok(Fleet {
@@ -161,9 +165,13 @@ impl Fleet {
 
 /// One new vehicle joining while the fleet is connected: a new connection, a new
 /// stream, until it has answered every type it subscribes to. Returns the time taken.
-pub async fn join_one(addr: &str, cfg: Arc<ClientConfig>, node_id: String) -> Result<Duration> {
+pub async fn join_one(
+    target: &Target,
+    cfg: Arc<ClientConfig>,
+    node_id: String,
+) -> Result<Duration> {
     let start = Instant::now();
-    let channel = client::connect(addr).await?;
+    let channel = target.connect(&node_id).await?;
     let shared = Arc::new(Shared::default());
     let rec = Arc::new(StreamRec::default());
     let (rec2, shared2) = (rec.clone(), shared.clone());

@@ -7,18 +7,25 @@
 //! - `envoys`: the same edit-to-ACK measurement with real Envoy sidecars and with the
 //!   same number of simulated ones, to check the simulation against the real client.
 //! - `connect`: hold N simulated streams against a misaki-cp started by hand (for
-//!   profiling it under perf/heaptrack).
+//!   profiling it under perf/heaptrack), plaintext or over mutual TLS.
+//! - `mtls`: what mutual TLS costs misaki-cp against plaintext, same run: CPU per
+//!   1,000 vehicles connecting, a whole fleet reconnecting at once, RSS per vehicle,
+//!   every vehicle on its own connection with its own client certificate.
 //!
 //! Everything it starts is killed when it exits, on error and on SIGINT/SIGTERM too.
-//! `bench/fleet_scale.sh` builds it and misaki-cp in release and runs both tables.
+//! `bench/fleet_scale.sh` builds it and misaki-cp in release and runs both tables;
+//! `bench/mtls.sh` runs `mtls`.
 
 mod bench;
 mod client;
 mod envoys;
 mod fleet;
+mod mtls;
 mod policy;
+mod probe;
 mod stats;
 mod sys;
+mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +34,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::client::{ClientConfig, Mode};
+use crate::client::{ClientConfig, Mode, Target};
+use crate::mtls::Transport;
 
 #[derive(Debug, Parser)]
 #[command(name = "misaki-loadgen", version, about)]
@@ -102,11 +110,59 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         edits: usize,
     },
+    /// misaki-cp's cost of mutual TLS against plaintext (same run): N vehicles, each
+    /// on its own connection (over mTLS with its own certificate), connecting to a
+    /// fresh misaki-cp, then reconnecting at once; prints two Markdown tables.
+    Mtls {
+        #[command(flatten)]
+        common: Common,
+        /// Vehicles (`car-0` …), one connection each.
+        #[arg(long, default_value_t = 10000)]
+        vehicles: usize,
+        /// ADS variants; a plaintext and an mTLS row each.
+        #[arg(long, value_delimiter = ',', default_values_t = [Mode::Sotw])]
+        modes: Vec<Mode>,
+        #[arg(long, value_delimiter = ',', default_values_t = [Transport::Plain, Transport::Mtls])]
+        transports: Vec<Transport>,
+        /// Times the connected fleet drops and redials at once (0: none).
+        #[arg(long, default_value_t = 1)]
+        reconnects: usize,
+        /// Then the same number of connections to a bare server (no misaki-cp, no
+        /// HTTP/2), plaintext and rustls with misaki-cp's configuration: what TLS
+        /// alone costs per connection.
+        #[arg(long)]
+        probe: bool,
+    },
+    /// The bare server of `mtls --probe` (started by it).
+    #[command(hide = true)]
+    ProbeServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        reply_bytes: usize,
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        #[arg(long)]
+        crl: Option<PathBuf>,
+    },
     /// Hold N simulated streams against a running misaki-cp (for profiling it).
     Connect {
         /// misaki-cp's xDS address.
         #[arg(long)]
         xds_addr: String,
+        /// Dial over mutual TLS, each stream with its own vehicle certificate issued
+        /// from the CA in this directory (`misaki-cp ca init DIR`; its `ca.pem` also
+        /// verifies misaki-cp, whose certificate must name the host of --xds-addr).
+        /// Needs --conns 0.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Node ids (= vehicle ids) are `{prefix}{i}`.
+        #[arg(long, default_value = "veh-")]
+        prefix: String,
         #[arg(long, default_value_t = 1000)]
         streams: usize,
         #[arg(long, value_enum, default_value_t = Mode::Sotw)]
@@ -232,8 +288,72 @@ async fn run(cmd: Cmd) -> Result<()> {
             envoys::print_table(&rows, edits);
             Ok(())
         }
+        Cmd::Mtls {
+            common,
+            vehicles,
+            modes,
+            transports,
+            reconnects,
+            probe,
+        } => {
+            let cp = cp_bin(&common)?;
+            let (dir, _tmp) = work_dir(common.out_dir.clone())?;
+            let tls = if transports.contains(&Transport::Mtls) {
+                Some(mtls::issue(&dir, vehicles)?)
+            } else {
+                None
+            };
+            let setup = mtls::Setup {
+                cp_bin: &cp,
+                dir: &dir,
+                vehicles,
+                extra_services: common.extra_services,
+                reconnects,
+                tls,
+            };
+            let mut rows = Vec::new();
+            for &mode in &modes {
+                for &t in &transports {
+                    match mtls::run_row(&setup, mode, t).await {
+                        Ok(r) => rows.push(r),
+                        Err(e) => {
+                            // Print what was measured so far before failing.
+                            mtls::print_tables(&rows);
+                            return Err(e.context(format!("row {mode} {t}")));
+                        }
+                    }
+                }
+            }
+            mtls::print_tables(&rows);
+            if probe {
+                // The reply: what misaki-cp sent a vehicle while it connected.
+                let reply = rows.first().map_or(16 * 1024, |r| {
+                    (r.connect.pushed / r.vehicles.max(1) as u64) as usize
+                });
+                let mut probes = Vec::new();
+                for &t in &transports {
+                    probes.push(probe::run(&dir, t, vehicles, reply, setup.tls.as_ref()).await?);
+                }
+                println!();
+                probe::print_table(&probes, reply);
+            }
+            Ok(())
+        }
+        Cmd::ProbeServer {
+            port,
+            reply_bytes,
+            tls_cert,
+            tls_key,
+            client_ca,
+            crl,
+        } => {
+            let tls = probe::files(tls_cert, tls_key, client_ca, crl)?;
+            probe::server(port, tls, reply_bytes).await
+        }
         Cmd::Connect {
             xds_addr,
+            ca,
+            prefix,
             streams,
             mode,
             conns,
@@ -246,8 +366,19 @@ async fn run(cmd: Cmd) -> Result<()> {
                 nack_every,
                 nack_version,
             });
+            let tls = match &ca {
+                Some(dir) => {
+                    let ids: Vec<String> = (0..streams).map(|i| format!("{prefix}{i}")).collect();
+                    Some(Arc::new(tls::Pki::load(dir)?.vehicles(&ids)?))
+                }
+                None => None,
+            };
+            let target = Arc::new(Target {
+                addr: xds_addr,
+                tls,
+            });
             let start = Instant::now();
-            let f = fleet::Fleet::connect(&xds_addr, cfg, streams, conns, "veh-").await?;
+            let f = fleet::Fleet::connect(&target, cfg, streams, conns, &prefix).await?;
             f.wait_ready(Duration::from_secs(600), || Ok(())).await?;
             eprintln!(
                 "{streams} {mode} streams ready in {:.2}s",

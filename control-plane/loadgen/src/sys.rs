@@ -5,6 +5,7 @@
 //! Envoy behind. The pids also go to a pid file, for the wrapper script's trap should
 //! this process itself be SIGKILLed.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -130,6 +131,19 @@ pub fn cpu_secs(pid: u32) -> Result<f64> {
     Ok((utime + stime) / clk_tck())
 }
 
+/// Open file descriptors of a process (its sockets, for the most part).
+pub fn fds(pid: u32) -> Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The 1-minute load average (`/proc/loadavg`): what else the shared machine ran.
+pub fn loadavg() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// `GET path` from the admin server on `127.0.0.1:port`: (status, body).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -194,6 +208,17 @@ pub fn wait_until<T>(
 
 /// `misaki-cp serve` on loopback ports, logs in `dir`.
 pub fn start_cp(bin: &Path, policy: &Path, dir: &Path, tag: &str) -> Result<(Guard, u16, u16)> {
+    start_cp_with(bin, policy, dir, tag, &[])
+}
+
+/// [`start_cp`] with more `serve` arguments (the TLS files).
+pub fn start_cp_with(
+    bin: &Path,
+    policy: &Path,
+    dir: &Path,
+    tag: &str,
+    extra: &[OsString],
+) -> Result<(Guard, u16, u16)> {
     let xds = free_port()?;
     let admin = free_port()?;
     let mut g = Guard::spawn(
@@ -206,6 +231,7 @@ pub fn start_cp(bin: &Path, policy: &Path, dir: &Path, tag: &str) -> Result<(Gua
             .arg(format!("127.0.0.1:{xds}"))
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{admin}"))
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("MISAKI_CP_LOG").unwrap_or_else(|_| "info".into()),
