@@ -27,6 +27,12 @@
 //! configuration of the listener's name), and clusters take endpoints over EDS when
 //! every endpoint is an IP address (STRICT_DNS with inline endpoints otherwise: EDS
 //! endpoints cannot be DNS names).
+//!
+//! With `mesh.mtls` on (see [`crate::mtls`]) a vehicle reaches a cloud or edge service
+//! through the cloud sidecar next to each instance, `<endpoint host>:<cloud_inbound_port>`,
+//! over TLS and HTTP/2; that sidecar's `cloud_inbound` takes TLS (`strict`) or TLS and
+//! plaintext (`permissive`) and routes to the instances as before. Off, a vehicle's
+//! clusters go to the instances themselves, in plaintext.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -36,20 +42,18 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection, circuit_breakers, cluster,
 };
-use envoy_types::pb::envoy::config::core::v3::{Address, RoutingPriority};
 use envoy_types::pb::envoy::config::core::v3::{
-    BindConfig, HeaderValue, HeaderValueOption, Http2ProtocolOptions, Locality, SocketAddress,
-    SocketOption, address, socket_address, socket_option,
+    BindConfig, HeaderValue, HeaderValueOption, Http2ProtocolOptions, Locality, SocketOption,
+    socket_option,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, RuntimeFeatureFlag, TypedExtensionConfig, data_source,
 };
+use envoy_types::pb::envoy::config::core::v3::{RoutingPriority, TransportSocket};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, Listener, filter,
-};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
     ScopedRouteConfiguration, VirtualHost, retry_policy, route, route_action, route_match,
@@ -59,20 +63,21 @@ use envoy_types::pb::envoy::extensions::compression::zstd::decompressor::v3::Zst
 use envoy_types::pb::envoy::extensions::filters::http::decompressor::v3::{
     Decompressor, decompressor,
 };
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
-use misaki_policy::{Location, Policy, Protocol, RoutePriority, Service, TrafficClass};
+use misaki_policy::{Location, MtlsMode, Policy, Protocol, RoutePriority, Service, TrafficClass};
 use prost::{Message, Name};
 
-use crate::envoy::{ads, any};
+use crate::envoy::{ads, any, hcm, hcm_chain, hcm_routed, socket};
 use crate::local::VehicleState;
+use crate::mtls::{self, SecretSource};
 use crate::node::{NodeInfo, Role};
 use crate::on_demand;
 use crate::scope::{Presence, Scope};
@@ -145,8 +150,15 @@ fn compile_for(
     // gRPC clients cannot.
     let on_demand = node.delta && !node.proxyless;
     let mut out = match node.role {
-        Role::Vehicle => vehicle(policy, &scope, state, on_demand),
-        Role::Cloud => cloud(policy),
+        Role::Vehicle => {
+            let mut out = Output::default();
+            if policy.mesh.mtls != MtlsMode::Off {
+                out.vehicle_tls(policy, node, state);
+            }
+            vehicle(&mut out, policy, &scope, state, on_demand);
+            out
+        }
+        Role::Cloud => cloud(policy, node.tls_dir()),
     };
     if node.proxyless {
         out.add_api_listeners(policy, &scope, node.role);
@@ -157,6 +169,7 @@ fn compile_for(
 /// Resources before versioning.
 #[derive(Default)]
 struct Output {
+    secrets: Vec<Secret>,
     clusters: Vec<Cluster>,
     endpoints: Vec<ClusterLoadAssignment>,
     listeners: Vec<Listener>,
@@ -167,6 +180,16 @@ struct Output {
     /// Aggregate cluster → its member clusters: an on-demand aggregate brings its
     /// members along (Envoy fetches the cluster a route names, never its members).
     members: Vec<(String, Vec<String>)>,
+    /// Vehicle clusters to cloud/edge services go over TLS to the sidecars' inbound
+    /// port (`mesh.mtls` on).
+    upstream_tls: Option<UpstreamTls>,
+}
+
+/// How a vehicle reaches cloud and edge sidecars with mTLS on.
+struct UpstreamTls {
+    socket: TransportSocket,
+    /// The sidecars' `cloud_inbound_port`, on each instance's host.
+    port: u16,
 }
 
 impl Output {
@@ -208,6 +231,31 @@ impl Output {
             T::ScopedRoute,
             encoded(prefix, &self.scoped_routes, |s| &s.name),
         ))
+        .with(
+            T::Secret,
+            versioned(T::Secret, encoded(prefix, &self.secrets, |s| &s.name)),
+        )
+    }
+
+    /// mTLS to cloud and edge sidecars: SDS by file on the node's disk when misaki-cp
+    /// feeds it; over ADS from edge-netd's tier (`state`), which also serves the
+    /// vehicle's own credential, when it has one. A proxyless gRPC client takes
+    /// neither: its own bootstrap provides its certificate.
+    fn vehicle_tls(&mut self, policy: &Policy, node: &NodeInfo, state: Option<&VehicleState>) {
+        let td = &policy.mesh.trust_domain;
+        let socket = match state {
+            _ if node.proxyless => mtls::proxyless_upstream(td),
+            Some(_) => mtls::vehicle_upstream(td, SecretSource::Ads),
+            None => mtls::vehicle_upstream(td, SecretSource::Files(node.tls_dir())),
+        };
+        self.upstream_tls = Some(UpstreamTls {
+            socket,
+            port: policy.mesh.cloud_inbound_port,
+        });
+        let credential = state.and_then(|s| s.credential.as_deref());
+        if let Some(c) = credential.filter(|_| !node.proxyless) {
+            self.secrets = mtls::vehicle_secrets(c);
+        }
     }
 
     /// Mark what was added since `clusters`/`endpoints` resources as on demand.
@@ -357,9 +405,19 @@ impl Output {
         local: bool,
         interface: Option<&str>,
     ) {
+        let tls = self.upstream_tls.as_ref().filter(|_| !local);
         let endpoints = if svc.endpoints.is_empty() {
             // Vehicle services without explicit endpoints listen on the vehicle's loopback.
             vec![("127.0.0.1".to_string(), svc.port)]
+        } else if let Some(tls) = tls {
+            // The cloud sidecar on each instance's host; once per host.
+            let mut hosts: Vec<(String, u16)> = Vec::new();
+            for e in &svc.endpoints {
+                if !hosts.iter().any(|(h, _)| *h == e.host) {
+                    hosts.push((e.host.clone(), tls.port));
+                }
+            }
+            hosts
         } else {
             svc.endpoints
                 .iter()
@@ -388,7 +446,11 @@ impl Output {
             ));
             c.load_assignment = Some(cla);
         }
-        if svc.protocol == Protocol::Grpc {
+        if let Some(tls) = tls {
+            c.transport_socket = Some(tls.socket.clone());
+        }
+        // gRPC needs HTTP/2; so does TLS to a sidecar, which offers only h2 by ALPN.
+        if svc.protocol == Protocol::Grpc || tls.is_some() {
             c.typed_extension_protocol_options.insert(
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
                 any(&http2_upstream()),
@@ -417,13 +479,14 @@ impl Output {
     }
 }
 
+/// A vehicle node's resources, into `out` (which says how to reach sidecars).
 fn vehicle(
+    out: &mut Output,
     policy: &Policy,
     scope: &Scope<'_>,
     state: Option<&VehicleState>,
     on_demand: bool,
-) -> Output {
-    let mut out = Output::default();
+) {
     let mut outbound_hosts = Vec::new();
     let mut inbound_hosts = Vec::new();
     let mut presences = Vec::new();
@@ -497,7 +560,6 @@ fn vehicle(
         out.routes
             .push(route_config(VEHICLE_INBOUND, inbound_hosts));
     }
-    out
 }
 
 /// The last route of a closed scope: a request for a service outside it.
@@ -584,7 +646,8 @@ enum Target {
     NoUplink,
 }
 
-fn cloud(policy: &Policy) -> Output {
+/// A cloud (or edge) sidecar's resources; `tls_dir` holds its certificate's SDS files.
+fn cloud(policy: &Policy, tls_dir: &str) -> Output {
     let mut out = Output::default();
     let mut hosts = Vec::new();
     for svc in policy.services.values() {
@@ -607,12 +670,18 @@ fn cloud(policy: &Policy) -> Output {
     } else {
         Vec::new()
     };
-    out.listeners.push(http_listener(
-        CLOUD_INBOUND,
-        "0.0.0.0",
-        policy.mesh.cloud_inbound_port,
-        filters,
-    ));
+    let m = &policy.mesh;
+    out.listeners.push(match m.mtls {
+        MtlsMode::Off => http_listener(CLOUD_INBOUND, "0.0.0.0", m.cloud_inbound_port, filters),
+        mode => mtls::cloud_inbound(
+            CLOUD_INBOUND,
+            mode,
+            &m.trust_domain,
+            tls_dir,
+            m.cloud_inbound_port,
+            &filters,
+        ),
+    });
     out.routes.push(route_config(CLOUD_INBOUND, hosts));
     out
 }
@@ -760,38 +829,6 @@ fn route_action(svc: &Service, class: &TrafficClass, cluster: &str) -> RouteActi
     action
 }
 
-/// An HTTP connection manager taking route configuration `name` over RDS; `filters`
-/// run before the router.
-fn hcm(name: &str, filters: Vec<HttpFilter>) -> HttpConnectionManager {
-    let rds = http_connection_manager::RouteSpecifier::Rds(Rds {
-        config_source: Some(ads()),
-        route_config_name: name.to_string(),
-    });
-    hcm_routed(name, rds, filters)
-}
-
-/// An HTTP connection manager named `name` whose routes come from `routes`; `filters`
-/// run before the router.
-fn hcm_routed(
-    name: &str,
-    routes: http_connection_manager::RouteSpecifier,
-    mut filters: Vec<HttpFilter>,
-) -> HttpConnectionManager {
-    filters.push(HttpFilter {
-        name: "envoy.filters.http.router".to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(
-            any(&Router::default()),
-        )),
-        ..Default::default()
-    });
-    HttpConnectionManager {
-        stat_prefix: name.to_string(),
-        route_specifier: Some(routes),
-        http_filters: filters,
-        ..Default::default()
-    }
-}
-
 /// An HTTP listener whose routes are the route configuration of the same name.
 fn http_listener(name: &str, ip: &str, port: u16, filters: Vec<HttpFilter>) -> Listener {
     listener(name, ip, port, &hcm(name, filters))
@@ -802,13 +839,7 @@ fn listener(name: &str, ip: &str, port: u16, hcm: &HttpConnectionManager) -> Lis
     Listener {
         name: name.to_string(),
         address: Some(socket(ip, port)),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(any(hcm))),
-            }],
-            ..Default::default()
-        }],
+        filter_chains: vec![hcm_chain(hcm)],
         ..Default::default()
     }
 }
@@ -865,16 +896,6 @@ fn load_assignment(
             ..Default::default()
         }],
         ..Default::default()
-    }
-}
-
-fn socket(host: &str, port: u16) -> Address {
-    Address {
-        address: Some(address::Address::SocketAddress(SocketAddress {
-            address: host.to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(port.into())),
-            ..Default::default()
-        })),
     }
 }
 

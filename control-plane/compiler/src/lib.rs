@@ -1,10 +1,13 @@
 //! The pure compiler: (policy, node[, vehicle state]) → xDS snapshot.
 //!
-//! Invariant: no I/O, no clocks, no tonic. Same inputs ⇒ byte-identical output.
+//! Invariants: no I/O, no clocks, no tonic. Same inputs ⇒ byte-identical output.
+//! misaki-cp's [`compile`] never puts a private key in a snapshot; only
+//! [`compile_vehicle`] serves one, the vehicle's own (see `mtls`).
 
 mod compile;
 mod envoy;
 mod local;
+mod mtls;
 pub mod node;
 mod on_demand;
 mod scope;
@@ -16,4 +19,7 @@ pub use compile::{
     outbound_cluster, uplink_cluster,
 };
 pub use local::VehicleState;
+pub use mtls::{
+    CLOUD_CERT, FLEET_CA, GRPC_CERT_PROVIDER, VEHICLE_CERT, VEHICLE_HEADER, VehicleCredential,
+};
 pub use on_demand::{BUCKET_HEADER, BUCKETS, KEY_HEADER, bucket as scope_bucket};

@@ -4,6 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::mtls::VehicleCredential;
 
 /// The vehicle's own state, an input of [`crate::compile_vehicle`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -23,6 +26,11 @@ pub struct VehicleState {
     /// (`previous_priorities`), with a per-try timeout of the class's timeout shared
     /// among its tries. Off: a request stays on the uplink it started on.
     pub cross_uplink_retry: bool,
+    /// The vehicle's certificate, key and fleet CA, served to its Envoy by SDS over the
+    /// local ADS stream when the policy turns data-plane mTLS on. `None` (not enrolled
+    /// yet): no secrets, so Envoy's TLS clusters wait for them and calls to cloud and
+    /// edge services fail until the vehicle has a credential.
+    pub credential: Option<Arc<VehicleCredential>>,
 }
 
 impl VehicleState {

@@ -6,6 +6,10 @@
 //!   services the same way). Anything else is rejected.
 //! - vehicle id (role `vehicle` only): `node.metadata.vehicle_id` if set, else `node.id`.
 //!
+//! - tls_dir: `node.metadata.tls_dir`, else [`DEFAULT_TLS_DIR`]: where the node keeps
+//!   its certificate, key, the fleet CA and their file-based SDS files, for data-plane
+//!   mTLS (`mesh.mtls`). misaki-cp only names the files; it never holds a key.
+//!
 //! - proxyless: `node.user_agent_name` starts with `gRPC` (gRPC's xDS clients say
 //!   "gRPC Python", "gRPC Go", ...; Envoy says "envoy"). A proxyless client resolves
 //!   `xds:///<service>` by asking for a Listener of that name, so it gets an
@@ -15,6 +19,9 @@
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
+
+/// Where a node's certificates and SDS files are when its metadata does not say.
+pub const DEFAULT_TLS_DIR: &str = "/etc/misaki/tls";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
@@ -43,6 +50,8 @@ pub struct NodeInfo {
     /// The client speaks incremental (delta) xDS, so it can take resources on demand.
     /// Not part of the `Node`: the xDS server sets it from the stream's protocol.
     pub delta: bool,
+    /// `metadata.tls_dir` (no trailing `/`); `None`: [`DEFAULT_TLS_DIR`].
+    pub tls_dir: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +75,11 @@ fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 }
 
 impl NodeInfo {
+    /// The directory of the node's certificates and file-based SDS files.
+    pub fn tls_dir(&self) -> &str {
+        self.tls_dir.as_deref().unwrap_or(DEFAULT_TLS_DIR)
+    }
+
     pub fn from_node(node: Option<&Node>) -> Result<Self, NodeError> {
         let node = node.ok_or(NodeError::Missing)?;
         if node.id.is_empty() {
@@ -96,6 +110,10 @@ impl NodeInfo {
             vehicle_id,
             proxyless: node.user_agent_name.starts_with("gRPC"),
             delta: false,
+            tls_dir: metadata_str(node, "tls_dir").map(|d| match d.trim_end_matches('/') {
+                "" => "/".to_string(),
+                d => d.to_string(),
+            }),
         })
     }
 }
@@ -138,6 +156,17 @@ mod tests {
         )))
         .unwrap();
         assert_eq!(n.vehicle_id.as_deref(), Some("VIN123"));
+    }
+
+    #[test]
+    fn tls_dir_comes_from_metadata_without_a_trailing_slash() {
+        let n = NodeInfo::from_node(Some(&node("c", "cloud", &[]))).unwrap();
+        assert_eq!((n.tls_dir.as_deref(), n.tls_dir()), (None, DEFAULT_TLS_DIR));
+        let n =
+            NodeInfo::from_node(Some(&node("c", "cloud", &[("tls_dir", "/run/tls/")]))).unwrap();
+        assert_eq!(n.tls_dir(), "/run/tls");
+        let n = NodeInfo::from_node(Some(&node("c", "vehicle", &[("tls_dir", "/")]))).unwrap();
+        assert_eq!(n.tls_dir(), "/");
     }
 
     #[test]

@@ -24,9 +24,12 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use xxhash_rust::xxh3::Xxh3;
 
-/// The resource types misaki serves, in push order (CDS → EDS → LDS → SRDS → RDS).
+/// The resource types misaki serves, in push order (SDS → CDS → EDS → LDS → SRDS →
+/// RDS): secrets before the clusters and listeners whose TLS uses them, as Envoy's own
+/// ADS orders its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceType {
+    Secret,
     Cluster,
     Endpoint,
     Listener,
@@ -36,10 +39,11 @@ pub enum ResourceType {
 
 impl ResourceType {
     /// How many types there are: the length of every per-type array.
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
 
     /// All types, in the order pushes must go out.
     pub const PUSH_ORDER: [ResourceType; Self::COUNT] = [
+        ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::Endpoint,
         ResourceType::Listener,
@@ -49,6 +53,9 @@ impl ResourceType {
 
     pub const fn type_url(self) -> &'static str {
         match self {
+            ResourceType::Secret => {
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+            }
             ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
             ResourceType::Endpoint => {
                 "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -68,6 +75,7 @@ impl ResourceType {
     /// Short name for logs, metrics and the admin API.
     pub const fn short(self) -> &'static str {
         match self {
+            ResourceType::Secret => "sds",
             ResourceType::Cluster => "cds",
             ResourceType::Endpoint => "eds",
             ResourceType::Listener => "lds",
@@ -78,7 +86,8 @@ impl ResourceType {
 
     /// CDS, LDS and SRDS are "full state" in SotW: every reply carries all resources,
     /// and a resource missing from a reply is deleted by the client (Envoy's
-    /// `ScopedRdsConfigSubscription` removes scopes absent from a SotW update).
+    /// `ScopedRdsConfigSubscription` removes scopes absent from a SotW update). SDS is
+    /// not: Envoy asks for each secret by name, like EDS and RDS.
     pub const fn is_full_state(self) -> bool {
         matches!(
             self,
@@ -220,13 +229,27 @@ impl PartialEq<SharedStr> for String {
 /// or a delta `Resource.resource`. It is computed once, here, and shared (`Bytes`) by
 /// every stream that sends the resource, so a fleet-wide change encodes each resource
 /// once instead of once per stream.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its `Debug` shows the body's type and size, never its bytes: a Secret's body holds
+/// a private key (edge-netd's tier serves the vehicle's own by SDS).
+#[derive(Clone, PartialEq)]
 pub struct Resource {
     pub name: SharedStr,
     pub version: SharedStr,
     pub body: Any,
     /// `body` encoded; always equal to `body.encode_to_vec()`.
     wire: Bytes,
+}
+
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("type_url", &self.body.type_url)
+            .field("body_bytes", &self.body.value.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Resource {
@@ -409,9 +432,11 @@ impl Snapshot {
         listeners: Resources,
         routes: Resources,
     ) -> Self {
-        Snapshot {
-            by_type: [clusters, endpoints, listeners, Resources::default(), routes],
-        }
+        Snapshot::default()
+            .with(ResourceType::Cluster, clusters)
+            .with(ResourceType::Endpoint, endpoints)
+            .with(ResourceType::Listener, listeners)
+            .with(ResourceType::Route, routes)
     }
 
     /// This snapshot with `resources` as its content of type `t`.
@@ -527,8 +552,43 @@ mod tests {
         assert_eq!(s.get(ResourceType::ScopedRoute), &srds);
         assert!(s.get(ResourceType::Route).items.contains_key("r"));
         let order: Vec<&str> = ResourceType::PUSH_ORDER.map(|t| t.short()).to_vec();
-        assert_eq!(order, ["cds", "eds", "lds", "srds", "rds"]);
+        assert_eq!(order, ["sds", "cds", "eds", "lds", "srds", "rds"]);
         assert!(ResourceType::ScopedRoute.is_full_state());
+    }
+
+    #[test]
+    fn secrets_go_first_are_asked_for_by_name_and_stay_out_of_debug_output() {
+        use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            Secret, TlsCertificate, secret,
+        };
+        assert_eq!(ResourceType::PUSH_ORDER[0], ResourceType::Secret);
+        assert_eq!(ResourceType::Secret.index(), 0);
+        assert!(!ResourceType::Secret.is_full_state());
+        let key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n";
+        let s = Secret {
+            name: "misaki_vehicle_cert".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                private_key: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(key.into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        let r = Arc::new(Resource::new("x1-", "misaki_vehicle_cert", &s));
+        assert_eq!(r.body.type_url, ResourceType::Secret.type_url());
+        let snap =
+            Snapshot::default().with(ResourceType::Secret, Resources::from_items("x1-", [r]));
+        let shown = format!("{snap:?}");
+        assert!(shown.contains("misaki_vehicle_cert"), "{shown}");
+        assert!(
+            !shown.contains("c2VjcmV0") && !shown.contains("PRIVATE"),
+            "{shown}"
+        );
+        // Not even as the bytes' decimal values.
+        let bytes = format!("{:?}", key.as_bytes());
+        assert!(!shown.contains(&bytes[1..30]), "{shown}");
     }
 
     #[test]

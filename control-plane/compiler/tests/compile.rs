@@ -29,6 +29,7 @@ fn vehicle() -> NodeInfo {
         vehicle_id: Some("car-1".into()),
         proxyless: false,
         delta: false,
+        tls_dir: None,
     }
 }
 
@@ -39,6 +40,7 @@ fn cloud() -> NodeInfo {
         vehicle_id: None,
         proxyless: false,
         delta: false,
+        tls_dir: None,
     }
 }
 

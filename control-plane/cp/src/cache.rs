@@ -20,13 +20,15 @@ use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
 
 /// What a node's snapshot depends on besides the policy: the role, whether the client
-/// is proxyless gRPC, and whether it speaks delta xDS (vehicle Envoys on delta take
-/// undeclared services on demand).
+/// is proxyless gRPC, whether it speaks delta xDS (vehicle Envoys on delta take
+/// undeclared services on demand), and where its certificates are (data-plane mTLS
+/// names its file-based SDS files; the same for a whole fleet unless set per node).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CompileKey {
     pub role: Role,
     pub proxyless: bool,
     pub delta: bool,
+    pub tls_dir: Option<String>,
 }
 
 impl CompileKey {
@@ -35,6 +37,7 @@ impl CompileKey {
             role: node.role,
             proxyless: node.proxyless,
             delta: node.delta,
+            tls_dir: node.tls_dir.clone(),
         }
     }
 
@@ -46,6 +49,7 @@ impl CompileKey {
             vehicle_id: None,
             proxyless: self.proxyless,
             delta: self.delta,
+            tls_dir: self.tls_dir.clone(),
         }
     }
 }

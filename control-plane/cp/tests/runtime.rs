@@ -18,6 +18,7 @@ fn vehicle(id: &str) -> NodeInfo {
         vehicle_id: Some(id.into()),
         proxyless: false,
         delta: false,
+        tls_dir: None,
     }
 }
 
@@ -28,6 +29,7 @@ fn cloud() -> NodeInfo {
         vehicle_id: None,
         proxyless: false,
         delta: false,
+        tls_dir: None,
     }
 }
 

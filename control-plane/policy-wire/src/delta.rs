@@ -109,7 +109,10 @@ pub fn diff(base: &pb::PolicyUpdate, target: &pb::PolicyUpdate) -> Option<pb::Po
         uplinks,
         classes,
         services,
-        mesh: target.mesh.filter(|m| base.mesh != Some(*m)),
+        mesh: target
+            .mesh
+            .clone()
+            .filter(|m| base.mesh.as_ref() != Some(m)),
         base_version: base.version.clone(),
         removed_uplinks,
         removed_classes,
@@ -139,7 +142,7 @@ pub fn apply(
         uplinks: apply_items(&base.uplinks, &delta.uplinks, &delta.removed_uplinks),
         classes: apply_items(&base.classes, &delta.classes, &delta.removed_classes),
         services: apply_items(&base.services, &delta.services, &delta.removed_services),
-        mesh: delta.mesh.or(base.mesh),
+        mesh: delta.mesh.clone().or_else(|| base.mesh.clone()),
         ..Default::default()
     };
     let computed = content_version(&whole);

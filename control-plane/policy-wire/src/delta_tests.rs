@@ -96,6 +96,15 @@ fn the_mesh_travels_only_when_its_ports_change() {
     let d = delta_of(&a, &b);
     assert_eq!(d.mesh.map(|m| m.cloud_inbound_port), Some(16443));
     assert!(d.services.is_empty() && d.classes.is_empty() && d.uplinks.is_empty());
+    // Turning mTLS on, or moving the trust domain, is a mesh change too.
+    let mut c = a.clone();
+    c.mesh.mtls = misaki_policy::MtlsMode::Permissive;
+    c.mesh.trust_domain = misaki_policy::TrustDomain::new("fleet.example").unwrap();
+    let d = delta_of(&a, &c);
+    let m = d.mesh.clone().expect("the mesh travels");
+    assert_eq!(m.mtls, pb::mesh_settings::MtlsMode::Permissive as i32);
+    assert_eq!(m.trust_domain, "fleet.example");
+    assert_eq!(from_wire(&apply(&to_wire(&a), &d).unwrap()).unwrap(), c);
     // An unchanged policy: a delta with nothing in it but the versions.
     let same = delta_of(&a, &a);
     assert_eq!(
@@ -186,7 +195,14 @@ fn edited(mut p: Policy, edits: &[(u8, usize, u16)]) -> Policy {
                 let n = p.uplinks.len();
                 p.uplinks.values_mut().nth(i % n).unwrap().cost = u32::from(v % 1000);
             }
-            3 => p.mesh.cloud_inbound_port = 22000 + v % 10,
+            3 => match v % 3 {
+                0 => p.mesh.cloud_inbound_port = 22000 + v % 10,
+                1 => p.mesh.mtls = misaki_policy::MtlsMode::ALL[usize::from(v / 3 % 3)].1,
+                _ => {
+                    p.mesh.trust_domain = misaki_policy::TrustDomain::new(&format!("td{}", v % 4))
+                        .expect("a valid trust domain")
+                }
+            },
             _ => {
                 // Remove a service and every mention of it.
                 if let Some((gone, _)) = p.services.pop_last() {

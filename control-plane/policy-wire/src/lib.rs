@@ -22,7 +22,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use misaki_policy::{Location, Policy, PolicyErrors, Protocol, RoutePriority, UplinkKind};
+use misaki_policy::{
+    Location, MtlsMode, Policy, PolicyErrors, Protocol, RoutePriority, TrustDomain, UplinkKind,
+};
 use misaki_proto::fleet_v1 as pb;
 use prost::Message;
 
@@ -51,6 +53,14 @@ const PROTOCOLS: [(Protocol, pb::Protocol); 2] = [
 const PRIORITIES: [(RoutePriority, pb::RoutePriority); 2] = [
     (RoutePriority::Default, pb::RoutePriority::Default),
     (RoutePriority::High, pb::RoutePriority::High),
+];
+const MTLS_MODES: [(MtlsMode, pb::mesh_settings::MtlsMode); 3] = [
+    (MtlsMode::Off, pb::mesh_settings::MtlsMode::Off),
+    (
+        MtlsMode::Permissive,
+        pb::mesh_settings::MtlsMode::Permissive,
+    ),
+    (MtlsMode::Strict, pb::mesh_settings::MtlsMode::Strict),
 ];
 
 fn to_pb<D: PartialEq + Copy, W: Copy + Into<i32>>(table: &[(D, W)], d: D) -> i32 {
@@ -140,6 +150,14 @@ pub fn to_wire(policy: &Policy) -> pb::PolicyUpdate {
             vehicle_outbound_port: u32::from(m.vehicle_outbound_port),
             vehicle_inbound_port: u32::from(m.vehicle_inbound_port),
             cloud_inbound_port: u32::from(m.cloud_inbound_port),
+            mtls: to_pb(&MTLS_MODES, m.mtls),
+            // The default travels as empty: a policy that does not set it encodes (and
+            // so versions) as it did before the field existed.
+            trust_domain: if m.trust_domain == TrustDomain::default() {
+                String::new()
+            } else {
+                m.trust_domain.to_string()
+            },
         }),
         // A whole policy: no delta fields.
         ..Default::default()
@@ -194,16 +212,26 @@ fn spelled<D: Copy, W: Copy + Into<i32>>(
     quoted(&from_pb(table, v).map_or_else(|| format!("wire value {v}"), |d| as_str(d).to_string()))
 }
 
+/// The `mesh:` line of [`render`]; an empty trust domain is the default (not written).
+fn render_mesh(m: &pb::MeshSettings) -> String {
+    let mut f = vec![
+        format!("vehicle_outbound_port: {}", m.vehicle_outbound_port),
+        format!("vehicle_inbound_port: {}", m.vehicle_inbound_port),
+        format!("cloud_inbound_port: {}", m.cloud_inbound_port),
+        format!("mtls: {}", spelled(&MTLS_MODES, m.mtls, MtlsMode::as_str)),
+    ];
+    if !m.trust_domain.is_empty() {
+        f.push(format!("trust_domain: {}", quoted(&m.trust_domain)));
+    }
+    format!("mesh: {{ {} }}\n", f.join(", "))
+}
+
 /// The update as a policy document (version 1), one item per line. Values are written
 /// as received, so anything out of range reaches the parser and is reported there.
 pub fn render(update: &pb::PolicyUpdate) -> String {
     let mut out = String::from("version: 1\n");
     if let Some(m) = &update.mesh {
-        let _ = writeln!(
-            out,
-            "mesh: {{ vehicle_outbound_port: {}, vehicle_inbound_port: {}, cloud_inbound_port: {} }}",
-            m.vehicle_outbound_port, m.vehicle_inbound_port, m.cloud_inbound_port
-        );
+        out.push_str(&render_mesh(m));
     }
     out.push_str("uplinks:");
     if update.uplinks.is_empty() {

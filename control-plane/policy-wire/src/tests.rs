@@ -49,6 +49,46 @@ fn an_update_from_an_older_control_plane_gets_default_ports_and_no_services() {
 }
 
 #[test]
+fn mtls_and_the_trust_domain_travel_and_defaults_keep_the_old_encoding() {
+    let p = quickstart();
+    let w = to_wire(&p);
+    let m = w.mesh.clone().unwrap();
+    assert_eq!(m.mtls, pb::mesh_settings::MtlsMode::Off as i32);
+    assert_eq!(m.trust_domain, "", "the default travels as empty");
+    // What an older control plane sent (ports only) encodes to the same bytes, so the
+    // version of a policy without mTLS did not change with the new fields.
+    let old = pb::MeshSettings {
+        vehicle_outbound_port: m.vehicle_outbound_port,
+        vehicle_inbound_port: m.vehicle_inbound_port,
+        cloud_inbound_port: m.cloud_inbound_port,
+        ..Default::default()
+    };
+    assert_eq!(old.encode_to_vec(), m.encode_to_vec());
+
+    let mut q = p.clone();
+    q.mesh.mtls = MtlsMode::Strict;
+    q.mesh.trust_domain = TrustDomain::new("fleet.example").unwrap();
+    let w = to_wire(&q);
+    let m = w.mesh.clone().unwrap();
+    assert_eq!(m.mtls, pb::mesh_settings::MtlsMode::Strict as i32);
+    assert_eq!(m.trust_domain, "fleet.example");
+    assert_ne!(w.version, version(&p));
+    assert_eq!(from_wire(&w).unwrap(), q);
+}
+
+#[test]
+fn a_bad_mtls_mode_or_trust_domain_on_the_wire_is_located() {
+    let mut w = to_wire(&quickstart());
+    let m = w.mesh.as_mut().unwrap();
+    m.mtls = 9;
+    m.trust_domain = "Not/A/Domain".into();
+    let errs = from_wire(&w).unwrap_err();
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["mesh.mtls", "mesh.trust_domain"], "{errs}");
+    assert!(errs.0[0].message.contains("`wire value 9`"), "{errs}");
+}
+
+#[test]
 fn ipv6_endpoints_travel_without_brackets_and_come_back() {
     let mut p = quickstart();
     p.services.get_mut("maps").unwrap().endpoints = vec![Endpoint {
@@ -165,6 +205,14 @@ prop_compose! {
     }
 }
 
+/// The default trust domain (which travels as empty) or another valid one.
+fn arb_trust_domain() -> impl Strategy<Value = TrustDomain> {
+    prop_oneof![
+        Just(TrustDomain::default()),
+        "[a-z0-9._-]{1,40}".prop_map(|s| TrustDomain::new(&s).expect("valid by construction")),
+    ]
+}
+
 /// Valid policies by construction: names from fixed pools, references into them,
 /// routes and vehicle ports unique, mesh ports distinct from vehicle ports.
 pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
@@ -213,86 +261,91 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
                 Just(classes),
                 prop::collection::vec(service, 0..5),
                 (20000u16..20010, 21000u16..21010, 22000u16..22010),
+                (0usize..3, arb_trust_domain()),
             )
         })
-        .prop_map(|(uplinks, classes, services, ports)| {
-            let classes: BTreeMap<String, TrafficClass> = classes
-                .into_iter()
-                .enumerate()
-                .map(
-                    |(i, (high, timeout, retries, ups, deferrable, dscp, rtt, loss, ttl))| {
-                        let name = format!("class-{i}");
-                        let c = TrafficClass {
+        .prop_map(
+            |(uplinks, classes, services, ports, (mtls, trust_domain))| {
+                let classes: BTreeMap<String, TrafficClass> = classes
+                    .into_iter()
+                    .enumerate()
+                    .map(
+                        |(i, (high, timeout, retries, ups, deferrable, dscp, rtt, loss, ttl))| {
+                            let name = format!("class-{i}");
+                            let c = TrafficClass {
+                                name: name.clone(),
+                                priority: if high {
+                                    RoutePriority::High
+                                } else {
+                                    RoutePriority::Default
+                                },
+                                timeout,
+                                retries,
+                                uplinks: ups,
+                                deferrable,
+                                dscp,
+                                max_rtt: rtt,
+                                max_loss_percent: loss,
+                                ttl,
+                            };
+                            (name, c)
+                        },
+                    )
+                    .collect();
+                let class_names: Vec<&String> = classes.keys().collect();
+                let n_services = services.len();
+                let services = services
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (loc, grpc, eps, class, n_routes, consumes))| {
+                        let location = Location::ALL[loc].1;
+                        let mut endpoints: Vec<Endpoint> = eps
+                            .into_iter()
+                            .map(|(h, port)| Endpoint {
+                                host: h.to_string(),
+                                port,
+                            })
+                            .collect();
+                        if location != Location::Vehicle && endpoints.is_empty() {
+                            endpoints.push(Endpoint {
+                                host: "198.18.0.9".into(),
+                                port: 80,
+                            });
+                        }
+                        let name = format!("svc-{i}");
+                        let s = Service {
                             name: name.clone(),
-                            priority: if high {
-                                RoutePriority::High
-                            } else {
-                                RoutePriority::Default
-                            },
-                            timeout,
-                            retries,
-                            uplinks: ups,
-                            deferrable,
-                            dscp,
-                            max_rtt: rtt,
-                            max_loss_percent: loss,
-                            ttl,
+                            location,
+                            protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
+                            port: 30000 + i as u16,
+                            endpoints,
+                            routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
+                            class: class_names[class].clone(),
+                            // Only vehicle services may declare what they call.
+                            consumes: consumes.filter(|_| location == Location::Vehicle).map(|c| {
+                                c.into_iter()
+                                    .filter(|&j| j < n_services)
+                                    .map(|j| format!("svc-{j}"))
+                                    .collect()
+                            }),
                         };
-                        (name, c)
+                        (name, s)
+                    })
+                    .collect();
+                Policy {
+                    mesh: MeshSettings {
+                        vehicle_outbound_port: ports.0,
+                        vehicle_inbound_port: ports.1,
+                        cloud_inbound_port: ports.2,
+                        mtls: MtlsMode::ALL[mtls].1,
+                        trust_domain,
                     },
-                )
-                .collect();
-            let class_names: Vec<&String> = classes.keys().collect();
-            let n_services = services.len();
-            let services = services
-                .into_iter()
-                .enumerate()
-                .map(|(i, (loc, grpc, eps, class, n_routes, consumes))| {
-                    let location = Location::ALL[loc].1;
-                    let mut endpoints: Vec<Endpoint> = eps
-                        .into_iter()
-                        .map(|(h, port)| Endpoint {
-                            host: h.to_string(),
-                            port,
-                        })
-                        .collect();
-                    if location != Location::Vehicle && endpoints.is_empty() {
-                        endpoints.push(Endpoint {
-                            host: "198.18.0.9".into(),
-                            port: 80,
-                        });
-                    }
-                    let name = format!("svc-{i}");
-                    let s = Service {
-                        name: name.clone(),
-                        location,
-                        protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
-                        port: 30000 + i as u16,
-                        endpoints,
-                        routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
-                        class: class_names[class].clone(),
-                        // Only vehicle services may declare what they call.
-                        consumes: consumes.filter(|_| location == Location::Vehicle).map(|c| {
-                            c.into_iter()
-                                .filter(|&j| j < n_services)
-                                .map(|j| format!("svc-{j}"))
-                                .collect()
-                        }),
-                    };
-                    (name, s)
-                })
-                .collect();
-            Policy {
-                mesh: MeshSettings {
-                    vehicle_outbound_port: ports.0,
-                    vehicle_inbound_port: ports.1,
-                    cloud_inbound_port: ports.2,
-                },
-                uplinks: uplinks.into_iter().map(|u| (u.name.clone(), u)).collect(),
-                classes,
-                services,
-            }
-        })
+                    uplinks: uplinks.into_iter().map(|u| (u.name.clone(), u)).collect(),
+                    classes,
+                    services,
+                }
+            },
+        )
 }
 
 proptest! {

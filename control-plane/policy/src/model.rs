@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use misaki_identity::TrustDomain;
+
 /// A whole mesh policy (format version 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// Listener ports of the sidecars.
+    /// Listener ports of the sidecars, data-plane mTLS.
     pub mesh: MeshSettings,
     /// Uplinks known to the fleet, by name.
     pub uplinks: BTreeMap<String, Uplink>,
@@ -20,7 +22,8 @@ pub struct Policy {
     pub services: BTreeMap<String, Service>,
 }
 
-/// Ports the compiled sidecar listeners bind (on the sidecar's own host).
+/// Ports the compiled sidecar listeners bind (on the sidecar's own host), and how
+/// vehicle and cloud sidecars authenticate each other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshSettings {
     /// Vehicle apps send requests for mesh services here (vehicle sidecar).
@@ -29,6 +32,11 @@ pub struct MeshSettings {
     pub vehicle_inbound_port: u16,
     /// Requests for cloud/edge services arrive here (cloud sidecar).
     pub cloud_inbound_port: u16,
+    /// Mutual TLS between vehicle sidecars and cloud/edge sidecars (docs/security.md).
+    pub mtls: MtlsMode,
+    /// The SPIFFE trust domain of the fleet's identities: vehicle sidecars accept only
+    /// `spiffe://<td>/cloud/...` servers, cloud sidecars name vehicles of this domain.
+    pub trust_domain: TrustDomain,
 }
 
 impl Default for MeshSettings {
@@ -37,6 +45,38 @@ impl Default for MeshSettings {
             vehicle_outbound_port: 15001,
             vehicle_inbound_port: 15006,
             cloud_inbound_port: 15443,
+            mtls: MtlsMode::Off,
+            trust_domain: TrustDomain::default(),
+        }
+    }
+}
+
+/// Mutual TLS on the data plane, vehicle sidecar ↔ cloud/edge sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MtlsMode {
+    /// Plaintext, as before mTLS existed.
+    Off,
+    /// Vehicles connect with mTLS; cloud sidecars accept mTLS and plaintext (a
+    /// migration step: plaintext requests never carry a verified vehicle id).
+    Permissive,
+    /// Vehicles connect with mTLS; cloud sidecars accept nothing else.
+    Strict,
+}
+
+impl MtlsMode {
+    /// Every mode with its spelling in policy files.
+    pub const ALL: [(&'static str, MtlsMode); 3] = [
+        ("off", MtlsMode::Off),
+        ("permissive", MtlsMode::Permissive),
+        ("strict", MtlsMode::Strict),
+    ];
+
+    /// The spelling in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Off => "off",
+            MtlsMode::Permissive => "permissive",
+            MtlsMode::Strict => "strict",
         }
     }
 }

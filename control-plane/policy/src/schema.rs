@@ -16,8 +16,8 @@ use saphyr::{LoadableYamlNode, MarkedYaml, YamlData};
 
 use crate::error::{ErrorKind, Errors, Loc};
 use crate::model::{
-    Endpoint, Location, MeshSettings, Protocol, RoutePriority, Service, TrafficClass, Uplink,
-    UplinkKind,
+    Endpoint, Location, MeshSettings, MtlsMode, Protocol, RoutePriority, Service, TrafficClass,
+    TrustDomain, Uplink, UplinkKind,
 };
 use crate::values::{check_name, check_route, parse_endpoint};
 use crate::yaml::{Fields, Node, Reader, describe, is_null};
@@ -28,6 +28,14 @@ pub(crate) const MESH_PORTS: [&str; 3] = [
     "vehicle_outbound_port",
     "vehicle_inbound_port",
     "cloud_inbound_port",
+];
+/// Every field of `mesh`: the ports, then data-plane mTLS.
+const MESH_FIELDS: [&str; 5] = [
+    MESH_PORTS[0],
+    MESH_PORTS[1],
+    MESH_PORTS[2],
+    "mtls",
+    "trust_domain",
 ];
 const UPLINK_FIELDS: &[&str] = &["name", "kind", "metered", "cost"];
 const CLASS_FIELDS: &[&str] = &[
@@ -261,7 +269,7 @@ fn read_section<T>(
 }
 
 fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
-    let f = r.map(node, "mesh", "mesh settings", &MESH_PORTS)?;
+    let f = r.map(node, "mesh", "mesh settings", &MESH_FIELDS)?;
     let mut mesh = MeshDraft {
         loc: r.loc(node),
         value: MeshSettings::default(),
@@ -282,6 +290,29 @@ fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
             _ => mesh.value.cloud_inbound_port = port,
         }
         mesh.explicit[i] = Some((r.loc(n), path));
+    }
+    if let Some(n) = f.get("mtls") {
+        let modes = &MtlsMode::ALL;
+        if let Some(m) = r.choice(n, &f.path("mtls"), "mtls mode", modes) {
+            mesh.value.mtls = m;
+        }
+    }
+    if let Some(n) = f.get("trust_domain") {
+        let path = f.path("trust_domain");
+        if let Some(td) = r.string(n, &path, "a trust domain such as `misaki.local`") {
+            match TrustDomain::new(td) {
+                Ok(td) => mesh.value.trust_domain = td,
+                Err(_) => r.error(
+                    n,
+                    &path,
+                    ErrorKind::InvalidValue,
+                    format!(
+                        "invalid trust domain `{}`; expected 1 to 255 characters of lowercase letters, digits, `.`, `-` and `_` (e.g. `misaki.local`), the fleet CA's `ca init --trust-domain`",
+                        td.escape_debug()
+                    ),
+                ),
+            }
+        }
     }
     Some(mesh)
 }

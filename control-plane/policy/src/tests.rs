@@ -190,9 +190,69 @@ fn grpc_protocol_and_explicit_mesh_ports_are_read() {
         MeshSettings {
             vehicle_outbound_port: 20001,
             vehicle_inbound_port: 20006,
-            cloud_inbound_port: 20443
+            cloud_inbound_port: 20443,
+            ..MeshSettings::default()
         }
     );
+}
+
+#[test]
+fn the_mtls_example_parses_as_strict() {
+    let text = include_str!("../../../examples/mtls/mesh.yaml");
+    let p = parse("examples/mtls/mesh.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.mesh.mtls, MtlsMode::Strict);
+    assert_eq!(p.mesh.trust_domain, TrustDomain::default());
+}
+
+#[test]
+fn mtls_is_off_in_misaki_local_by_default_and_both_are_read() {
+    let p = parse("p.yaml", MINI).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.mesh.mtls, MtlsMode::Off);
+    assert_eq!(p.mesh.trust_domain.as_str(), "misaki.local");
+    for (mode, want) in MtlsMode::ALL {
+        let text = format!("{MINI}mesh:\n  mtls: {mode}\n  trust_domain: fleet-7.example\n");
+        let p = parse("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.mesh.mtls, want, "{mode}");
+        assert_eq!(p.mesh.mtls.as_str(), mode);
+        assert_eq!(p.mesh.trust_domain.as_str(), "fleet-7.example");
+    }
+}
+
+#[test]
+fn an_unknown_mtls_mode_is_located_with_a_suggestion() {
+    let text = format!("{MINI}mesh:\n  mtls: strcit\n");
+    let msg = the_error(&text, 16, 9, "mesh.mtls", ErrorKind::InvalidValue);
+    assert_eq!(
+        msg,
+        "unknown mtls mode `strcit`; expected one of: off, permissive, strict; did you mean `strict`?"
+    );
+    // A YAML 1.2 boolean is not a mode: `true` is not `strict`.
+    let text = format!("{MINI}mesh:\n  mtls: true\n");
+    let msg = the_error(&text, 16, 9, "mesh.mtls", ErrorKind::WrongType);
+    assert!(msg.contains("found boolean"), "{msg}");
+}
+
+#[test]
+fn a_trust_domain_follows_the_fleet_ca_rules() {
+    for bad in ["Misaki.Local", "misaki/local", "\"\""] {
+        let text = format!("{MINI}mesh:\n  trust_domain: {bad}\n");
+        let msg = the_error(&text, 16, 17, "mesh.trust_domain", ErrorKind::InvalidValue);
+        assert!(msg.starts_with("invalid trust domain"), "{msg}");
+        assert!(msg.contains("e.g. `misaki.local`"), "{msg}");
+    }
+    let text = format!("{MINI}mesh:\n  trust_domain: 7\n");
+    the_error(&text, 16, 17, "mesh.trust_domain", ErrorKind::WrongType);
+    let long = "a".repeat(256);
+    let text = format!("{MINI}mesh:\n  trust_domain: {long}\n");
+    the_error(&text, 16, 17, "mesh.trust_domain", ErrorKind::InvalidValue);
+}
+
+#[test]
+fn a_misspelt_mesh_field_lists_the_mtls_fields() {
+    let text = format!("{MINI}mesh:\n  mtsl: strict\n");
+    let msg = the_error(&text, 16, 3, "mesh.mtsl", ErrorKind::UnknownField);
+    assert!(msg.contains("did you mean `mtls`?"), "{msg}");
+    assert!(msg.contains("mtls, trust_domain"), "{msg}");
 }
 
 // ---- one test per error kind -------------------------------------------------

@@ -22,8 +22,9 @@
 //!   go only there, and its removal too. A resource that leaves a stream's
 //!   subscription because the snapshot made it on demand goes out as removed; one the
 //!   client unsubscribed is just forgotten;
-//! - pushes go CDS → EDS → LDS → SRDS → RDS; removed clusters go out last, in their
-//!   own CDS response, when other types change in the same push (make-before-break);
+//! - pushes go SDS → CDS → EDS → LDS → SRDS → RDS (secrets before the clusters and
+//!   listeners whose TLS names them); removed clusters go out last, in their own CDS
+//!   response, when other types change in the same push (make-before-break);
 //! - warming: added or changed clusters are followed by their EDS assignments, added
 //!   or changed listeners by the subscribed scopes and routes, and added or changed
 //!   scopes by the routes they name, even if unchanged.
@@ -461,7 +462,8 @@ impl Protocol for Delta {
                 s.plan(t, force)
             }
         };
-        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute};
+        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute, Secret};
+        let sds = plan_if_changed(self, Secret, &none);
         let cds = plan_if_changed(self, Cluster, &none);
         let eds_force = self.warming(Cluster, Endpoint, &cds.items);
         let eds = plan_if_changed(self, Endpoint, &eds_force);
@@ -486,6 +488,7 @@ impl Protocol for Delta {
         };
         let mut out = Vec::new();
         for (t, p) in [
+            (Secret, sds),
             (Cluster, cds),
             (Endpoint, eds),
             (Listener, lds),
@@ -545,6 +548,13 @@ mod tests {
                 "3",
                 vec![route("l")],
                 vec!["old"],
+            ),
+            (
+                ResourceType::Secret,
+                "v-5",
+                "5",
+                vec![crate::sotw::tests::secret("misaki_fleet_ca", "1")],
+                vec!["misaki_vehicle_cert"],
             ),
             // Nothing at all (an `always` reply to a first request).
             (ResourceType::Endpoint, "v-4", "4", vec![], vec![]),
@@ -668,6 +678,35 @@ mod tests {
         assert_eq!(summary(&out), [(C, vec!["a", "b"], vec![])]);
         let out = d.on_snapshot(clusters(Resources::with_on_demand("v-", [a], [b])), &ctx);
         assert_eq!(summary(&out), [(C, vec![], vec!["b"])]);
+    }
+
+    #[test]
+    fn secrets_go_by_name_and_first_in_a_push() {
+        use crate::sotw::tests::secret;
+        use ResourceType::{Cluster as C, Secret as S};
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let snap = |tag: &str| {
+            let empty = Resources::default;
+            let cds = Resources::from_items("v-", [cluster("c", tag)]);
+            let sds = Resources::from_items("v-", [secret("ca", tag)]);
+            Arc::new(Snapshot::new(cds, empty(), empty(), empty()).with(S, sds))
+        };
+        let mut d = Delta::new(snap("1"));
+        assert_eq!(summary(&d.on_request(request(C, &[], &[]), &ctx))[0].0, C);
+        // No wildcard for secrets: an empty first request gets an empty reply.
+        assert_eq!(
+            summary(&d.on_request(request(S, &[], &[]), &ctx)),
+            [(S, vec![], vec![])]
+        );
+        let out = d.on_request(request(S, &["ca", "cert"], &[]), &ctx);
+        // "cert" does not exist (a vehicle not enrolled yet): said so, once. Envoy
+        // ignores the removal of a secret and lets its cluster finish warming.
+        assert_eq!(summary(&out), [(S, vec!["ca"], vec!["cert"])]);
+        let out = d.on_snapshot(snap("2"), &ctx);
+        assert_eq!(
+            summary(&out),
+            [(S, vec!["ca"], vec![]), (C, vec!["c"], vec![])]
+        );
     }
 
     #[test]

@@ -19,9 +19,10 @@
 //!   the request subscribed to something new (newly requested names are answered even
 //!   if unchanged), or warming needs it (below); names that do not exist yet stay
 //!   subscribed and go out when they appear;
-//! - pushes go CDS → EDS → LDS → SRDS → RDS; clusters that disappear while other types
-//!   change are removed last (make-before-break): CDS(old ∪ new), EDS, LDS, SRDS, RDS,
-//!   CDS(new);
+//! - pushes go SDS → CDS → EDS → LDS → SRDS → RDS (secrets before the clusters and
+//!   listeners whose TLS names them, Envoy's own order); clusters that disappear while
+//!   other types change are removed last (make-before-break): SDS, CDS(old ∪ new), EDS,
+//!   LDS, SRDS, RDS, CDS(new);
 //! - warming: a CDS reply that adds or changes a cluster is followed by an EDS reply
 //!   even if the assignments did not change (Envoy keeps an updated cluster warming
 //!   until it gets one); likewise LDS → SRDS and RDS, and SRDS → RDS;
@@ -469,6 +470,9 @@ impl Protocol for Sotw {
 
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<SotwReply> {
         let old = std::mem::replace(&mut self.snapshot, snapshot);
+        // Secrets first: a new or changed cluster or listener finds the secret it names.
+        let sds = self.plan_if_changed(&old, ResourceType::Secret, false);
+        let mut out: Vec<SotwReply> = sds.map(|p| self.commit(p, ctx)).into_iter().collect();
         // Plan the other types first: whether anything besides CDS changes decides
         // whether removed clusters must wait until the end.
         let lds = self.plan_if_changed(&old, ResourceType::Listener, false);
@@ -477,7 +481,8 @@ impl Protocol for Sotw {
         let srds_touched = srds.as_ref().is_some_and(|p| p.touched);
         let rds = self.plan_if_changed(&old, ResourceType::Route, lds_touched || srds_touched);
         let eds = self.plan_if_changed(&old, ResourceType::Endpoint, false);
-        self.push_with_clusters(&old, [eds, lds, srds, rds], ctx)
+        out.extend(self.push_with_clusters(&old, [eds, lds, srds, rds], ctx));
+        out
     }
 }
 
@@ -535,6 +540,29 @@ pub(crate) mod tests {
         Arc::new(Resource::new("v-", name, &c))
     }
 
+    /// A secret (a CA certificate) whose PEM says `tag`.
+    pub(crate) fn secret(name: &str, tag: &str) -> Arc<Resource> {
+        use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, Secret, secret,
+        };
+        let s = Secret {
+            name: name.into(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(format!(
+                            "-----BEGIN CERTIFICATE-----\n{tag}\n"
+                        ))),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )),
+        };
+        Arc::new(Resource::new("v-", name, &s))
+    }
+
     fn check(reply: SotwReply) {
         let bodies: Vec<Bytes> = reply.items.iter().map(|i| i.wire().clone()).collect();
         check_hand_encoding::<_, DiscoveryResponse>(reply, &bodies);
@@ -551,6 +579,12 @@ pub(crate) mod tests {
                 vec![cluster("a"), cluster("b")],
             ),
             (ResourceType::Route, "v-2.00ff", "17", vec![big.clone()]),
+            (
+                ResourceType::Secret,
+                "v-5",
+                "9",
+                vec![secret("misaki_fleet_ca", "1")],
+            ),
             // Full-state type with nothing left: an empty reply.
             (ResourceType::Listener, "v-3", "2", vec![]),
             (ResourceType::Endpoint, "", "", vec![]),
@@ -647,6 +681,36 @@ pub(crate) mod tests {
             "full state: dropped by omission"
         );
         assert_eq!(out[0].version, type_version);
+    }
+
+    /// Secret "ca" and cluster "c", tagged.
+    fn tls(ca: &str, c: &str) -> Arc<Snapshot> {
+        let empty = Resources::default;
+        let mut cluster = Cluster::decode(self::cluster("c").body.value.as_slice()).unwrap();
+        cluster.alt_stat_name = c.into();
+        let cds = Resources::from_items("v-", [Arc::new(Resource::new("v-", "c", &cluster))]);
+        Arc::new(Snapshot::new(cds, empty(), empty(), empty()).with(
+            ResourceType::Secret,
+            Resources::from_items("v-", [secret("ca", ca)]),
+        ))
+    }
+
+    #[test]
+    fn secrets_go_by_name_and_before_clusters_on_a_push() {
+        use ResourceType::{Cluster as C, Secret as S};
+        let ctx = StreamCtx::for_test(StreamKind::Sotw);
+        let mut s = Sotw::new(tls("1", "1"));
+        assert_eq!(types(&s.on_request(request(C, &[], ""), &ctx)), [C]);
+        // An empty SDS request is no wildcard, and a missing secret gets no reply (the
+        // client waits for it).
+        assert!(s.on_request(request(S, &[], ""), &ctx).is_empty());
+        assert!(s.on_request(request(S, &["other"], ""), &ctx).is_empty());
+        let out = s.on_request(request(S, &["other", "ca"], ""), &ctx);
+        assert_eq!(reply_names(&out[0]), ["ca"]);
+        // Both change: the secret first, so the cluster finds it.
+        assert_eq!(types(&s.on_snapshot(tls("2", "2"), &ctx)), [S, C]);
+        assert_eq!(types(&s.on_snapshot(tls("3", "2"), &ctx)), [S], "SDS only");
+        assert!(s.on_snapshot(tls("3", "2"), &ctx).is_empty());
     }
 
     #[test]

@@ -241,6 +241,7 @@ mod tests {
             vehicle_id: Some("car-1".into()),
             proxyless: false,
             delta: false,
+            tls_dir: None,
         }
     }
 

@@ -113,6 +113,7 @@ impl StreamCtx {
             vehicle_id: Some("car-1".into()),
             proxyless: false,
             delta: kind == StreamKind::Delta,
+            tls_dir: None,
         };
         StreamCtx {
             node_id: node.id.clone(),
@@ -147,7 +148,9 @@ pub(crate) const fn warmed_by(t: ResourceType) -> &'static [ResourceType] {
         ResourceType::Cluster => &[ResourceType::Endpoint],
         ResourceType::Listener => &[ResourceType::ScopedRoute, ResourceType::Route],
         ResourceType::ScopedRoute => &[ResourceType::Route],
-        ResourceType::Endpoint | ResourceType::Route => &[],
+        // Envoy shares one SDS subscription per secret among the clusters and listeners
+        // that use it: a changed cluster finds the secret it names already there.
+        ResourceType::Secret | ResourceType::Endpoint | ResourceType::Route => &[],
     }
 }
 

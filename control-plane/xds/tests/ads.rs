@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::config::route::v3::scoped_route_configuration::key::
     Fragment, fragment,
 };
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, ScopedRouteConfiguration};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -32,6 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+const SDS: ResourceType = ResourceType::Secret;
 const CDS: ResourceType = ResourceType::Cluster;
 const EDS: ResourceType = ResourceType::Endpoint;
 const LDS: ResourceType = ResourceType::Listener;
@@ -48,6 +50,7 @@ const QUIET: Duration = Duration::from_millis(400);
 /// Resources by name with a content tag: a different tag is different content.
 #[derive(Debug, Clone, Default)]
 struct Spec {
+    secrets: Vec<(&'static str, u32)>,
     clusters: Vec<(&'static str, u32)>,
     endpoints: Vec<(&'static str, u32)>,
     listeners: Vec<(&'static str, u32)>,
@@ -80,6 +83,28 @@ fn route(&(n, tag): &(&'static str, u32)) -> Arc<Resource> {
 }
 
 fn snapshot(s: &Spec) -> Arc<Snapshot> {
+    let secrets = s.secrets.iter().map(|&(n, tag)| {
+        // A generic secret stands in: only the name and the content tag matter here.
+        let g = Secret {
+            name: n.into(),
+            r#type: Some(
+                envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type::GenericSecret(
+                    envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::GenericSecret {
+                        secret: Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+                            specifier: Some(
+                                envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
+                                    format!("v{tag}"),
+                                ),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+        };
+        Arc::new(Resource::new(PREFIX, n, &g))
+    });
     let endpoints = s.endpoints.iter().map(|&(n, tag)| {
         let c = ClusterLoadAssignment {
             cluster_name: n.into(),
@@ -128,7 +153,8 @@ fn snapshot(s: &Spec) -> Arc<Snapshot> {
                 s.od_routes.iter().map(route),
             ),
         )
-        .with_scoped_routes(Resources::from_items(PREFIX, scopes)),
+        .with_scoped_routes(Resources::from_items(PREFIX, scopes))
+        .with(SDS, Resources::from_items(PREFIX, secrets)),
     )
 }
 
@@ -143,10 +169,11 @@ fn base() -> Spec {
     }
 }
 
-/// [`base`] plus a scope "s1" on route "r", an on-demand cluster "od" and an
-/// on-demand route "r-od".
+/// [`base`] plus a scope "s1" on route "r", an on-demand cluster "od", an
+/// on-demand route "r-od" and a secret "ca".
 fn on_demand() -> Spec {
     Spec {
+        secrets: vec![("ca", 1)],
         scopes: vec![("s1", "r", 1)],
         od_clusters: vec![("od", 1)],
         od_routes: vec![("r-od", 1)],
@@ -162,6 +189,7 @@ fn every_type_changed() -> Spec {
         listeners: vec![("l", 2)],
         routes: vec![("r", 2)],
         scopes: vec![("s1", "r", 2)],
+        secrets: vec![("ca", 2)],
         ..on_demand()
     }
 }
@@ -169,6 +197,7 @@ fn every_type_changed() -> Spec {
 fn resource_name(a: &Any) -> String {
     let b = a.value.as_slice();
     match ResourceType::from_type_url(&a.type_url).expect("known type") {
+        SDS => Secret::decode(b).unwrap().name,
         CDS => Cluster::decode(b).unwrap().name,
         EDS => ClusterLoadAssignment::decode(b).unwrap().cluster_name,
         LDS => Listener::decode(b).unwrap().name,
@@ -751,7 +780,7 @@ async fn sotw_requested_name_that_does_not_exist_yet_is_sent_when_it_appears() {
 }
 
 #[tokio::test]
-async fn sotw_change_to_every_type_is_pushed_in_cds_eds_lds_srds_rds_order() {
+async fn sotw_change_to_every_type_is_pushed_in_sds_cds_eds_lds_srds_rds_order() {
     let h = Harness::start(&on_demand()).await;
     let mut c = h.sotw().await;
     c.bootstrap(&["a", "b"], &["r"]).await;
@@ -759,10 +788,13 @@ async fn sotw_change_to_every_type_is_pushed_in_cds_eds_lds_srds_rds_order() {
     // Warming: a new scope is followed by the routes.
     let rds = c.recv_type(RDS).await;
     c.ack(&rds).await;
+    // Secrets by name, as Envoy asks once a cluster names one.
+    let sds = c.take(SDS, &["ca"]).await;
+    assert_eq!(names(&sds), ["ca"]);
     c.assert_quiet().await;
 
     h.publish(&every_type_changed());
-    assert_eq!(c.recv_types(5).await, [CDS, EDS, LDS, SRDS, RDS]);
+    assert_eq!(c.recv_types(6).await, [SDS, CDS, EDS, LDS, SRDS, RDS]);
     c.assert_quiet().await;
 }
 
@@ -1262,7 +1294,7 @@ async fn delta_unsubscribing_a_name_also_covered_by_the_wildcard_resends_it() {
 }
 
 #[tokio::test]
-async fn delta_change_to_every_type_goes_out_in_cds_eds_lds_srds_rds_order() {
+async fn delta_change_to_every_type_goes_out_in_sds_cds_eds_lds_srds_rds_order() {
     let h = Harness::start(&on_demand()).await;
     let mut d = h.delta().await;
     for (t, names) in [
@@ -1271,12 +1303,13 @@ async fn delta_change_to_every_type_goes_out_in_cds_eds_lds_srds_rds_order() {
         (LDS, &[]),
         (SRDS, &[]),
         (RDS, &["r"]),
+        (SDS, &["ca"]),
     ] {
         d.take(t, names).await;
     }
     d.assert_quiet().await;
     h.publish(&every_type_changed());
-    assert_eq!(d.recv_types(5).await, [CDS, EDS, LDS, SRDS, RDS]);
+    assert_eq!(d.recv_types(6).await, [SDS, CDS, EDS, LDS, SRDS, RDS]);
     d.assert_quiet().await;
 }
 

@@ -229,9 +229,8 @@ pub struct Config {
     pub selection: SelectionConfig,
     /// Store-and-forward; off when the section is absent.
     pub store_forward: Option<StoreForwardConfig>,
-    /// Loopback address of the local xDS tier (ADS for the vehicle's sidecars);
-    /// `xds: off` turns it off.
-    pub xds: Option<SocketAddr>,
+    /// Where the local xDS tier (ADS for the vehicle's sidecars) listens.
+    pub xds: XdsConfig,
     /// A policy file shipped in the vehicle's image, used while nothing is stored.
     pub factory_policy: Option<PathBuf>,
     /// The vehicle Envoy retries a failed attempt over the class's next uplink
@@ -243,6 +242,44 @@ pub struct Config {
 
 /// Where the local xDS tier listens unless `xds:` says otherwise.
 pub const DEFAULT_XDS: &str = "127.0.0.1:15010";
+
+/// The local xDS tier's listeners: `xds: ADDR | off`, or
+/// `xds: { listen: ADDR | off, socket: PATH, socket_group: NAME }`. Neither: off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsConfig {
+    /// Loopback TCP. Any local process can connect, so the vehicle's certificate and
+    /// key are never served here.
+    pub listen: Option<SocketAddr>,
+    /// A Unix socket, reachable only by whom its file permissions let in: the only
+    /// listener that serves the vehicle's credential (SDS) to its Envoy.
+    pub socket: Option<XdsSocket>,
+}
+
+impl XdsConfig {
+    /// The default: loopback TCP at [`DEFAULT_XDS`], no socket.
+    pub fn tcp(addr: SocketAddr) -> Self {
+        XdsConfig {
+            listen: Some(addr),
+            socket: None,
+        }
+    }
+
+    pub fn off() -> Self {
+        XdsConfig {
+            listen: None,
+            socket: None,
+        }
+    }
+}
+
+/// The local xDS tier's Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsSocket {
+    pub path: PathBuf,
+    /// Group that may connect (file mode 0660, this group); `None`: mode 0600, only
+    /// edge-netd's own user.
+    pub group: Option<String>,
+}
 
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -679,7 +716,11 @@ selection:
         assert_eq!((c.uplinks[1].cost, c.uplinks[1].metered), (10, true));
         let c = Config::parse("t.yaml", &format!("{GOOD}cross_uplink_retry: off\nxds:\n")).unwrap();
         assert!(!c.cross_uplink_retry);
-        assert_eq!(c.xds, Some(DEFAULT_XDS.parse().unwrap()), "empty is absent");
+        assert_eq!(
+            c.xds,
+            XdsConfig::tcp(DEFAULT_XDS.parse().unwrap()),
+            "empty is absent"
+        );
     }
 
     #[test]
@@ -696,9 +737,37 @@ selection:
     }
 
     #[test]
+    fn the_local_xds_tier_may_listen_on_a_unix_socket_instead() {
+        let c = Config::parse(
+            "c.yaml",
+            &format!("{GOOD}xds: {{ socket: /run/misaki/xds.sock, socket_group: misaki-xds }}\n"),
+        )
+        .unwrap();
+        let socket = XdsSocket {
+            path: "/run/misaki/xds.sock".into(),
+            group: Some("misaki-xds".into()),
+        };
+        assert_eq!(
+            c.xds,
+            XdsConfig {
+                listen: None,
+                socket: Some(socket.clone()),
+            },
+            "a mapping without `listen` has no TCP listener"
+        );
+        let c = Config::parse(
+            "c.yaml",
+            &format!("{GOOD}xds:\n  listen: 127.0.0.1:15010\n  socket: /run/misaki/xds.sock\n"),
+        )
+        .unwrap();
+        assert_eq!(c.xds.listen, Some(DEFAULT_XDS.parse().unwrap()));
+        assert_eq!(c.xds.socket.unwrap().group, None);
+    }
+
+    #[test]
     fn the_local_xds_tier_is_on_by_default_on_loopback() {
         let c = Config::parse("c.yaml", GOOD).unwrap();
-        assert_eq!(c.xds, Some(DEFAULT_XDS.parse().unwrap()));
+        assert_eq!(c.xds, XdsConfig::tcp(DEFAULT_XDS.parse().unwrap()));
         assert_eq!(c.factory_policy, None);
         assert!(c.cross_uplink_retry, "on by default");
         let c = Config::parse(
@@ -706,7 +775,7 @@ selection:
             &format!("{GOOD}xds: off\nfactory_policy: /usr/share/misaki/mesh.yaml\n"),
         )
         .unwrap();
-        assert_eq!(c.xds, None);
+        assert_eq!(c.xds, XdsConfig::off());
         assert_eq!(
             c.factory_policy.as_deref(),
             Some(Path::new("/usr/share/misaki/mesh.yaml"))
@@ -715,6 +784,10 @@ selection:
             ("xds: 0.0.0.0:15010\n", "not a loopback address"),
             ("xds: 127.0.0.1:9470\n", "also the local API"),
             ("xds: nowhere\n", "xds"),
+            ("xds: { socket: \"\" }\n", "xds.socket"),
+            ("xds: { socket: run/xds.sock }\n", "absolute"),
+            ("xds: { listen: 0.0.0.0:1, socket: /run/x.sock }\n", "xds.listen"),
+            ("xds: { socket: /run/x.sock, group: misaki }\n", "unknown field `group`"),
         ] {
             let e = Config::parse("c.yaml", &format!("{GOOD}{extra}"))
                 .unwrap_err()

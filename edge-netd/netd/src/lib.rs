@@ -20,7 +20,8 @@
 //! plane) and `api` (local HTTP). `policy` converts and persists the received policy.
 //! `store_forward` adapts the engine's selection for `misaki-saf` (ingest endpoint,
 //! durable queue, forwarder), which `run` starts when configured. `local_xds` is the
-//! vehicle's own xDS tier. `identity` keeps the vehicle's certificate (enrolment with
+//! vehicle's own xDS tier (loopback TCP, and `xds_socket`, the Unix socket that alone
+//! serves the vehicle's credential to its Envoy). `identity` keeps the vehicle's certificate (enrolment with
 //! the claim credential, renewal, crash-safe files) for mutual TLS to the control plane;
 //! `channel` is the connection both it and the reporter open. `run` wires them together
 //! (as misaki-cp's `run.rs` does).
@@ -38,6 +39,7 @@ pub mod reporter;
 mod run;
 pub mod selector;
 pub mod store_forward;
+pub mod xds_socket;
 
 pub use config::{Config, ConfigError, ConfigIssue};
 pub use engine::{Engine, EngineView, Input};

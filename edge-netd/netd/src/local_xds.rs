@@ -12,19 +12,25 @@
 //!   every 100 ms and must not cost a compile), and wakes streams only when versions
 //!   changed. A selection change therefore reaches Envoy as an RDS-only push.
 //! - Serves without the cloud: the stored or shipped policy is there from the start.
+//! - The vehicle's credential (certificate and key, SDS) is compiled only into the
+//!   snapshots of a source made with [`LocalSource::serving_credential`], which serves
+//!   the Unix socket (`xds_socket`); a loopback TCP client gets the same snapshot
+//!   without the secrets.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use misaki_compiler::node::{NodeInfo, Role};
 use misaki_compiler::snapshot::Snapshot;
-use misaki_compiler::{VehicleState, compile_vehicle};
+use misaki_compiler::{VehicleCredential, VehicleState, compile_vehicle};
 use misaki_policy::Policy;
 use misaki_xds::SnapshotSource;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::engine::EngineView;
+use crate::identity::{Credential, CredentialRx};
 
 #[derive(Debug)]
 struct Inner {
@@ -35,20 +41,12 @@ struct Inner {
 }
 
 /// What a local client's snapshot depends on besides policy and state: proxyless gRPC
-/// or Envoy, and delta or SotW xDS.
+/// or Envoy, delta or SotW xDS, and whether its listener may serve the credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct ClientKind {
     proxyless: bool,
     delta: bool,
-}
-
-impl ClientKind {
-    fn of(node: &NodeInfo) -> Self {
-        ClientKind {
-            proxyless: node.proxyless,
-            delta: node.delta,
-        }
-    }
+    credential: bool,
 }
 
 /// The snapshots the local tier serves. Cheap to clone.
@@ -57,6 +55,8 @@ pub struct LocalSource {
     vehicle_id: Arc<str>,
     prefix: Arc<str>,
     inner: Arc<Mutex<Inner>>,
+    /// This source's clients get the vehicle's credential (the Unix socket's only).
+    serve_credential: bool,
 }
 
 /// The vehicle state of an engine view under `config`.
@@ -70,6 +70,7 @@ pub fn vehicle_state(config: &Config, view: &EngineView) -> VehicleState {
         selected: Default::default(),
         defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
         cross_uplink_retry: config.cross_uplink_retry,
+        credential: None,
     };
     set_selected(&mut state, view);
     state
@@ -99,7 +100,37 @@ impl LocalSource {
                 state,
                 entries: HashMap::new(),
             })),
+            serve_credential: false,
         }
+    }
+
+    /// The same snapshots, with the vehicle's credential in them: for the Unix
+    /// socket's server only.
+    pub fn serving_credential(&self) -> LocalSource {
+        LocalSource {
+            serve_credential: true,
+            ..self.clone()
+        }
+    }
+
+    fn kind(&self, node: &NodeInfo) -> ClientKind {
+        ClientKind {
+            proxyless: node.proxyless,
+            delta: node.delta,
+            credential: self.serve_credential,
+        }
+    }
+
+    fn compile(&self, policy: &Policy, state: &VehicleState, kind: ClientKind) -> Snapshot {
+        let state = if kind.credential || state.credential.is_none() {
+            Cow::Borrowed(state)
+        } else {
+            Cow::Owned(VehicleState {
+                credential: None,
+                ..state.clone()
+            })
+        };
+        compile_vehicle(policy, &self.node(kind), &state, &self.prefix)
     }
 
     fn node(&self, kind: ClientKind) -> NodeInfo {
@@ -109,6 +140,7 @@ impl LocalSource {
             vehicle_id: Some(self.vehicle_id.to_string()),
             proxyless: kind.proxyless,
             delta: kind.delta,
+            tls_dir: None,
         }
     }
 
@@ -124,8 +156,7 @@ impl LocalSource {
         inner.entries.retain(|_, tx| tx.receiver_count() > 0);
         let mut changed = 0;
         for (kind, tx) in &inner.entries {
-            let snap =
-                compile_vehicle(&inner.policy, &self.node(*kind), &inner.state, &self.prefix);
+            let snap = self.compile(&inner.policy, &inner.state, *kind);
             changed +=
                 usize::from(tx.send_if_modified(|cur| Snapshot::replace_if_changed(cur, snap)));
         }
@@ -142,39 +173,61 @@ impl SnapshotSource for LocalSource {
                 "serving a local xDS client as this vehicle");
         }
         let mut inner = self.inner.lock().expect("local xDS lock");
-        let kind = ClientKind::of(node);
+        let kind = self.kind(node);
         if let Some(tx) = inner.entries.get(&kind) {
             return tx.subscribe();
         }
-        let snap = compile_vehicle(&inner.policy, &self.node(kind), &inner.state, &self.prefix);
+        let snap = self.compile(&inner.policy, &inner.state, kind);
         let (tx, rx) = watch::channel(Arc::new(snap));
         inner.entries.insert(kind, tx);
         rx
     }
 }
 
-/// Follow the engine's selection and the policy in force until `shutdown`.
+/// What the vehicle's Envoy is served by SDS: its certificate, key and the fleet CA.
+fn vehicle_credential(c: &Credential) -> Arc<VehicleCredential> {
+    Arc::new(VehicleCredential {
+        cert_chain_pem: c.cert_pem.clone(),
+        key_pem: c.key_pem.clone(),
+        ca_pem: c.ca_pem.clone(),
+    })
+}
+
+/// Follow the engine's selection, the policy in force and (with `tls:`) the vehicle's
+/// credential until `shutdown`.
 pub async fn follow(
     config: Arc<Config>,
     source: LocalSource,
     mut views: watch::Receiver<Arc<EngineView>>,
     mut policy: watch::Receiver<Arc<Policy>>,
+    mut credential: Option<CredentialRx>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    // Only the selection moves; the config's part is built once. The engine publishes
-    // every probe's RTT, so this loop runs often and must stay cheap.
+    // Only the selection and the credential move; the config's part is built once.
+    // The engine publishes every probe's RTT, so this loop runs often and must stay
+    // cheap.
     let mut state = vehicle_state(&config, &views.borrow_and_update());
     loop {
+        if let Some(rx) = credential.as_mut() {
+            state.credential = rx.borrow_and_update().as_deref().map(vehicle_credential);
+        }
         let current = policy.borrow_and_update().clone();
         let changed = source.update(current, &state);
         if changed > 0 {
             tracing::debug!(changed, "local xDS snapshot changed");
         }
+        let credential_changed = async {
+            match credential.as_mut() {
+                Some(rx) => rx.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => return,
             r = views.changed() => if r.is_err() { return },
             r = policy.changed() => if r.is_err() { return },
+            r = credential_changed => if r.is_err() { credential = None },
         }
         set_selected(&mut state, &views.borrow_and_update());
     }
@@ -208,6 +261,7 @@ mod tests {
             vehicle_id: Some(vehicle.into()),
             proxyless: false,
             delta: false,
+            tls_dir: None,
         }
     }
 
@@ -223,6 +277,7 @@ mod tests {
             &src.node(ClientKind {
                 proxyless: false,
                 delta: false,
+                credential: false,
             }),
             &state(Some("wifi")),
             "x-",
@@ -251,6 +306,47 @@ mod tests {
             before.get(ResourceType::Route).version,
             after.get(ResourceType::Route).version
         );
+    }
+
+    /// The key is in the socket's snapshots only: a loopback TCP client of the same
+    /// tier gets the same configuration without the secrets.
+    #[test]
+    fn only_the_socket_source_serves_the_credential() {
+        let p = Arc::new(
+            misaki_policy::parse("m", include_str!("../../../examples/mtls/mesh.yaml")).unwrap(),
+        );
+        let mut with = state(Some("wifi"));
+        with.credential = Some(Arc::new(VehicleCredential {
+            cert_chain_pem: "CERT".into(),
+            key_pem: "KEY".into(),
+            ca_pem: "CA".into(),
+        }));
+        let tcp = LocalSource::new("car-7", p, with.clone(), "x-");
+        let socket = tcp.serving_credential();
+        let n = node("car-7", Role::Vehicle);
+        let on_socket = socket.watch(&n).borrow().clone();
+        let on_tcp = tcp.watch(&n).borrow().clone();
+        assert_eq!(on_socket.get(ResourceType::Secret).items.len(), 2);
+        assert!(on_tcp.get(ResourceType::Secret).items.is_empty());
+        assert_eq!(
+            on_socket.get(ResourceType::Cluster).version,
+            on_tcp.get(ResourceType::Cluster).version,
+            "the same clusters, which name the secrets"
+        );
+        // A renewal reaches the socket's clients only.
+        with.credential = Some(Arc::new(VehicleCredential {
+            cert_chain_pem: "CERT2".into(),
+            key_pem: "KEY2".into(),
+            ca_pem: "CA".into(),
+        }));
+        let mut rx_socket = socket.watch(&n);
+        let mut rx_tcp = tcp.watch(&n);
+        rx_socket.borrow_and_update();
+        rx_tcp.borrow_and_update();
+        let policy = tcp.inner.lock().unwrap().policy.clone();
+        assert_eq!(tcp.update(policy, &with), 1);
+        assert!(rx_socket.has_changed().unwrap());
+        assert!(!rx_tcp.has_changed().unwrap());
     }
 
     /// One compiler, two hosts: what edge-netd compiles from the policy it received

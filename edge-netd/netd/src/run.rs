@@ -2,10 +2,10 @@
 //!
 //! Start-up order: the local API's port (a second daemon fails here first), the stored
 //! or factory policy, the engine, store-and-forward (before the xDS tier, so a second
-//! daemon on the same queue reports the queue lock), the local xDS tier, then the link
-//! monitor and one prober per uplink (both feeding the engine's one input queue), the
-//! credential manager (with `tls:`), the reporter, the local API and systemd
-//! notification.
+//! daemon on the same queue reports the queue lock), the credential manager (with
+//! `tls:`; store-and-forward and the xDS socket follow its credential), the local xDS
+//! tier, then the link monitor and one prober per uplink (both feeding the engine's one
+//! input queue), the reporter, the local API and systemd notification.
 //!
 //! Shutdown: every task gets the same stop signal; the engine, reporter and API get
 //! 5 s to end, then store-and-forward its grace period to finish in-flight deliveries
@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config};
 use crate::engine::{self, Engine, EngineView, Input};
-use crate::{api, identity, local_xds, monitor, policy, probe, reporter, store_forward};
+use crate::{
+    api, identity, local_xds, monitor, policy, probe, reporter, store_forward, xds_socket,
+};
 
 /// Room for a burst of inputs (a netlink dump, every prober answering at once, a
 /// policy) without blocking their senders; the engine drains a burst per evaluation.
@@ -52,6 +54,8 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("local xDS socket: {0}")]
+    XdsSocket(#[from] crate::xds_socket::SocketError),
 }
 
 /// Run the daemon until `shutdown` completes.
@@ -80,33 +84,21 @@ pub async fn run(
             Some(start_store_forward(sf, &engine, &views, &mut registry, stop.wait()).await?)
         }
     };
-    // After the queue, so a second daemon on the same queue reports the lock first.
-    let xds = match config.xds {
-        None => None,
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::XdsBind { addr, source })?;
-            tracing::info!(%addr, "local xDS tier listening");
-            Some(start_local_xds(
-                &config,
-                listener,
-                &engine,
-                &views,
-                &mut registry,
-                &stop,
-            ))
-        }
-    };
-    let xds_streams = xds.as_ref().map(|x| x.streams().clone());
-
-    spawn_link_monitor(&config, inputs.clone());
-    spawn_probers(&config, &inputs);
     let identity = config.tls.is_some().then(|| {
         let metrics = identity::IdentityMetrics::default();
         metrics.register(&mut registry);
         identity::start(config.clone(), views.clone(), metrics, stop.wait())
     });
+    if let (Some(saf), Some(identity)) = (&saf, &identity) {
+        tokio::spawn(follow_identity(saf.clone(), identity.credential.clone()));
+    }
+    // After the queue, so a second daemon on the same queue reports the lock first.
+    let credential = identity.as_ref().map(|i| i.credential.clone());
+    let xds_streams = start_local_xds(&config, &engine, &views, credential, &mut registry, &stop)
+        .await?;
+
+    spawn_link_monitor(&config, inputs.clone());
+    spawn_probers(&config, &inputs);
     let connected = Arc::new(AtomicBool::new(false));
     let reporter = tokio::spawn(reporter::run_reporter(
         config.clone(),
@@ -242,15 +234,21 @@ fn initial_policy(config: &Config) -> policy::VehiclePolicy {
     }
 }
 
-/// Start the vehicle-local xDS tier on `listener`, following the engine.
-fn start_local_xds(
+/// Start the vehicle-local xDS tier on its listeners (`xds:`), following the engine,
+/// the policy and the credential; `None` when it has none. Both listeners list their
+/// streams in one registry (the reporter's and `/xds`'s view of the sidecars).
+async fn start_local_xds(
     config: &Arc<Config>,
-    listener: TcpListener,
     engine: &Engine,
     views: &watch::Receiver<Arc<EngineView>>,
+    credential: Option<identity::CredentialRx>,
     registry: &mut Registry,
     stop: &Stop,
-) -> misaki_xds::XdsServer {
+) -> Result<Option<misaki_xds::StreamRegistry>, RunError> {
+    let xds = &config.xds;
+    if xds.listen.is_none() && xds.socket.is_none() {
+        return Ok(None);
+    }
     let mesh = engine.mesh_policy();
     let source = local_xds::LocalSource::new(
         &config.vehicle_id,
@@ -258,33 +256,90 @@ fn start_local_xds(
         local_xds::vehicle_state(config, &views.borrow()),
         misaki_xds::version_prefix(),
     );
-    let xds =
-        misaki_xds::XdsServer::new(Arc::new(source.clone()), misaki_xds::StreamRegistry::new());
-    xds.register_metrics(registry);
+    let streams = misaki_xds::StreamRegistry::new();
+    if let Some(addr) = xds.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::XdsBind { addr, source })?;
+        tracing::info!(%addr, "local xDS tier listening");
+        let server = misaki_xds::XdsServer::new(Arc::new(source.clone()), streams.clone());
+        server.register_metrics(registry);
+        let incoming = misaki_xds::tcp_incoming(listener, &misaki_xds::ServeConfig::default());
+        tokio::spawn(serve_local_xds(server, incoming, stop.wait()));
+    }
+    if let Some(socket) = &xds.socket {
+        let listener = xds_socket::bind(socket)?;
+        tracing::info!(path = %socket.path.display(), group = ?socket.group,
+            "local xDS tier listening on its socket (serves the vehicle's credential)");
+        let server =
+            misaki_xds::XdsServer::new(Arc::new(source.serving_credential()), streams.clone());
+        server.register_metrics(registry.sub_registry_with_label((
+            "listener".into(),
+            "socket".into(),
+        )));
+        tokio::spawn(serve_local_xds(
+            server,
+            xds_socket::incoming(listener),
+            stop.wait(),
+        ));
+    }
     tokio::spawn(local_xds::follow(
         config.clone(),
         source,
         views.clone(),
         mesh,
+        credential,
         stop.wait(),
     ));
-    let server = xds.clone();
-    let stopped = stop.wait();
-    tokio::spawn(async move {
-        let config = misaki_xds::ServeConfig::default();
-        if let Err(e) = misaki_xds::serve(
-            listener,
-            &server,
-            tonic::service::Routes::default(),
-            &config,
-            stopped,
-        )
-        .await
-        {
-            tracing::error!(error = %e, "local xDS server failed");
+    Ok(Some(streams))
+}
+
+async fn serve_local_xds<I, IO>(
+    server: misaki_xds::XdsServer,
+    incoming: I,
+    stopped: impl Future<Output = ()>,
+) where
+    I: futures::Stream<Item = std::io::Result<IO>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    let config = misaki_xds::ServeConfig::default();
+    let routes = tonic::service::Routes::default();
+    if let Err(e) = misaki_xds::serve_incoming(incoming, &server, routes, &config, stopped).await {
+        tracing::error!(error = %e, "local xDS server failed");
+    }
+}
+
+/// Hand each new credential to store-and-forward, as the identity its https
+/// deliveries present (`misaki_saf::ClientIdentity`).
+async fn follow_identity(saf: misaki_saf::StoreForward, mut credential: identity::CredentialRx) {
+    let (tx, rx) = watch::channel(None);
+    let forward = saf.clone();
+    tokio::spawn(async move { forward.follow_identity(rx).await });
+    loop {
+        let identity = credential
+            .borrow_and_update()
+            .as_deref()
+            .and_then(client_identity);
+        tx.send_replace(identity);
+        if credential.changed().await.is_err() {
+            return;
         }
-    });
-    xds
+    }
+}
+
+fn client_identity(c: &identity::Credential) -> Option<Arc<misaki_saf::ClientIdentity>> {
+    let id = misaki_identity::SpiffeId::parse(&c.spiffe_id).ok()?;
+    Some(Arc::new(misaki_saf::ClientIdentity {
+        cert_chain_pem: c.cert_pem.clone(),
+        key_pem: c.key_pem.clone(),
+        ca_pem: c.ca_pem.clone(),
+        trust_domain: id.trust_domain().as_str().to_owned(),
+    }))
 }
 
 /// Store-and-forward: ingest listener, queue (blocking open: lock + recovery), and the

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use misaki_saf::{DestinationConfig, HttpVersion, SafConfig};
 
-use super::yaml::{Fields, Node, Reader};
+use super::yaml::{Fields, Node, Reader, is_mapping};
 use super::{
     ClaimConfig, Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT,
     DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN,
     DEFAULT_SAF_MAX_BODY, DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig,
-    SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig,
+    SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig, XdsConfig, XdsSocket,
 };
 
 const TOP: &[&str] = &[
@@ -33,6 +33,7 @@ const TOP: &[&str] = &[
     "tls",
 ];
 const TLS: &[&str] = &["cert", "key", "ca", "claim_cert", "claim_key"];
+const XDS: &[&str] = &["listen", "socket", "socket_group"];
 const UPLINK: &[&str] = &[
     "name",
     "interface",
@@ -560,27 +561,74 @@ fn destinations(r: &mut Reader, node: &Node<'_>) -> Option<BTreeMap<String, Dest
     ok.then_some(out)
 }
 
-/// `xds:`; `taken` are the local API's and the ingest's addresses.
+/// `xds:` (`ADDR`, `off`, or a mapping); `taken` are the local API's and the
+/// ingest's addresses.
 fn xds(
     r: &mut Reader,
     node: Option<&Node<'_>>,
     taken: [Option<SocketAddr>; 2],
-) -> Option<Option<SocketAddr>> {
+) -> Option<XdsConfig> {
     let Some(node) = node else {
-        return Some(Some(DEFAULT_XDS.parse().expect("a valid default")));
+        return Some(XdsConfig::tcp(DEFAULT_XDS.parse().expect("a valid default")));
     };
-    if r.text(node, "xds", "a loopback IP:port or `off`")? == "off" {
+    if !is_mapping(node) {
+        return xds_listen(r, node, "xds", taken).map(|listen| XdsConfig {
+            listen,
+            socket: None,
+        });
+    }
+    let f = r.map(node, "xds", XDS)?;
+    let listen = match f.get("listen") {
+        Some(n) => xds_listen(r, n, &f.path("listen"), taken),
+        None => Some(None),
+    };
+    let socket = match f.get("socket") {
+        Some(n) => xds_socket(r, n, f.get("socket_group")).map(Some),
+        None => Some(None),
+    };
+    Some(XdsConfig {
+        listen: listen?,
+        socket: socket?,
+    })
+}
+
+/// A loopback `IP:port` for the local tier, or `off`.
+fn xds_listen(
+    r: &mut Reader,
+    node: &Node<'_>,
+    path: &str,
+    taken: [Option<SocketAddr>; 2],
+) -> Option<Option<SocketAddr>> {
+    if r.text(node, path, "a loopback IP:port or `off`")? == "off" {
         return Some(None);
     }
     let why = "the local xDS tier serves this vehicle's sidecars only";
-    let addr = loopback(r, node, "xds", why)?;
+    let addr = loopback(r, node, path, why)?;
     if taken.contains(&Some(addr)) {
         r.error(
             node,
-            "xds",
+            path,
             format!("{addr} is also the local API's or the ingest's address"),
         );
         return None;
     }
     Some(Some(addr))
+}
+
+/// `xds.socket` (an absolute path) and `xds.socket_group` (a group name).
+fn xds_socket(r: &mut Reader, node: &Node<'_>, group: Option<&Node<'_>>) -> Option<XdsSocket> {
+    let path = r.nonempty(node, "xds.socket")?;
+    if !Path::new(path).is_absolute() {
+        let message = format!("{path:?} must be an absolute path");
+        r.error(node, "xds.socket", message);
+        return None;
+    }
+    let group = match group {
+        Some(g) => Some(r.nonempty(g, "xds.socket_group")?.to_owned()),
+        None => None,
+    };
+    Some(XdsSocket {
+        path: PathBuf::from(path),
+        group,
+    })
 }

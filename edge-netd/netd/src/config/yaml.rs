@@ -275,6 +275,11 @@ impl Reader {
     }
 }
 
+/// Whether `node` is a mapping (for a field that takes a scalar or a mapping).
+pub(super) fn is_mapping(node: &Node<'_>) -> bool {
+    matches!(node.data, YamlData::Mapping(_))
+}
+
 /// The known fields of one mapping.
 pub(super) struct Fields<'n, 'y> {
     /// The mapping: a missing field is reported where it starts.
