@@ -786,8 +786,14 @@ selection:
             ("xds: nowhere\n", "xds"),
             ("xds: { socket: \"\" }\n", "xds.socket"),
             ("xds: { socket: run/xds.sock }\n", "absolute"),
-            ("xds: { listen: 0.0.0.0:1, socket: /run/x.sock }\n", "xds.listen"),
-            ("xds: { socket: /run/x.sock, group: misaki }\n", "unknown field `group`"),
+            (
+                "xds: { listen: 0.0.0.0:1, socket: /run/x.sock }\n",
+                "xds.listen",
+            ),
+            (
+                "xds: { socket: /run/x.sock, group: misaki }\n",
+                "unknown field `group`",
+            ),
         ] {
             let e = Config::parse("c.yaml", &format!("{GOOD}{extra}"))
                 .unwrap_err()

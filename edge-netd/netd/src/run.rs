@@ -94,8 +94,8 @@ pub async fn run(
     }
     // After the queue, so a second daemon on the same queue reports the lock first.
     let credential = identity.as_ref().map(|i| i.credential.clone());
-    let xds_streams = start_local_xds(&config, &engine, &views, credential, &mut registry, &stop)
-        .await?;
+    let xds_streams =
+        start_local_xds(&config, &engine, &views, credential, &mut registry, &stop).await?;
 
     spawn_link_monitor(&config, inputs.clone());
     spawn_probers(&config, &inputs);
@@ -273,10 +273,9 @@ async fn start_local_xds(
             "local xDS tier listening on its socket (serves the vehicle's credential)");
         let server =
             misaki_xds::XdsServer::new(Arc::new(source.serving_credential()), streams.clone());
-        server.register_metrics(registry.sub_registry_with_label((
-            "listener".into(),
-            "socket".into(),
-        )));
+        server.register_metrics(
+            registry.sub_registry_with_label(("listener".into(), "socket".into())),
+        );
         tokio::spawn(serve_local_xds(
             server,
             xds_socket::incoming(listener),

@@ -569,7 +569,9 @@ fn xds(
     taken: [Option<SocketAddr>; 2],
 ) -> Option<XdsConfig> {
     let Some(node) = node else {
-        return Some(XdsConfig::tcp(DEFAULT_XDS.parse().expect("a valid default")));
+        return Some(XdsConfig::tcp(
+            DEFAULT_XDS.parse().expect("a valid default"),
+        ));
     };
     if !is_mapping(node) {
         return xds_listen(r, node, "xds", taken).map(|listen| XdsConfig {
