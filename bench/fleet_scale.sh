@@ -42,38 +42,15 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "fd limit: $(ulimit -n)" >&2
 
 cargo build --release -p misaki-loadgen -p misaki-control-plane >&2
-bin=${CARGO_TARGET_DIR:-target}/release/misaki-loadgen
+BIN=${CARGO_TARGET_DIR:-target}/release/misaki-loadgen
 
-work=$(mktemp -d /tmp/misaki-fleet-scale.XXXXXX)
-pidfile=$work/pids
-lg=
-cleanup() {
-    if [[ -n $lg ]] && kill -0 "$lg" 2>/dev/null; then
-        kill -TERM "$lg" 2>/dev/null || true
-        wait "$lg" 2>/dev/null || true
-    fi
-    if [[ -f $pidfile ]]; then
-        while read -r p; do
-            # Only what we started and is still that program (pids get reused).
-            if [[ -r /proc/$p/cmdline ]] && tr '\0' ' ' </proc/"$p"/cmdline | grep -qE 'misaki-cp|envoy'; then
-                kill -KILL "$p" 2>/dev/null || true
-            fi
-        done <"$pidfile"
-    fi
-    if ((keep)); then echo "logs and policies kept in $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+WORK=$(mktemp -d /tmp/misaki-fleet-scale.XXXXXX)
+. bench/lib/lab.sh   # lab_loadgen_traps, lab_loadgen
+PIDFILE=$WORK/pids LG= LAB_KEEP=$keep LAB_PROCS='misaki-cp|envoy'
+lab_loadgen_traps
+run() { lab_loadgen "$@"; }
 
-# Run the load generator in the background so a signal reaches the trap at once.
-run() {
-    "$bin" --pidfile "$pidfile" "$@" &
-    lg=$!
-    wait "$lg"
-    lg=
-}
-
-common=(--out-dir "$work")
+common=(--out-dir "$WORK")
 if ((quick)); then
     run bench "${common[@]}" --streams 1000,10000 --conns 64 --edits 3 --trials 20 --deadline-secs 900
 else

@@ -59,44 +59,23 @@ fi
 
 cargo build --release -p misaki-loadgen -p misaki-control-plane >&2
 COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- control-plane 2>/dev/null || echo ' (with uncommitted changes)')
-bin=${CARGO_TARGET_DIR:-target}/release/misaki-loadgen
+BIN=${CARGO_TARGET_DIR:-target}/release/misaki-loadgen
 
-work=$(mktemp -d /tmp/misaki-mtls.XXXXXX)
-pidfile=$work/pids
-lg=
-cleanup() {
-  if [[ -n $lg ]] && kill -0 "$lg" 2>/dev/null; then
-    kill -TERM "$lg" 2>/dev/null || true
-    wait "$lg" 2>/dev/null || true
-  fi
-  if [[ -f $pidfile ]]; then
-    while read -r p; do
-      # Only what we started and is still that program (pids get reused).
-      if [[ -r /proc/$p/cmdline ]] && tr '\0' ' ' </proc/"$p"/cmdline | grep -qE 'misaki-cp|misaki-loadgen probe-server'; then
-        kill -KILL "$p" 2>/dev/null || true
-      fi
-    done <"$pidfile"
-  fi
-  if ((KEEP)); then echo "logs, policies and certificates kept in $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+WORK=$(mktemp -d /tmp/misaki-mtls.XXXXXX)
+PIDFILE=$WORK/pids LG= LAB_KEEP=$KEEP LAB_PROCS='misaki-cp|misaki-loadgen probe-server'
+lab_loadgen_traps
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$SECONDS
-ARGS=(mtls --out-dir "$work" --vehicles "$N" --modes "$MODES" --reconnects "$RECONNECTS" --probe --deadline-secs 540)
-# In the background so a signal reaches the trap at once.
-"$bin" --pidfile "$pidfile" "${ARGS[@]}" >"$work/tables.md" &
-lg=$!
-wait "$lg"
-lg=
+ARGS=(mtls --out-dir "$WORK" --vehicles "$N" --modes "$MODES" --reconnects "$RECONNECTS" --probe --deadline-secs 540)
+lab_loadgen "${ARGS[@]}" >"$WORK/tables.md"
 
 {
   echo "## Mutual TLS on misaki-cp's gRPC port: cost against plaintext (issue 10)"
   echo
   echo "Run \`$CMDLINE\` on $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT;"
   echo "$(lab_machine), shared with other builds: load average (1, 5, 15 min) at start $LOAD0, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
-  echo "Took $((SECONDS - START)) s. misaki-cp and misaki-loadgen \`--release\`; the load generator runs \`misaki-loadgen ${ARGS[*]/#$work/DIR}\`."
+  echo "Took $((SECONDS - START)) s. misaki-cp and misaki-loadgen \`--release\`; the load generator runs \`misaki-loadgen ${ARGS[*]/#$WORK/DIR}\`."
   echo
   echo "$N simulated vehicles, each on its own HTTP/2 connection (as an Envoy), node id = vehicle id \`car-i\`;"
   echo "over mTLS each presents its own certificate (\`spiffe://misaki.local/vehicle/car-i\`, ECDSA P-256, issued"
@@ -105,7 +84,7 @@ lg=
   echo "misaki-cp resumes nothing, so every connection is a full TLS 1.3 handshake with a client certificate check."
   echo "Policy: the fleet benchmark's (quickstart + 20 cloud services)."
   echo
-  cat "$work/tables.md"
+  cat "$WORK/tables.md"
   echo
   echo "- *connect*: all vehicles dial a misaki-cp that has just started (a fleet after a control-plane restart);"
   echo "  *reconnect*: the connected fleet drops every connection, and once misaki-cp has closed them all, every"

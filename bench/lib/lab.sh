@@ -209,3 +209,37 @@ lab_nofile() {
   ulimit -n "${1:-65536}" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
   ulimit -n
 }
+
+# ---- misaki-loadgen runs (bench/fleet_scale.sh, bench/mtls.sh) -------------------------
+# The sourcing script sets WORK (its scratch dir), PIDFILE (where misaki-loadgen writes
+# the pids of what it starts), LG (the load generator's pid while it runs, else empty),
+# LAB_KEEP (1: keep WORK) and LAB_PROCS (grep -E pattern of the command lines misaki-loadgen
+# starts), then calls lab_loadgen_traps. On exit the load generator is stopped, and
+# whatever it started is killed if it still is that program (pids get reused).
+lab_loadgen_cleanup() {
+  local p
+  if [[ -n $LG ]] && kill -0 "$LG" 2>/dev/null; then
+    kill -TERM "$LG" 2>/dev/null || true
+    wait "$LG" 2>/dev/null || true
+  fi
+  if [[ -f $PIDFILE ]]; then
+    while read -r p; do
+      if [[ -r /proc/$p/cmdline ]] && tr '\0' ' ' </proc/"$p"/cmdline | grep -qE "$LAB_PROCS"; then
+        kill -KILL "$p" 2>/dev/null || true
+      fi
+    done <"$PIDFILE"
+  fi
+  if ((LAB_KEEP)); then echo "logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
+}
+lab_loadgen_traps() {
+  trap lab_loadgen_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+# Run misaki-loadgen ($BIN) with the arguments, in the background so a signal reaches
+# the trap at once; its stdout goes where the caller's goes.
+lab_loadgen() {
+  "$BIN" --pidfile "$PIDFILE" "$@" &
+  LG=$!
+  wait "$LG"
+  LG=
+}
