@@ -9,6 +9,36 @@ use std::time::Duration;
 
 pub use misaki_identity::TrustDomain;
 
+/// An enum whose values are spelled in policy files: the enum, `ALL` (every value with
+/// its spelling, in declaration order: error messages list them so) and `as_str`.
+macro_rules! spelled_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $spelling:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every value with its spelling in policy files.
+            pub const ALL: [(&'static str, $name); [$($spelling),+].len()] =
+                [$(($spelling, $name::$variant)),+];
+
+            /// The spelling in policy files.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $spelling,)+
+                }
+            }
+        }
+    };
+}
+
 /// A whole mesh policy (format version 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -51,65 +81,28 @@ impl Default for MeshSettings {
     }
 }
 
-/// Mutual TLS on the data plane, vehicle sidecar ↔ cloud/edge sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum MtlsMode {
-    /// Plaintext, as before mTLS existed.
-    Off,
-    /// Vehicles connect with mTLS; cloud sidecars accept mTLS and plaintext (a
-    /// migration step: plaintext requests never carry a verified vehicle id).
-    Permissive,
-    /// Vehicles connect with mTLS; cloud sidecars accept nothing else.
-    Strict,
-}
-
-impl MtlsMode {
-    /// Every mode with its spelling in policy files.
-    pub const ALL: [(&'static str, MtlsMode); 3] = [
-        ("off", MtlsMode::Off),
-        ("permissive", MtlsMode::Permissive),
-        ("strict", MtlsMode::Strict),
-    ];
-
-    /// The spelling in policy files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MtlsMode::Off => "off",
-            MtlsMode::Permissive => "permissive",
-            MtlsMode::Strict => "strict",
-        }
+spelled_enum! {
+    /// Mutual TLS on the data plane, vehicle sidecar ↔ cloud/edge sidecar.
+    pub enum MtlsMode {
+        /// Plaintext, as before mTLS existed.
+        Off = "off",
+        /// Vehicles connect with mTLS; cloud sidecars accept mTLS and plaintext (a
+        /// migration step: plaintext requests never carry a verified vehicle id).
+        Permissive = "permissive",
+        /// Vehicles connect with mTLS; cloud sidecars accept nothing else.
+        Strict = "strict",
     }
 }
 
-/// The radio technology of an uplink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum UplinkKind {
-    Lte,
-    FiveG,
-    ThreeG,
-    Wifi,
-    Dsrc,
-    Lpwa,
-}
-
-impl UplinkKind {
-    /// Every kind with its spelling in policy files.
-    pub const ALL: [(&'static str, UplinkKind); 6] = [
-        ("lte", UplinkKind::Lte),
-        ("5g", UplinkKind::FiveG),
-        ("3g", UplinkKind::ThreeG),
-        ("wifi", UplinkKind::Wifi),
-        ("dsrc", UplinkKind::Dsrc),
-        ("lpwa", UplinkKind::Lpwa),
-    ];
-
-    /// The spelling in policy files (`5g`, `wifi`, ...).
-    pub fn as_str(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map(|(s, _)| *s)
-            .unwrap_or("?")
+spelled_enum! {
+    /// The radio technology of an uplink.
+    pub enum UplinkKind {
+        Lte = "lte",
+        FiveG = "5g",
+        ThreeG = "3g",
+        Wifi = "wifi",
+        Dsrc = "dsrc",
+        Lpwa = "lpwa",
     }
 }
 
@@ -172,50 +165,20 @@ pub struct TrafficClass {
     pub ttl: Option<Duration>,
 }
 
-/// Where a service's instances run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Location {
-    Vehicle,
-    Edge,
-    Cloud,
-}
-
-impl Location {
-    /// Every location with its spelling in policy files.
-    pub const ALL: [(&'static str, Location); 3] = [
-        ("vehicle", Location::Vehicle),
-        ("edge", Location::Edge),
-        ("cloud", Location::Cloud),
-    ];
-
-    /// The spelling in policy files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Location::Vehicle => "vehicle",
-            Location::Edge => "edge",
-            Location::Cloud => "cloud",
-        }
+spelled_enum! {
+    /// Where a service's instances run.
+    pub enum Location {
+        Vehicle = "vehicle",
+        Edge = "edge",
+        Cloud = "cloud",
     }
 }
 
-/// The application protocol a service speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Http,
-    Grpc,
-}
-
-impl Protocol {
-    /// Every protocol with its spelling in policy files.
-    pub const ALL: [(&'static str, Protocol); 2] =
-        [("http", Protocol::Http), ("grpc", Protocol::Grpc)];
-
-    /// The spelling in policy files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Grpc => "grpc",
-        }
+spelled_enum! {
+    /// The application protocol a service speaks.
+    pub enum Protocol {
+        Http = "http",
+        Grpc = "grpc",
     }
 }
 
