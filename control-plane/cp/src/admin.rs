@@ -10,7 +10,6 @@
 //! | `/fleet`           | every vehicle's latest reported state (digital twin)          |
 //! | `/fleet/{vehicle}` | one vehicle; 404 if unknown                                   |
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,8 +17,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 
@@ -101,36 +98,17 @@ impl Admin {
     }
 }
 
-/// Serve admin HTTP/1.1 on `listener` until `shutdown` resolves.
+/// Serve admin HTTP/1.1 on `listener` until `shutdown` resolves. A failed accept (e.g.
+/// out of file descriptors while a fleet reconnects) pauses 50 ms rather than spinning;
+/// open connections are left to finish ([`misaki_http::Drain::Detach`]).
 pub async fn serve(
     listener: TcpListener,
     admin: Admin,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = admin.handle(&req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(%error, "admin connection ended");
-            }
-        });
-    }
+    let handler = move |req: Request<Incoming>| std::future::ready(admin.handle(&req));
+    misaki_http::Server::new("admin", misaki_http::Protocol::Http1)
+        .accept_backoff(std::time::Duration::from_millis(50))
+        .serve(listener, handler, shutdown)
+        .await;
 }

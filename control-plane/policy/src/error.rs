@@ -8,70 +8,13 @@
 use std::fmt;
 use std::rc::Rc;
 
-/// What kind of problem a [`PolicyError`] is, so callers and tests can match on it
-/// without parsing the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The file or directory could not be read.
-    Io,
-    /// The text is not valid YAML (also: duplicate keys, alias bombs).
-    Syntax,
-    /// The document's overall shape is wrong: empty, several documents, not a
-    /// mapping at top level, no policy files in a directory.
-    Structure,
-    /// `version` is not one this build understands.
-    UnsupportedVersion,
-    /// A field this format does not have (usually a typo).
-    UnknownField,
-    /// A required field or section is absent (or explicitly null).
-    MissingField,
-    /// The YAML node has the wrong type (a list where a string was expected, ...).
-    WrongType,
-    /// The value has the right type but is not acceptable: a bad enum value,
-    /// duration, name, endpoint, route, or an empty list where one is required.
-    InvalidValue,
-    /// A number (or duration) outside its allowed range.
-    OutOfRange,
-    /// A name (or list entry, or the `mesh` section) given twice.
-    Duplicate,
-    /// A reference to an uplink or class that does not exist.
-    UnknownReference,
-    /// Two things that must differ do not: ports, or route prefixes across services.
-    Conflict,
-}
+pub(crate) use crate::located::ErrorKind;
+use crate::located::{Issue, Node, Reader, position};
 
-/// One problem in a policy, displayed as `file:line:column: path: message`.
-// Display is hand-written (not `#[error]`) because the position and path are
-// left out when absent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    /// The file (or directory) as given to [`crate::parse`] / [`crate::load_path`].
-    pub file: String,
-    /// 1-based line of the offending node; 0 when the error concerns a whole file.
-    pub line: usize,
-    /// 1-based column (in characters) of the offending node; 0 with `line` 0.
-    pub column: usize,
-    /// Field path such as `classes[0].timeout`; empty for file-level problems.
-    pub path: String,
-    /// What is wrong and what was expected.
-    pub message: String,
-    /// The category of the problem.
-    pub kind: ErrorKind,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if self.line > 0 {
-            write!(f, ":{}:{}", self.line, self.column)?;
-        }
-        if !self.path.is_empty() {
-            write!(f, ": {}", self.path)?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
+/// One problem in a policy, displayed as `file:line:column: path: message`: the
+/// located [`Issue`] every YAML reader of misaki reports. `file` is the file (or
+/// directory) as given to [`crate::parse`] / [`crate::load_path`].
+pub type PolicyError = Issue;
 
 /// All problems found in a policy, sorted by (file, line, column).
 ///
@@ -102,7 +45,6 @@ impl PolicyErrors {
     }
 }
 
-impl std::error::Error for PolicyError {}
 impl std::error::Error for PolicyErrors {}
 
 impl fmt::Display for PolicyErrors {
@@ -142,6 +84,16 @@ pub(crate) struct Loc {
 }
 
 impl Loc {
+    /// Where `node` starts in the file `r` reads.
+    pub fn at(r: &Reader, node: &Node<'_>) -> Self {
+        let (line, column) = position(node);
+        Self {
+            file: Rc::clone(r.file()),
+            line,
+            column,
+        }
+    }
+
     pub fn whole(file: Rc<str>) -> Self {
         Self {
             file,

@@ -11,24 +11,26 @@
 //! - `parse` — public entry points; directory loading.
 //! - `schema` — one file's YAML tree → drafts (per-item checks).
 //! - `validate` — drafts of all files → `Policy` (cross-item checks).
-//! - `yaml`, `values`, `duration` — typed reading of nodes, string syntaxes, durations.
+//! - [`located`] — the YAML reader (positions, typed getters, located issues), public:
+//!   edge-netd reads its config with it too.
+//! - `values`, `duration` — string syntaxes, durations.
 //!
 //! The format reference for operators is `docs/policy.md`.
 
 mod duration;
 mod error;
+pub mod located;
 mod model;
 mod parse;
 mod schema;
 mod validate;
 mod values;
-mod yaml;
 
 #[cfg(test)]
 mod tests;
 
 pub use duration::{DurationError, format_duration, parse_duration};
-pub use error::ErrorKind;
+pub use located::ErrorKind;
 pub use model::*;
 pub use parse::{PolicyError, PolicyErrors, load_path, parse};
 pub use schema::{DEFAULT_TIMEOUT, MAX_RETRIES};

@@ -12,15 +12,15 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use saphyr::{LoadableYamlNode, MarkedYaml, YamlData};
+use saphyr::YamlData;
 
 use crate::error::{ErrorKind, Errors, Loc};
+use crate::located::{Dialect, Fields, Node, Reader};
 use crate::model::{
     Endpoint, Location, MeshSettings, MtlsMode, Protocol, RoutePriority, Service, TrafficClass,
     TrustDomain, Uplink, UplinkKind,
 };
 use crate::values::{check_name, check_route, parse_endpoint};
-use crate::yaml::{Fields, Node, Reader, describe, is_null};
 
 const TOP_FIELDS: &[&str] = &["version", "mesh", "uplinks", "classes", "services"];
 /// The mesh ports, in the order `MeshDraft::explicit` holds them.
@@ -169,39 +169,32 @@ pub(crate) fn read_file(file: Rc<str>, text: &str, errors: &mut Errors) -> FileD
         classes: Section::default(),
         services: Section::default(),
     };
-    let docs = match MarkedYaml::load_from_str(text) {
-        Ok(docs) => docs,
-        Err(e) => {
-            let loc = Loc {
-                file,
-                line: e.marker().line(),
-                column: e.marker().col() + 1,
-            };
-            errors.push(
-                &loc,
-                "",
-                ErrorKind::Syntax,
-                format!("invalid YAML: {}", e.info()),
-            );
-            return draft;
-        }
+    let mut r = Reader::new(file, Dialect::Core);
+    read_document(&mut r, text, &mut draft);
+    errors.0.extend(r.into_issues());
+    draft
+}
+
+fn read_document(r: &mut Reader, text: &str, draft: &mut FileDraft) {
+    let Some(loaded) = r.load(text) else {
+        return;
     };
-    let mut r = Reader { file, errors };
     // `---` alone loads as a null document: as empty as an empty file.
-    let Some(doc) = docs
-        .first()
-        .filter(|d| !matches!(d.data, YamlData::BadValue) && !is_null(d))
+    let Some(doc) = loaded
+        .document
+        .filter(|d| !matches!(d.data, YamlData::BadValue))
     else {
-        let root = draft.root.clone();
-        r.errors.push(
-            &root,
+        let (line, column) = (draft.root.line, draft.root.column);
+        r.error_at(
+            line,
+            column,
             "",
             ErrorKind::Structure,
             "the policy file is empty; expected a mapping with `version`, `uplinks` and `classes`",
         );
-        return draft;
+        return;
     };
-    if let Some(extra) = docs.get(1) {
+    if let Some(extra) = &loaded.second {
         r.error(
             extra,
             "",
@@ -210,51 +203,50 @@ pub(crate) fn read_file(file: Rc<str>, text: &str, errors: &mut Errors) -> FileD
              remove the `---` or put it in its own file of a policy directory",
         );
     }
-    draft.root = r.loc(doc);
+    draft.root = Loc::at(r, &doc);
     if !matches!(doc.data, YamlData::Mapping(_)) {
-        let found = describe(doc);
+        let found = r.describe(&doc);
         r.error(
-            doc,
+            &doc,
             "",
             ErrorKind::Structure,
             format!(
                 "expected the policy to be a mapping with `version`, `uplinks`, `classes` (and optionally `mesh`, `services`), found {found}"
             ),
         );
-        return draft;
+        return;
     }
-    let Some(top) = r.map(doc, "", "the policy", TOP_FIELDS) else {
-        return draft;
+    let Some(top) = r.map(&doc, "", "the policy (a mapping)", TOP_FIELDS) else {
+        return;
     };
     draft.complete = true;
     if let Some(n) = top.get("version") {
         let path = top.path("version");
-        if let Some(v) = r.int(n, &path, 0, i64::MAX) {
-            draft.version = Some((v, r.loc(n), path));
+        if let Some(v) = r.int(n, &path, 0..=i64::MAX) {
+            draft.version = Some((v, Loc::at(r, n), path));
         }
     }
     if let Some(n) = top.get("mesh") {
-        draft.mesh = read_mesh(&mut r, n);
+        draft.mesh = read_mesh(r, n);
     }
-    draft.uplinks = read_section(&mut r, &top, "uplinks", "uplinks", read_uplink);
-    draft.classes = read_section(&mut r, &top, "classes", "traffic classes", read_class);
-    draft.services = read_section(&mut r, &top, "services", "services", read_service);
-    draft
+    draft.uplinks = read_section(r, &top, "uplinks", "uplinks", read_uplink);
+    draft.classes = read_section(r, &top, "classes", "traffic classes", read_class);
+    draft.services = read_section(r, &top, "services", "services", read_service);
 }
 
 fn read_section<T>(
-    r: &mut Reader<'_>,
+    r: &mut Reader,
     top: &Fields<'_, '_>,
     field: &str,
     what: &str,
-    read_item: fn(&mut Reader<'_>, &Node<'_>, String) -> Option<T>,
+    read_item: fn(&mut Reader, &Node<'_>, String) -> Option<T>,
 ) -> Section<T> {
     let mut section = Section::default();
     let Some(node) = top.get(field) else {
         return section;
     };
-    section.loc = Some(r.loc(node));
-    if let Some(items) = r.seq(node, field, what) {
+    section.loc = Some(Loc::at(r, node));
+    if let Some(items) = r.seq(node, field, &format!("a list of {what}")) {
         section.items_seen = items.len();
         for (i, item) in items.iter().enumerate() {
             if let Some(d) = read_item(r, item, format!("{field}[{i}]")) {
@@ -268,10 +260,10 @@ fn read_section<T>(
     section
 }
 
-fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
-    let f = r.map(node, "mesh", "mesh settings", &MESH_FIELDS)?;
+fn read_mesh(r: &mut Reader, node: &Node<'_>) -> Option<MeshDraft> {
+    let f = r.map(node, "mesh", "mesh settings (a mapping)", &MESH_FIELDS)?;
     let mut mesh = MeshDraft {
-        loc: r.loc(node),
+        loc: Loc::at(r, node),
         value: MeshSettings::default(),
         explicit: [None, None, None],
     };
@@ -279,7 +271,7 @@ fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
         let Some(n) = f.get(field) else { continue };
         let path = f.path(field);
         let Some(port) = r
-            .int(n, &path, 1, 65535)
+            .int(n, &path, 1..=65535)
             .and_then(|p| u16::try_from(p).ok())
         else {
             continue;
@@ -289,7 +281,7 @@ fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
             1 => mesh.value.vehicle_inbound_port = port,
             _ => mesh.value.cloud_inbound_port = port,
         }
-        mesh.explicit[i] = Some((r.loc(n), path));
+        mesh.explicit[i] = Some((Loc::at(r, n), path));
     }
     if let Some(n) = f.get("mtls") {
         let modes = &MtlsMode::ALL;
@@ -299,7 +291,7 @@ fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
     }
     if let Some(n) = f.get("trust_domain") {
         let path = f.path("trust_domain");
-        if let Some(td) = r.string(n, &path, "a trust domain such as `misaki.local`") {
+        if let Some(td) = r.text(n, &path, "a trust domain such as `misaki.local`") {
             match TrustDomain::new(td) {
                 Ok(td) => mesh.value.trust_domain = td,
                 Err(_) => r.error(
@@ -319,33 +311,33 @@ fn read_mesh(r: &mut Reader<'_>, node: &Node<'_>) -> Option<MeshDraft> {
 
 /// The required, unique `name` of an item. Returned even when its syntax is
 /// wrong, so references to it still resolve and don't add noise.
-fn read_name(r: &mut Reader<'_>, f: &Fields<'_, '_>, example: &str) -> Option<Named> {
+fn read_name(r: &mut Reader, f: &Fields<'_, '_>, example: &str) -> Option<Named> {
     let path = f.path("name");
     let n = f.required(r, "name", &format!("a name such as `{example}`"))?;
-    let text = r.string(n, &path, "a name (lowercase letters, digits and `-`)")?;
+    let text = r.text(n, &path, "a name (lowercase letters, digits and `-`)")?;
     if let Err(msg) = check_name(text) {
         r.error(n, &path, ErrorKind::InvalidValue, msg);
     }
     Some(Named {
         text: text.to_owned(),
-        loc: r.loc(n),
+        loc: Loc::at(r, n),
         path,
     })
 }
 
 /// A list of strings, each read by `item`, with duplicates reported at the later one.
 fn read_string_list(
-    r: &mut Reader<'_>,
+    r: &mut Reader,
     node: &Node<'_>,
     path: &str,
     what: &str,
-    mut check: impl FnMut(&mut Reader<'_>, &Node<'_>, &str, &str) -> bool,
+    mut check: impl FnMut(&mut Reader, &Node<'_>, &str, &str) -> bool,
 ) -> Option<Vec<Named>> {
-    let items = r.seq(node, path, what)?;
+    let items = r.seq(node, path, &format!("a list of {what}"))?;
     let mut out: Vec<Named> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let item_path = format!("{path}[{i}]");
-        let Some(text) = r.string(item, &item_path, what) else {
+        let Some(text) = r.text(item, &item_path, what) else {
             continue;
         };
         if !check(r, item, &item_path, text) {
@@ -358,15 +350,15 @@ fn read_string_list(
         }
         out.push(Named {
             text: text.to_owned(),
-            loc: r.loc(item),
+            loc: Loc::at(r, item),
             path: item_path,
         });
     }
     Some(out)
 }
 
-fn read_uplink(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<UplinkDraft> {
-    let f = r.map(node, &path, "an uplink", UPLINK_FIELDS)?;
+fn read_uplink(r: &mut Reader, node: &Node<'_>, path: String) -> Option<UplinkDraft> {
+    let f = r.map(node, &path, "an uplink (a mapping)", UPLINK_FIELDS)?;
     let name = read_name(r, &f, "wifi");
     let kinds = UplinkKind::ALL.map(|(s, _)| s).join(", ");
     let kind = f
@@ -377,7 +369,7 @@ fn read_uplink(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Upli
         .and_then(|n| r.boolean(n, &f.path("metered")));
     let cost = f
         .get("cost")
-        .and_then(|n| r.int(n, &f.path("cost"), 0, i64::from(u32::MAX)))
+        .and_then(|n| r.int(n, &f.path("cost"), 0..=i64::from(u32::MAX)))
         .and_then(|c| u32::try_from(c).ok());
     Some(UplinkDraft {
         value: Uplink {
@@ -391,8 +383,8 @@ fn read_uplink(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Upli
     })
 }
 
-fn read_class(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<ClassDraft> {
-    let f = r.map(node, &path, "a traffic class", CLASS_FIELDS)?;
+fn read_class(r: &mut Reader, node: &Node<'_>, path: String) -> Option<ClassDraft> {
+    let f = r.map(node, &path, "a traffic class (a mapping)", CLASS_FIELDS)?;
     let name = read_name(r, &f, "critical");
     let priority = f
         .get("priority")
@@ -402,7 +394,7 @@ fn read_class(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Class
         .and_then(|n| r.duration(n, &f.path("timeout")));
     let retries = f
         .get("retries")
-        .and_then(|n| r.int(n, &f.path("retries"), 0, i64::from(MAX_RETRIES)))
+        .and_then(|n| r.int(n, &f.path("retries"), 0..=i64::from(MAX_RETRIES)))
         .and_then(|v| u32::try_from(v).ok());
     let uplinks_path = f.path("uplinks");
     let uplinks = f
@@ -425,14 +417,14 @@ fn read_class(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Class
         .and_then(|n| r.boolean(n, &f.path("deferrable")));
     let dscp = f
         .get("dscp")
-        .and_then(|n| r.int(n, &f.path("dscp"), 0, 63))
+        .and_then(|n| r.int(n, &f.path("dscp"), 0..=63))
         .and_then(|v| u8::try_from(v).ok());
     let max_rtt = f
         .get("max_rtt")
         .and_then(|n| r.duration(n, &f.path("max_rtt")));
     let max_loss_percent = f
         .get("max_loss_percent")
-        .and_then(|n| r.int(n, &f.path("max_loss_percent"), 0, 100))
+        .and_then(|n| r.int(n, &f.path("max_loss_percent"), 0..=100))
         .and_then(|v| u8::try_from(v).ok());
     let ttl = f.get("ttl").and_then(|n| r.duration(n, &f.path("ttl")));
     Some(ClassDraft {
@@ -453,8 +445,8 @@ fn read_class(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Class
     })
 }
 
-fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<ServiceDraft> {
-    let f = r.map(node, &path, "a service", SERVICE_FIELDS)?;
+fn read_service(r: &mut Reader, node: &Node<'_>, path: String) -> Option<ServiceDraft> {
+    let f = r.map(node, &path, "a service (a mapping)", SERVICE_FIELDS)?;
     let name = read_name(r, &f, "telemetry");
     let locations = Location::ALL.map(|(s, _)| s).join(", ");
     let location = f
@@ -467,8 +459,8 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
     let port = f
         .required(r, "port", "the port the service listens on, 1 to 65535")
         .and_then(|n| {
-            let p = r.int(n, &port_path, 1, 65535)?;
-            Some((u16::try_from(p).ok()?, r.loc(n), port_path.clone()))
+            let p = r.int(n, &port_path, 1..=65535)?;
+            Some((u16::try_from(p).ok()?, Loc::at(r, n), port_path.clone()))
         });
 
     let endpoints_path = f.path("endpoints");
@@ -497,8 +489,8 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
         .collect();
     let remote = matches!(location, Some(Location::Edge | Location::Cloud));
     match endpoints_node {
-        None if remote => r.errors.push(
-            &f.loc,
+        None if remote => r.error(
+            f.mapping(),
             &endpoints_path,
             ErrorKind::MissingField,
             "missing required field `endpoints`: edge and cloud services need at least one `host:port`",
@@ -541,10 +533,10 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
     let class = f
         .required(r, "class", "the name of a traffic class such as `standard`")
         .and_then(|n| {
-            let text = r.string(n, &class_path, "the name of a traffic class")?;
+            let text = r.text(n, &class_path, "the name of a traffic class")?;
             Some(Named {
                 text: text.to_owned(),
-                loc: r.loc(n),
+                loc: Loc::at(r, n),
                 path: class_path.clone(),
             })
         });
@@ -575,7 +567,7 @@ fn read_service(r: &mut Reader<'_>, node: &Node<'_>, path: String) -> Option<Ser
 /// `consumes`: the services a vehicle service calls, which scopes what the vehicle's
 /// sidecar holds. Only vehicle services have one: other sidecars serve their own.
 fn read_consumes(
-    r: &mut Reader<'_>,
+    r: &mut Reader,
     f: &Fields<'_, '_>,
     location: Option<Location>,
 ) -> Option<Vec<Named>> {

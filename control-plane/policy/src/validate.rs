@@ -13,9 +13,9 @@
 use std::collections::BTreeMap;
 
 use crate::error::{ErrorKind, Errors, Loc};
+use crate::located::did_you_mean;
 use crate::model::{Location, MeshSettings, Policy};
 use crate::schema::{FileDraft, MESH_PORTS, MeshDraft, Named, Section};
-use crate::yaml::did_you_mean;
 
 /// The only format version this build reads.
 pub const FORMAT_VERSION: i64 = 1;

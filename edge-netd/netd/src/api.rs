@@ -181,38 +181,19 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
         .expect("static response parts are valid")
 }
 
-/// Serve the API on `listener` until `shutdown` completes.
+/// Serve the API (HTTP/1.1) on `listener` until `shutdown` completes. A failed accept is
+/// retried after 50 ms; open connections are left to finish
+/// ([`misaki_http::Drain::Detach`]).
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "api accept");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(&state, req.method(), req.uri().path());
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(error = %e, "api connection");
-            }
-        });
-    }
+    let handler = move |req: Request<hyper::body::Incoming>| {
+        std::future::ready(route(&state, req.method(), req.uri().path()))
+    };
+    misaki_http::Server::new("api", misaki_http::Protocol::Http1)
+        .accept_backoff(std::time::Duration::from_millis(50))
+        .serve(listener, handler, shutdown)
+        .await;
 }

@@ -12,48 +12,29 @@
 //!   `file:line:column: field.path: what` (`edge-netd.yaml:12:16: uplinks[1].interface:
 //!   "wlan0" is already used by uplinks[0]`), as the mesh policy's errors are.
 //!
-//! `yaml` reads typed values off a position-marked tree; `sections` reads the file one
-//! section at a time with it. Durations and uplink kinds are the mesh policy's own
-//! (`misaki_policy::parse_duration`, [`UplinkKind`]): `150ms`, `5s`, `2m`, `1h`; `lte`,
-//! `5g`, `3g`, `wifi`, `dsrc`, `lpwa`. Sizes are `65536`, `64KiB`, `8MiB`, `1GiB`
-//! (binary units; `KB`/`MB`/`GB` are decimal).
+//! `sections` reads the file one section at a time with the mesh policy's YAML reader,
+//! [`misaki_policy::located`], in its [`Dialect::AsWritten`](misaki_policy::located::Dialect)
+//! dialect: scalars as written (`vehicle_id: 0001` is `0001`, not 1), integers that may be
+//! quoted, YAML 1.1 booleans (`yes`/`no`/`on`/`off`). Durations and uplink kinds are the
+//! mesh policy's own (`misaki_policy::parse_duration`, [`UplinkKind`]): `150ms`, `5s`,
+//! `2m`, `1h`; `lte`, `5g`, `3g`, `wifi`, `dsrc`, `lpwa`. Sizes are `65536`, `64KiB`,
+//! `8MiB`, `1GiB` (binary units; `KB`/`MB`/`GB` are decimal).
 
 mod sections;
-mod yaml;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use misaki_policy::UplinkKind;
+use misaki_policy::located::{Dialect, Reader};
 use misaki_saf::{DestinationConfig, HttpVersion};
 
 /// One problem in a config file, displayed as `file:line:column: path: message` (the
-/// position left out for the whole file, e.g. when it is empty).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
-    pub file: String,
-    /// 1-based line and column (in characters); both 0 for the whole file.
-    pub line: usize,
-    pub column: usize,
-    /// Field path such as `uplinks[1].interface`; empty for the whole file.
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigIssue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let place = match (self.line, self.path.as_str()) {
-            (0, "") => String::new(),
-            (0, path) => format!(": {path}"),
-            (line, "") => format!(":{line}:{}", self.column),
-            (line, path) => format!(":{line}:{}: {path}", self.column),
-        };
-        write!(f, "{}{place}: {}", self.file, self.message)
-    }
-}
+/// position left out for the whole file, e.g. when it is empty): the mesh policy's
+/// located issue, one type for both.
+pub type ConfigIssue = misaki_policy::located::Issue;
 
 /// Why there is no [`Config`].
 #[derive(Debug, thiserror::Error)]
@@ -302,10 +283,8 @@ impl Config {
     /// Parse and validate YAML text, reporting every problem; `file` is only used in
     /// messages.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
-        let mut r = yaml::Reader::new(file);
-        let config = r
-            .load(text)
-            .and_then(|root| sections::config(&mut r, &root));
+        let mut r = Reader::new(file, Dialect::AsWritten);
+        let config = sections::root(&mut r, text).and_then(|root| sections::config(&mut r, &root));
         match config {
             Some(c) if r.is_clean() => Ok(c),
             _ => Err(ConfigError::Invalid(r.into_issues())),

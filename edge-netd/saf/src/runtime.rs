@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     future::Future,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -15,7 +14,6 @@ use std::{
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use misaki_policy::Policy;
 use misaki_queue::Queue;
 use prometheus_client::registry::Registry;
@@ -198,10 +196,10 @@ impl StoreForward {
             let inner = self.inner.clone();
             move |req| {
                 let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(&inner, req).await) }
+                async move { handle(&inner, req).await }
             }
         };
-        serve_loop(listener, self.inner.stop.clone(), handler).await;
+        serve_loop("ingest", listener, self.inner.stop.clone(), handler).await;
     }
 
     /// Serve `admin_response` (plus `/metrics` from this crate's metrics alone) on
@@ -216,7 +214,7 @@ impl StoreForward {
             let this = this.clone();
             let registry = registry.clone();
             async move {
-                let resp = if req.uri().path() == "/metrics" {
+                if req.uri().path() == "/metrics" {
                     let mut text = String::new();
                     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
                     Response::builder()
@@ -231,11 +229,10 @@ impl StoreForward {
                         .unwrap_or_else(|| {
                             json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"}))
                         })
-                };
-                Ok::<_, Infallible>(resp)
+                }
             }
         };
-        serve_loop(listener, self.inner.stop.clone(), handler).await;
+        serve_loop("saf admin", listener, self.inner.stop.clone(), handler).await;
     }
 
     /// `GET /status` and `GET /deadletters` as JSON; `None` for any other path.
@@ -382,53 +379,26 @@ async fn handle(inner: &Inner, req: Request<hyper::body::Incoming>) -> Response<
     }
 }
 
-/// Accept loop: HTTP/1.1 and h2c (prior knowledge) on one port, until `stop`.
-async fn serve_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
-where
-    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+/// How store-and-forward serves, ingest and admin alike: HTTP/1.1 and h2c (prior
+/// knowledge) on one port, hyper's 30 s header-read timeout (slow clients can't hold a
+/// task), `TCP_NODELAY`, a failed accept (EMFILE and friends) backed off 50 ms instead of
+/// spinning, and at `stop` open connections closed gracefully (5 s at the most).
+async fn serve_loop<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let (stream, _) = tokio::select! {
-            _ = stop.changed() => continue,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // The timer enables hyper's header-read timeout (slow clients can't hold a task).
-            builder.http1().timer(TokioTimer::new());
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(handler));
-            tokio::pin!(conn);
-            let res = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = res {
-                debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
+    misaki_http::Server::new(name, misaki_http::Protocol::Http1AndH2c)
+        .header_read_timeout(Duration::from_secs(30))
+        .tcp_nodelay()
+        .accept_backoff(Duration::from_millis(50))
+        .drain(misaki_http::Drain::Graceful(Duration::from_secs(5)))
+        .serve(listener, handler, async move { stopped(&mut stop).await })
+        .await;
 }
 
 /// Resolves once `stop` is true (or its sender is gone). Returns nothing, so no watch guard

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use misaki_saf::{DestinationConfig, HttpVersion, SafConfig};
 
-use super::yaml::{Fields, Node, Reader, is_mapping};
+use misaki_policy::located::{ErrorKind, Fields, Node, Reader, is_mapping};
+
 use super::{
     ClaimConfig, Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT,
     DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN,
     DEFAULT_SAF_MAX_BODY, DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig,
-    SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig, XdsConfig, XdsSocket,
+    SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig, XdsConfig, XdsSocket, parse_size,
 };
 
 const TOP: &[&str] = &[
@@ -58,9 +59,24 @@ const DESTINATION: &[&str] = &["url", "http_version"];
 const HTTP_VERSIONS: [(&str, HttpVersion); 2] =
     [("http2", HttpVersion::Http2), ("http1", HttpVersion::Http1)];
 
+/// The one document of `text`; `None` (the reader says why) if it is not YAML, or empty.
+pub(super) fn root<'y>(r: &mut Reader, text: &'y str) -> Option<Node<'y>> {
+    let loaded = r.load(text)?;
+    let Some(doc) = loaded.document else {
+        let message = "the file is empty; expected a mapping";
+        r.error_at(0, 0, "", ErrorKind::Structure, message);
+        return None;
+    };
+    if let Some(extra) = &loaded.second {
+        let message = "a config file holds one YAML document; remove the `---`";
+        r.error(extra, "", ErrorKind::Structure, message);
+    }
+    Some(doc)
+}
+
 /// The whole file; `None` when anything is missing or wrong (the reader says what).
 pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
-    let f = r.map(root, "", TOP)?;
+    let f = r.map(root, "", "a mapping", TOP)?;
     let vehicle_id = f
         .required(r, "vehicle_id", "the vehicle's id in the fleet")
         .and_then(|n| vehicle_id(r, n));
@@ -124,7 +140,7 @@ fn vehicle_id(r: &mut Reader, node: &Node<'_>) -> Option<String> {
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !ok {
         let message = format!("{id:?} must be 1..=128 characters of A-Z a-z 0-9 . _ -");
-        r.error(node, "vehicle_id", message);
+        r.error(node, "vehicle_id", ErrorKind::InvalidValue, message);
     }
     ok.then(|| id.to_owned())
 }
@@ -144,7 +160,7 @@ fn control_plane(r: &mut Reader, node: &Node<'_>) -> Option<http::Uri> {
         }
         Ok(_) => format!("{text:?} must be http://host:port or https://host:port"),
     };
-    r.error(node, "control_plane", problem);
+    r.error(node, "control_plane", ErrorKind::InvalidValue, problem);
     None
 }
 
@@ -161,16 +177,21 @@ fn tls(
         if https == Some(true) {
             let message = "missing required section `tls` (cert, key, ca): an https:// \
                            control plane needs the vehicle's credential and the fleet CA";
-            r.error(top.at("tls"), "tls", message);
+            r.error(top.at("tls"), "tls", ErrorKind::MissingField, message);
             return None;
         }
         return Some(None);
     };
     if https == Some(false) {
         let message = "must be https://host:port when `tls:` is given (http:// would not use it)";
-        r.error(top.at("control_plane"), "control_plane", message);
+        r.error(
+            top.at("control_plane"),
+            "control_plane",
+            ErrorKind::Conflict,
+            message,
+        );
     }
-    let f = r.map(node, "tls", TLS)?;
+    let f = r.map(node, "tls", "a mapping", TLS)?;
     let file = |r: &mut Reader, field: &str, hint: &str| {
         f.required(r, field, hint)
             .and_then(|n| r.nonempty(n, &f.path(field)))
@@ -198,7 +219,7 @@ fn tls(
                     "{} is also tls.{name}: edge-netd writes tls.{field} on enrolment and renewal",
                     written.display()
                 );
-                r.error(f.at(field), &f.path(field), message);
+                r.error(f.at(field), &f.path(field), ErrorKind::Conflict, message);
                 ok = false;
             }
         }
@@ -233,7 +254,12 @@ fn claim(r: &mut Reader, f: &Fields<'_, '_>) -> Option<Option<ClaimConfig>> {
                 "missing `{missing}`: tls.{given} is given, and a claim credential is a \
                  certificate and its key"
             );
-            r.error(f.at(missing), &f.path(missing), message);
+            r.error(
+                f.at(missing),
+                &f.path(missing),
+                ErrorKind::MissingField,
+                message,
+            );
             None
         }
     }
@@ -241,11 +267,12 @@ fn claim(r: &mut Reader, f: &Fields<'_, '_>) -> Option<Option<ClaimConfig>> {
 
 /// An `IP:port` on loopback; `why` says what an outside address would expose.
 fn loopback(r: &mut Reader, node: &Node<'_>, path: &str, why: &str) -> Option<SocketAddr> {
-    let addr = r.addr(node, path)?;
+    let addr = addr(r, node, path)?;
     if !addr.ip().is_loopback() {
         r.error(
             node,
             path,
+            ErrorKind::InvalidValue,
             format!("{addr} is not a loopback address: {why}"),
         );
         return None;
@@ -253,24 +280,39 @@ fn loopback(r: &mut Reader, node: &Node<'_>, path: &str, why: &str) -> Option<So
     Some(addr)
 }
 
+/// `IP:port`; no names, so nothing here depends on a resolver.
+fn addr(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<SocketAddr> {
+    let text = r.text(node, path, "an IP:port")?;
+    let parsed = text.parse::<SocketAddr>();
+    if parsed.is_err() {
+        r.error(
+            node,
+            path,
+            ErrorKind::InvalidValue,
+            format!("{text:?} is not an IP:port (DNS names are not allowed: probes must not depend on a resolver)"),
+        );
+    }
+    parsed.ok()
+}
+
 /// A non-empty list of `IP:port`.
 fn targets(r: &mut Reader, node: &Node<'_>, path: &str, empty: &str) -> Option<Vec<SocketAddr>> {
-    let items = r.seq(node, path)?;
+    let items = r.seq(node, path, "a list")?;
     if items.is_empty() {
-        r.error(node, path, empty);
+        r.error(node, path, ErrorKind::InvalidValue, empty);
         return None;
     }
     let addrs: Vec<Option<SocketAddr>> = items
         .iter()
         .enumerate()
-        .map(|(i, t)| r.addr(t, &format!("{path}[{i}]")))
+        .map(|(i, t)| addr(r, t, &format!("{path}[{i}]")))
         .collect();
     addrs.into_iter().collect()
 }
 
 /// `probe:`, and its targets (the uplinks' default targets).
 fn probe(r: &mut Reader, node: &Node<'_>) -> Option<(ProbeConfig, Vec<SocketAddr>)> {
-    let f = r.map(node, "probe", PROBE)?;
+    let f = r.map(node, "probe", "a mapping", PROBE)?;
     let targets = f
         .required(r, "targets", "a list of IP:port")
         .and_then(|n| targets(r, n, "probe.targets", "needs at least one IP:port"));
@@ -289,14 +331,19 @@ fn selection(r: &mut Reader, node: Option<&Node<'_>>, window: usize) -> Selectio
         blackhole_after: DEFAULT_BLACKHOLE_AFTER,
         dwell: DEFAULT_DWELL,
     };
-    let Some(f) = node.and_then(|n| r.map(n, "selection", SELECTION)) else {
+    let Some(f) = node.and_then(|n| r.map(n, "selection", "a mapping", SELECTION)) else {
         return defaults;
     };
     SelectionConfig {
         blackhole_after: f.or(r, "blackhole_after", DEFAULT_BLACKHOLE_AFTER, |r, n, p| {
-            let k = r.int(n, p, 0..=u64::from(u32::MAX))?;
+            let k = r.int(n, p, 0..=i64::from(u32::MAX))?;
             if k == 0 || k as usize > window {
-                r.error(n, p, format!("{k} is not in 1..=probe.window ({window})"));
+                r.error(
+                    n,
+                    p,
+                    ErrorKind::OutOfRange,
+                    format!("{k} is not in 1..=probe.window ({window})"),
+                );
                 return None;
             }
             Some(k as u32)
@@ -311,9 +358,14 @@ fn uplinks(
     node: &Node<'_>,
     default_targets: Option<&[SocketAddr]>,
 ) -> Option<Vec<UplinkConfig>> {
-    let items = r.seq(node, "uplinks")?;
+    let items = r.seq(node, "uplinks", "a list")?;
     if items.is_empty() {
-        r.error(node, "uplinks", "needs at least one uplink");
+        r.error(
+            node,
+            "uplinks",
+            ErrorKind::InvalidValue,
+            "needs at least one uplink",
+        );
         return None;
     }
     let mut taken = Taken::default();
@@ -345,6 +397,7 @@ fn unique(
         r.error(
             node,
             path,
+            ErrorKind::Duplicate,
             format!("{value:?} is already used by uplinks[{prev}]"),
         );
         return None;
@@ -360,7 +413,7 @@ fn uplink(
     default_targets: Option<&[SocketAddr]>,
     taken: &mut Taken,
 ) -> Option<UplinkConfig> {
-    let f = r.map(node, &format!("uplinks[{index}]"), UPLINK)?;
+    let f = r.map(node, &format!("uplinks[{index}]"), "a mapping", UPLINK)?;
     let (name_path, interface_path) = (f.path("name"), f.path("interface"));
     let name = f
         .required(r, "name", "the uplink's name in the policy")
@@ -392,7 +445,7 @@ fn uplink(
         });
     let metered = f.or(r, "metered", false, Reader::boolean);
     let cost = f.or(r, "cost", 0, |r, n, p| {
-        r.int(n, p, 0..=u64::from(u32::MAX)).map(|c| c as u32)
+        r.int(n, p, 0..=i64::from(u32::MAX)).map(|c| c as u32)
     });
     let probe_targets = match f.get("probe_targets") {
         Some(n) => targets(
@@ -423,6 +476,7 @@ fn uplink_name(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
         r.error(
             node,
             path,
+            ErrorKind::InvalidValue,
             format!("{name:?} must be non-empty A-Z a-z 0-9 _ -"),
         );
     }
@@ -436,7 +490,7 @@ fn interface_name(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String>
     if !ok {
         let message =
             format!("{name:?} is not a Linux interface name (1..=15 bytes, no '/' or spaces)");
-        r.error(node, path, message);
+        r.error(node, path, ErrorKind::InvalidValue, message);
     }
     ok.then(|| name.to_owned())
 }
@@ -449,7 +503,7 @@ fn store_forward(
     api: Option<SocketAddr>,
     state_dir: Option<&Path>,
 ) -> Option<StoreForwardConfig> {
-    let f = r.map(node, "store_forward", STORE_FORWARD)?;
+    let f = r.map(node, "store_forward", "a mapping", STORE_FORWARD)?;
     let listen = ingest_listen(r, &f, api);
     let (budget_bytes, max_body) = budget(r, &f);
     let queue_dir = match f.get("queue_dir") {
@@ -479,7 +533,12 @@ fn store_forward(
     };
     // Each URL and limit was checked above; this is the runtime's own word on the whole.
     if let Err(e) = c.saf_config().validate() {
-        r.error(node, "store_forward", e.to_string());
+        r.error(
+            node,
+            "store_forward",
+            ErrorKind::InvalidValue,
+            e.to_string(),
+        );
         return None;
     }
     Some(c)
@@ -498,7 +557,7 @@ fn ingest_listen(
     };
     if Some(listen) == api {
         let message = format!("{listen} is also the local API's address");
-        r.error(f.at("listen"), &path, message);
+        r.error(f.at("listen"), &path, ErrorKind::Conflict, message);
         return None;
     }
     Some(listen)
@@ -506,8 +565,8 @@ fn ingest_listen(
 
 /// `budget` and `max_body` (`None` when `max_body` does not fit the budget).
 fn budget(r: &mut Reader, f: &Fields<'_, '_>) -> (u64, Option<u64>) {
-    let budget = f.or(r, "budget", DEFAULT_SAF_BUDGET, Reader::size);
-    let max_body = f.or(r, "max_body", DEFAULT_SAF_MAX_BODY as u64, Reader::size);
+    let budget = f.or(r, "budget", DEFAULT_SAF_BUDGET, size);
+    let max_body = f.or(r, "max_body", DEFAULT_SAF_MAX_BODY as u64, size);
     let problem = if max_body > budget {
         format!("{max_body} bytes is more than the budget ({budget} bytes)")
     } else if max_body > u64::from(u32::MAX) {
@@ -516,8 +575,24 @@ fn budget(r: &mut Reader, f: &Fields<'_, '_>) -> (u64, Option<u64>) {
     } else {
         return (budget, Some(max_body));
     };
-    r.error(f.at("max_body"), &f.path("max_body"), problem);
+    r.error(
+        f.at("max_body"),
+        &f.path("max_body"),
+        ErrorKind::OutOfRange,
+        problem,
+    );
     (budget, None)
+}
+
+/// A size > 0 (`65536`, `64KiB`, `500MB`).
+fn size(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<u64> {
+    let text = r.text(node, path, "a size such as `64KiB` or `8MiB`")?;
+    match parse_size(text) {
+        Ok(0) => r.error(node, path, ErrorKind::OutOfRange, "must be greater than 0"),
+        Ok(n) => return Some(n),
+        Err(m) => r.error(node, path, ErrorKind::InvalidValue, m),
+    }
+    None
 }
 
 fn http_version(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<HttpVersion> {
@@ -532,7 +607,7 @@ fn url(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
         ..SafConfig::default()
     };
     if let Err(e) = one.validate() {
-        r.error(node, path, e.to_string());
+        r.error(node, path, ErrorKind::InvalidValue, e.to_string());
         return None;
     }
     Some(url.to_owned())
@@ -541,9 +616,9 @@ fn url(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<String> {
 fn destinations(r: &mut Reader, node: &Node<'_>) -> Option<BTreeMap<String, DestinationConfig>> {
     let mut out = BTreeMap::new();
     let mut ok = true;
-    for (name, d) in r.entries(node, "store_forward.destinations")? {
+    for (name, d) in r.entries(node, "store_forward.destinations", "a mapping")? {
         let path = format!("store_forward.destinations.{name}");
-        let Some(f) = r.map(d, &path, DESTINATION) else {
+        let Some(f) = r.map(d, &path, "a mapping", DESTINATION) else {
             ok = false;
             continue;
         };
@@ -579,7 +654,7 @@ fn xds(
             socket: None,
         });
     }
-    let f = r.map(node, "xds", XDS)?;
+    let f = r.map(node, "xds", "a mapping", XDS)?;
     let listen = match f.get("listen") {
         Some(n) => xds_listen(r, n, &f.path("listen"), taken),
         None => Some(None),
@@ -610,6 +685,7 @@ fn xds_listen(
         r.error(
             node,
             path,
+            ErrorKind::Conflict,
             format!("{addr} is also the local API's or the ingest's address"),
         );
         return None;
@@ -622,7 +698,7 @@ fn xds_socket(r: &mut Reader, node: &Node<'_>, group: Option<&Node<'_>>) -> Opti
     let path = r.nonempty(node, "xds.socket")?;
     if !Path::new(path).is_absolute() {
         let message = format!("{path:?} must be an absolute path");
-        r.error(node, "xds.socket", message);
+        r.error(node, "xds.socket", ErrorKind::InvalidValue, message);
         return None;
     }
     let group = match group {

@@ -8,13 +8,12 @@
 //! Admin: `GET /status`, `GET /deadletters`, `GET /metrics`, and (stand-in only)
 //! `POST /uplinks/<name>/up|down`. Exit code 64 on bad arguments or config.
 
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use bytes::Bytes;
 use clap::Parser;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use misaki_queue::{Queue, QueueConfig};
 use misaki_saf::{DestinationConfig, HttpVersion, SafConfig, StaticUplinks, StoreForward};
 use tokio::net::TcpListener;
@@ -151,25 +150,18 @@ async fn run(args: Args, policy: misaki_policy::Policy) -> Result<(), String> {
     Ok(())
 }
 
+/// Serves until the process exits: HTTP/1.1 and h2c, accept errors retried at once, no
+/// drain (the stand-in has no stop of its own).
 async fn serve_admin(listener: TcpListener, saf: StoreForward, uplinks: Arc<StaticUplinks>) {
     let mut registry = prometheus_client::registry::Registry::default();
     saf.register_metrics(&mut registry);
     let registry = Arc::new(registry);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (saf, uplinks, registry) = (saf.clone(), uplinks.clone(), registry.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = admin(&saf, &uplinks, &registry, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let handler = move |req: Request<hyper::body::Incoming>| {
+        std::future::ready(admin(&saf, &uplinks, &registry, &req))
+    };
+    misaki_http::Server::new("saf-daemon admin", misaki_http::Protocol::Http1AndH2c)
+        .serve(listener, handler, std::future::pending())
+        .await;
 }
 
 fn admin(
