@@ -10,108 +10,21 @@
 //! bootstrap names.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::Duration;
 
+use misaki_e2e::mtls_lab::{
+    HeaderEcho, cloud_sidecar, echoed, issue_with_sds, single_service_policy,
+};
 use misaki_e2e::policy::MeshPorts;
 use misaki_e2e::process::wait_for;
-use misaki_e2e::tls::{FleetCa, MtlsClient, install_sds, mtls_client_bootstrap, sidecar_bootstrap};
+use misaki_e2e::tls::{FleetCa, MtlsClient, mtls_client_bootstrap, sidecar_bootstrap};
 use misaki_e2e::{ControlPlane, Envoy, free_port, http};
 
 const FORGED_XFCC: &str =
     "By=spiffe://misaki.local/cloud/maps;URI=spiffe://misaki.local/vehicle/car-9";
-
-/// An HTTP/1.1 service that answers every request with its request headers, one
-/// `name: value` line each (names lowercased), so a test sees what the service saw.
-struct HeaderEcho {
-    port: u16,
-    stop: Arc<AtomicBool>,
-}
-
-impl HeaderEcho {
-    fn start() -> HeaderEcho {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
-        let port = listener.local_addr().expect("addr").port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Ok(conn) = conn {
-                    thread::spawn(move || echo_headers(conn));
-                }
-            }
-        });
-        HeaderEcho { port, stop }
-    }
-}
-
-impl Drop for HeaderEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
-}
-
-/// Serve requests on one (keep-alive) connection until it closes.
-fn echo_headers(mut conn: TcpStream) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let Ok(clone) = conn.try_clone() else { return };
-    let mut reader = BufReader::new(clone);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut seen = String::new();
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let k = k.trim().to_ascii_lowercase();
-                if k == "content-length" {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                seen.push_str(&format!("{k}: {}\n", v.trim()));
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{seen}",
-            seen.len()
-        );
-        if conn.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-/// The values of header `name` in an echoed body.
-fn echoed(body: &str, name: &str) -> Vec<String> {
-    body.lines()
-        .filter_map(|l| l.split_once(": "))
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
-        .collect()
-}
 
 /// A fleet CA, misaki-cp serving a policy with `mtls` on, the header echo behind a
 /// cloud sidecar, and a vehicle sidecar (`vehicle_bootstrap`) with car-1's certificate.
@@ -127,52 +40,18 @@ struct Lab {
     _echo: HeaderEcho,
 }
 
-/// A policy with one cloud service `maps` (`protocol`, instance at `upstream`, routed
-/// by `route`).
-fn policy(ports: &MeshPorts, mtls: &str, protocol: &str, upstream: u16, route: &str) -> String {
-    format!(
-        r#"version: 1
-mesh: {{ vehicle_outbound_port: {}, vehicle_inbound_port: {}, cloud_inbound_port: {}, mtls: {mtls} }}
-uplinks:
-  - {{ name: lte, kind: lte }}
-classes:
-  - {{ name: standard, timeout: 5s, uplinks: [lte] }}
-services:
-  - {{ name: maps, location: cloud, protocol: {protocol}, port: 8080, endpoints: ["127.0.0.1:{upstream}"], routes: ["{route}"], class: standard }}
-"#,
-        ports.outbound, ports.inbound, ports.cloud
-    )
-}
-
-/// `ca issue IDENTITY --out dir/name` with the SDS files installed next to it.
-fn certs(dir: &Path, ca: &FleetCa, name: &str, identity: &[&str]) -> PathBuf {
-    let tls = dir.join(name);
-    ca.issue(identity, &tls);
-    install_sds(&tls);
-    tls
-}
-
-/// A cloud sidecar fed by `cp` with a `--cloud maps` certificate; its `tls_dir`.
-fn cloud_sidecar(dir: &Path, ca: &FleetCa, cp: &ControlPlane) -> (PathBuf, Envoy) {
-    let tls = certs(dir, ca, "cloud-tls", &["--cloud", "maps"]);
-    let (cfg, admin) = sidecar_bootstrap("cloud-sidecar.yaml", "cloud-1", cp.xds_port, &tls);
-    let envoy =
-        Envoy::try_start_config("cloud-1", &cfg, admin, dir).unwrap_or_else(|e| panic!("{e}"));
-    (tls, envoy)
-}
-
 fn lab(mtls: &str, vehicle_bootstrap: &str) -> Lab {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = FleetCa::init(&dir.path().join("ca"));
     let echo = HeaderEcho::start();
     let ports = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
-    let text = policy(&ports, mtls, "http", echo.port, "/maps");
+    let text = single_service_policy(&ports, mtls, "http", echo.port, "/maps");
     fs::write(&policy_path, text).expect("write policy");
     let cp = ControlPlane::start(&policy_path, dir.path());
 
     let (cloud_tls, cloud) = cloud_sidecar(dir.path(), &ca, &cp);
-    let car_tls = certs(dir.path(), &ca, "car-1-tls", &["--vehicle", "car-1"]);
+    let car_tls = issue_with_sds(dir.path(), &ca, "car-1-tls", &["--vehicle", "car-1"]);
     let (cfg, admin) = sidecar_bootstrap(vehicle_bootstrap, "car-1", cp.xds_port, &car_tls);
     let vehicle =
         Envoy::try_start_config("car-1", &cfg, admin, dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -276,7 +155,8 @@ fn strict_mtls_names_the_calling_vehicle_and_refuses_everyone_else() {
 /// certificate of another CA.
 fn direct_clients_are_judged_by_their_certificate(lab: &Lab, forged: &[(&str, &str)]) {
     let other = FleetCa::init(&lab.dir.path().join("other-ca"));
-    let ours = |name: &str, identity: &[&str]| certs(lab.dir.path(), &lab.ca, name, identity);
+    let ours =
+        |name: &str, identity: &[&str]| issue_with_sds(lab.dir.path(), &lab.ca, name, identity);
     let (_clients, ports) = lab.clients(&[
         ("car1", ours("car-1-direct", &["--vehicle", "car-1"])),
         ("batch", ours("batch", &["--cloud", "batch"])),
@@ -286,7 +166,7 @@ fn direct_clients_are_judged_by_their_certificate(lab: &Lab, forged: &[(&str, &s
         ),
         (
             "otherca",
-            certs(lab.dir.path(), &other, "other", &["--vehicle", "car-1"]),
+            issue_with_sds(lab.dir.path(), &other, "other", &["--vehicle", "car-1"]),
         ),
     ]);
     let body = lab.get_ok(ports[0], forged).expect("a vehicle certificate");
@@ -343,7 +223,7 @@ fn permissive_mtls_also_takes_plaintext_but_never_with_a_vehicle_id() {
     let other = FleetCa::init(&lab.dir.path().join("other-ca"));
     let (_clients, ports) = lab.clients(&[(
         "otherca",
-        certs(lab.dir.path(), &other, "other", &["--vehicle", "car-1"]),
+        issue_with_sds(lab.dir.path(), &other, "other", &["--vehicle", "car-1"]),
     )]);
     let r = http::request(ports[0], "GET", "/maps/x", &forged, b"").expect("client answers");
     assert_eq!(r.status, 503, "{}", r.body);
@@ -383,12 +263,12 @@ fn a_proxyless_grpc_client_calls_through_a_strict_cloud_sidecar_with_its_own_cer
     let (mut server, server_port) = grpc_server();
     let ports = MeshPorts::fresh();
     let policy_path = dir.path().join("mesh.yaml");
-    let text = policy(&ports, "strict", "grpc", server_port, "/misaki.demo.Echo");
+    let text = single_service_policy(&ports, "strict", "grpc", server_port, "/misaki.demo.Echo");
     fs::write(&policy_path, text).expect("write policy");
     let cp = ControlPlane::start(&policy_path, dir.path());
     let (_, cloud) = cloud_sidecar(dir.path(), &ca, &cp);
 
-    let car = certs(dir.path(), &ca, "car-grpc", &["--vehicle", "car-grpc-1"]);
+    let car = issue_with_sds(dir.path(), &ca, "car-grpc", &["--vehicle", "car-grpc-1"]);
     let file = |f: &str| car.join(f).display().to_string();
     let bootstrap = serde_json::json!({
         "xds_servers": [{

@@ -20,6 +20,7 @@ pub use compile::{
 };
 pub use local::VehicleState;
 pub use mtls::{
-    CLOUD_CERT, FLEET_CA, GRPC_CERT_PROVIDER, VEHICLE_CERT, VEHICLE_HEADER, VehicleCredential,
+    CLOUD_CERT, FLEET_CA, GRPC_CERT_PROVIDER, MAX_TLS_CONNECTION_AGE, VEHICLE_CERT, VEHICLE_HEADER,
+    VehicleCredential,
 };
 pub use on_demand::{BUCKET_HEADER, BUCKETS, KEY_HEADER, bucket as scope_bucket};

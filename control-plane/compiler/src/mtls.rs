@@ -15,13 +15,17 @@
 //!   fleet CA also issues claim credentials: those fail the handshake), and a service
 //!   sees `x-misaki-vehicle` only as the bare id of a verified peer's
 //!   `spiffe://<td>/vehicle/<id>`: whatever the client sent is removed first, on every
-//!   filter chain, and XFCC is set (TLS) or removed (plaintext) by Envoy itself.
+//!   filter chain, and XFCC is set (TLS) or removed (plaintext) by Envoy itself;
+//! - a TLS connection into a cloud sidecar lasts at most [`MAX_TLS_CONNECTION_AGE`]:
+//!   Envoy checks a certificate only in the handshake, so without it a vehicle's
+//!   connection would keep its first certificate past renewals, past its expiry, and
+//!   past a revocation (found by tests/tests/edge_mtls.rs).
 
 use std::fmt;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    ApiVersion, ConfigSource, DataSource, PathConfigSource, TransportSocket, config_source,
-    data_source, transport_socket,
+    ApiVersion, ConfigSource, DataSource, HttpProtocolOptions, PathConfigSource, TransportSocket,
+    config_source, data_source, transport_socket,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     FilterChainMatch, Listener, ListenerFilter, listener_filter,
@@ -274,6 +278,12 @@ fn vehicle_id_filter(td: &TrustDomain) -> HttpFilter {
     }
 }
 
+/// How long a cloud sidecar keeps one TLS connection (then drains it: in-flight requests
+/// finish, the vehicle reconnects with the certificate it holds now). An hour bounds how
+/// long an expired or superseded certificate keeps working, against one handshake per
+/// vehicle per hour (~0.7 ms of a core each, bench/results-mtls.md).
+pub const MAX_TLS_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The cloud sidecar's HTTP connection manager `name` on one filter chain: the vehicle
 /// id filter first, then `filters`; XFCC set from the peer (`tls`) or removed.
 fn cloud_hcm(
@@ -293,6 +303,13 @@ fn cloud_hcm(
                 uri: true,
                 ..Default::default()
             });
+        h.common_http_protocol_options = Some(HttpProtocolOptions {
+            max_connection_duration: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: MAX_TLS_CONNECTION_AGE.as_secs() as i64,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
     } else {
         h.forward_client_cert_details = Fcc::Sanitize as i32;
     }

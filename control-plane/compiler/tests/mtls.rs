@@ -426,6 +426,16 @@ fn check_tls_chain(chain: &FilterChain, dir: &str) {
     );
     let set = h.set_current_client_cert_details.expect("set XFCC fields");
     assert!(set.uri && !set.cert && !set.chain && !set.dns && set.subject.is_none());
+    // A certificate is checked only in the handshake: the connection must not outlive it.
+    let age = h
+        .common_http_protocol_options
+        .as_ref()
+        .and_then(|o| o.max_connection_duration.as_ref())
+        .expect("a TLS connection has a maximum age");
+    assert_eq!(
+        age.seconds as u64,
+        misaki_compiler::MAX_TLS_CONNECTION_AGE.as_secs()
+    );
     assert_eq!(
         filter_names(&h),
         [

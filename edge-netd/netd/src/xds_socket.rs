@@ -2,10 +2,13 @@
 //! certificate and key (SDS) to its Envoy.
 //!
 //! Invariants:
-//! - Who may connect is decided by the socket file's permissions, set before the first
-//!   accept: mode 0600 (edge-netd's own user), or 0660 with `socket_group` (the
-//!   vehicle Envoy's group). A loopback TCP port cannot say that: any local process
-//!   reaches it, so the TCP listener never serves the credential.
+//! - Who may connect is decided by the socket file's permissions, set before the socket
+//!   listens: mode 0600 (edge-netd's own user), or 0660 with `socket_group` (the
+//!   vehicle Envoy's group). Not merely before the first accept: a `connect` succeeds
+//!   as soon as the socket listens (the kernel queues it) and is served at the next
+//!   accept, so a socket that listened with the umask's mode for a moment could hand
+//!   the key to whoever connected in that moment. A loopback TCP port cannot say any of
+//!   this: any local process reaches it, so the TCP listener never serves the credential.
 //! - Only a socket is ever removed from the path (the stale one of a previous run); any
 //!   other file there is an error, never deleted.
 //! - Every accepted peer's credentials (uid, gid, pid) are logged: who read the key is
@@ -44,8 +47,23 @@ fn io_error<'p>(path: &'p Path, what: &'static str) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// Bind the socket at `socket.path` with its permissions in place.
+/// Connections the kernel queues for accept (tokio's own default for Unix listeners).
+const BACKLOG: i32 = 1024;
+
+/// Bind the socket at `socket.path` and listen, its permissions in place first.
 pub fn bind(socket: &XdsSocket) -> Result<UnixListener, SocketError> {
+    let path = socket.path.as_path();
+    let sock = bind_with_mode(socket)?;
+    sock.listen(BACKLOG).map_err(io_error(path, "listening"))?;
+    sock.set_nonblocking(true)
+        .map_err(io_error(path, "listening"))?;
+    UnixListener::from_std(sock.into()).map_err(io_error(path, "listening"))
+}
+
+/// The socket bound at `socket.path` with its mode and group, not listening yet: until
+/// it listens every connect is refused, whatever mode the umask gave the file for a
+/// moment. (`UnixListener::bind` would bind and listen at once.)
+fn bind_with_mode(socket: &XdsSocket) -> Result<socket2::Socket, SocketError> {
     let path = socket.path.as_path();
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -59,8 +77,10 @@ pub fn bind(socket: &XdsSocket) -> Result<UnixListener, SocketError> {
         Some(name) => Some(group_id(name)?),
         None => None,
     };
-    let listener = UnixListener::bind(path).map_err(io_error(path, "binding"))?;
-    // Before the first accept: until then nobody is served, whatever the umask gave.
+    let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+        .map_err(io_error(path, "creating the socket"))?;
+    let addr = socket2::SockAddr::unix(path).map_err(io_error(path, "binding"))?;
+    sock.bind(&addr).map_err(io_error(path, "binding"))?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io_error(path, "setting the mode"))?;
@@ -68,7 +88,7 @@ pub fn bind(socket: &XdsSocket) -> Result<UnixListener, SocketError> {
         std::os::unix::fs::chown(path, None, Some(gid))
             .map_err(io_error(path, "setting the group"))?;
     }
-    Ok(listener)
+    Ok(sock)
 }
 
 fn group_id(name: &str) -> Result<u32, SocketError> {
@@ -115,6 +135,28 @@ mod tests {
         drop(first);
         let _again = bind(&socket).expect("the stale socket is replaced");
         assert_eq!(mode(&path), 0o600);
+    }
+
+    /// The mode is in place before anyone can connect: a connect made between bind and
+    /// listen is refused, never queued for a later accept.
+    #[tokio::test]
+    async fn nobody_connects_before_the_mode_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xds.sock");
+        let socket = XdsSocket {
+            path: path.clone(),
+            group: None,
+        };
+        let bound = bind_with_mode(&socket).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let early = std::os::unix::net::UnixStream::connect(&path).unwrap_err();
+        assert_eq!(early.kind(), io::ErrorKind::ConnectionRefused, "{early}");
+        drop(bound);
+
+        let listener = bind(&socket).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let _client = UnixStream::connect(&path).await.unwrap();
+        listener.accept().await.unwrap();
     }
 
     #[tokio::test]
