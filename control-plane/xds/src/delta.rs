@@ -1,4 +1,6 @@
-//! Incremental (delta) ADS: the per-stream protocol state machine.
+//! Incremental (delta) ADS: the per-stream protocol state machine's own rules. What it
+//! shares with SotW (nonces, ACK/NACK bookkeeping, the push loop in push order,
+//! warming) is written once in `machine.rs`, which lists those rules.
 //!
 //! Invariants (Envoy's `xds_protocol.rst` is the reference):
 //! - the server tracks, per type, what the client holds (`name → version`): seeded from
@@ -22,9 +24,12 @@
 //!   go only there, and its removal too. A resource that leaves a stream's
 //!   subscription because the snapshot made it on demand goes out as removed; one the
 //!   client unsubscribed is just forgotten;
+//! - the stream's first request of a type is always answered, if only with an empty
+//!   response;
 //! - pushes go SDS → CDS → EDS → LDS → SRDS → RDS (secrets before the clusters and
 //!   listeners whose TLS names them); removed clusters go out last, in their own CDS
-//!   response, when other types change in the same push (make-before-break);
+//!   response (and their assignments' removals in their own EDS response), when other
+//!   types change in the same push (make-before-break);
 //! - warming: added or changed clusters are followed by their EDS assignments, added
 //!   or changed listeners by the subscribed scopes and routes, and added or changed
 //!   scopes by the routes they name, even if unchanged.
@@ -37,7 +42,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::route::v3::ScopedRouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 #[cfg(test)]
@@ -46,10 +50,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use prost::Message;
-use tracing::debug;
 
+use crate::machine::{Force, Machine, Plans, State};
 use crate::status::StreamKind;
-use crate::stream::{Protocol, StreamCtx, warmed_by};
+use crate::stream::StreamCtx;
 use crate::wire::{
     Part, WireBuf, WireMessage, field_len, put_field, put_header, put_shared_field, put_str,
     str_len,
@@ -151,15 +155,13 @@ impl From<DeltaReply> for DeltaDiscoveryResponse {
     }
 }
 
+/// Delta's own per-type state (the rest is [`State`]'s).
 #[derive(Debug, Default)]
-struct TypeState {
-    requested: bool,
+pub(crate) struct TypeState {
     wildcard: bool,
     names: BTreeSet<SharedStr>,
     /// What the client holds: name → version.
     has: HashMap<SharedStr, SharedStr>,
-    nonce: Option<String>,
-    version: Option<SharedStr>,
 }
 
 /// Whether a subscription (`names`, `wildcard`) covers `name` of `res`'s type: by
@@ -233,7 +235,7 @@ impl TypeState {
 
 /// What one response for one type would carry.
 #[derive(Debug, Default)]
-struct Plan {
+pub(crate) struct Plan {
     items: Vec<Arc<Resource>>,
     removed: Vec<SharedStr>,
 }
@@ -243,28 +245,43 @@ impl Plan {
         self.items.is_empty() && self.removed.is_empty()
     }
 
-    /// `(additions and changes, removals)` as two plans.
-    fn split_removals(self) -> (Plan, Plan) {
-        (
-            Plan {
-                items: self.items,
-                removed: Vec::new(),
-            },
-            Plan {
-                items: Vec::new(),
-                removed: self.removed,
-            },
-        )
+    /// `(additions and changes, removals)` as two plans, `None` where empty.
+    fn split_removals(self) -> (Option<Plan>, Option<Plan>) {
+        let items = Plan {
+            items: self.items,
+            removed: Vec::new(),
+        };
+        let removals = Plan {
+            items: Vec::new(),
+            removed: self.removed,
+        };
+        let some = |p: Plan| (!p.is_empty()).then_some(p);
+        (some(items), some(removals))
+    }
+}
+
+/// What a delta reply must carry even if the client seems to hold it.
+#[derive(Debug, Default)]
+pub(crate) struct Forced {
+    /// Sent (or reported missing) whatever the client holds.
+    names: BTreeSet<SharedStr>,
+    /// Reply even if there is nothing to send (a first request is always answered).
+    always: bool,
+}
+
+impl Force for Forced {
+    fn any(&self) -> bool {
+        self.always || !self.names.is_empty()
+    }
+
+    fn add(&mut self, other: Forced) {
+        self.names.extend(other.names);
+        self.always |= other.always;
     }
 }
 
 /// One delta ADS stream's protocol state.
-#[derive(Debug)]
-pub(crate) struct Delta {
-    snapshot: Arc<Snapshot>,
-    types: [TypeState; ResourceType::COUNT],
-    last_nonce: u64,
-}
+pub(crate) type Delta = State<TypeState>;
 
 /// The EDS name a cluster asks for: its `eds_cluster_config.service_name`, else its
 /// own name. Decoded only for clusters that just changed.
@@ -298,10 +315,10 @@ fn intern(items: &BTreeMap<String, Arc<Resource>>, name: String) -> SharedStr {
 impl Delta {
     /// What to send for `t`; `force` names are sent (or reported missing) even if the
     /// client already holds them. Reads state only.
-    fn plan(&self, t: ResourceType, force: &BTreeSet<SharedStr>) -> Plan {
+    fn changes(&self, t: ResourceType, force: &BTreeSet<SharedStr>) -> Plan {
         let st = &self.types[t.index()];
         let mut plan = Plan::default();
-        if !st.requested {
+        if !self.requested(t) {
             return plan;
         }
         let res = self.snapshot.get(t);
@@ -340,41 +357,8 @@ impl Delta {
         plan
     }
 
-    fn commit(
-        &mut self,
-        t: ResourceType,
-        plan: Plan,
-        always: bool,
-        ctx: &StreamCtx,
-    ) -> Option<DeltaReply> {
-        if plan.is_empty() && !always {
-            return None;
-        }
-        self.last_nonce += 1;
-        let nonce = self.last_nonce.to_string();
-        let system_version = self.snapshot.get(t).version.clone();
-        let bytes: usize = plan.items.iter().map(|r| r.wire().len()).sum();
-        ctx.pushed(t, &system_version, bytes);
-        let st = &mut self.types[t.index()];
-        for r in &plan.items {
-            st.has.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &plan.removed {
-            st.has.remove(n);
-        }
-        st.nonce = Some(nonce.clone());
-        st.version = Some(system_version.clone());
-        Some(DeltaReply {
-            t,
-            system_version,
-            nonce,
-            items: plan.items,
-            removed: plan.removed,
-        })
-    }
-
     /// Names of `child` that warming requires after `parent_items` were sent.
-    fn warming(
+    fn warming_names(
         &self,
         parent: ResourceType,
         child: ResourceType,
@@ -401,111 +385,93 @@ impl Delta {
     }
 }
 
-impl Protocol for Delta {
+impl Machine for Delta {
     type Req = DeltaDiscoveryRequest;
     type Out = DeltaReply;
+    type Plan = Plan;
+    type Force = Forced;
     const KIND: StreamKind = StreamKind::Delta;
+    const CLUSTERS_LAST: bool = false;
 
-    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
-    }
-
-    fn new(snapshot: Arc<Snapshot>) -> Self {
-        Delta {
-            snapshot,
-            types: Default::default(),
-            last_nonce: 0,
-        }
-    }
-
-    fn on_request(&mut self, req: DeltaDiscoveryRequest, ctx: &StreamCtx) -> Vec<DeltaReply> {
-        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            debug!(type_url = %req.type_url, "request for a type misaki does not serve");
-            return Vec::new();
-        };
-        let st = &mut self.types[t.index()];
+    fn answer(&mut self, t: ResourceType, req: &DeltaDiscoveryRequest, ctx: &StreamCtx) -> bool {
+        // Whatever the nonce, the request goes on: it may change subscriptions.
         if !req.response_nonce.is_empty() {
-            let latest = st.nonce.as_deref() == Some(req.response_nonce.as_str());
-            let version = if latest { st.version.as_ref() } else { None };
-            if let Some(err) = &req.error_detail {
-                ctx.nacked(t, version.map(|v| v.as_str()), &req.response_nonce, err);
-            } else if let Some(v) = version {
-                ctx.acked(t, v);
-            }
+            self.record_answer(t, req, None, ctx);
         }
-
-        let first = !st.requested;
-        st.requested = true;
-        let force = st.apply(self.snapshot.get(t), t, first, req);
-
-        let plan = self.plan(t, &force);
-        let sent = plan.items.clone();
-        let mut out = Vec::new();
-        out.extend(self.commit(t, plan, first, ctx));
-        for &child in warmed_by(t) {
-            let force = self.warming(t, child, &sent);
-            if !force.is_empty() {
-                let p = self.plan(child, &force);
-                out.extend(self.commit(child, p, false, ctx));
-            }
-        }
-        out
+        true
     }
 
-    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<DeltaReply> {
-        let old = std::mem::replace(&mut self.snapshot, snapshot);
-        let none = BTreeSet::new();
-        let plan_if_changed = |s: &Self, t: ResourceType, force: &BTreeSet<SharedStr>| {
-            if old.get(t).version == s.snapshot.get(t).version && force.is_empty() {
-                Plan::default()
-            } else {
-                s.plan(t, force)
-            }
-        };
-        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute, Secret};
-        let sds = plan_if_changed(self, Secret, &none);
-        let cds = plan_if_changed(self, Cluster, &none);
-        let eds_force = self.warming(Cluster, Endpoint, &cds.items);
-        let eds = plan_if_changed(self, Endpoint, &eds_force);
-        let lds = plan_if_changed(self, Listener, &none);
-        let srds_force = self.warming(Listener, ScopedRoute, &lds.items);
-        let srds = plan_if_changed(self, ScopedRoute, &srds_force);
-        let mut rds_force = self.warming(Listener, Route, &lds.items);
-        rds_force.extend(self.warming(ScopedRoute, Route, &srds.items));
-        let rds = plan_if_changed(self, Route, &rds_force);
-
-        // Make-before-break: clusters (and their assignments) that went away are
-        // removed only after everything that may still point at them has moved.
-        let others_change =
-            !eds.items.is_empty() || !lds.is_empty() || !srds.is_empty() || !rds.is_empty();
-        let make_before_break = !cds.removed.is_empty() && others_change;
-        let (cds, cds_removals, eds, eds_removals) = if make_before_break {
-            let (cds, cds_rm) = cds.split_removals();
-            let (eds, eds_rm) = eds.split_removals();
-            (cds, cds_rm, eds, eds_rm)
-        } else {
-            (cds, Plan::default(), eds, Plan::default())
-        };
-        let mut out = Vec::new();
-        for (t, p) in [
-            (Secret, sds),
-            (Cluster, cds),
-            (Endpoint, eds),
-            (Listener, lds),
-            (ScopedRoute, srds),
-            (Route, rds),
-            (Cluster, cds_removals),
-            (Endpoint, eds_removals),
-        ] {
-            out.extend(self.commit(t, p, false, ctx));
+    fn subscribe(&mut self, t: ResourceType, first: bool, req: DeltaDiscoveryRequest) -> Forced {
+        let names = self.types[t.index()].apply(self.snapshot.get(t), t, first, req);
+        Forced {
+            names,
+            always: first,
         }
-        out
+    }
+
+    fn plan(&mut self, t: ResourceType, force: &Forced) -> Option<Plan> {
+        let plan = self.changes(t, &force.names);
+        (force.always || !plan.is_empty()).then_some(plan)
+    }
+
+    fn warming(&self, parent: ResourceType, child: ResourceType, plan: &Plan) -> Forced {
+        Forced {
+            names: self.warming_names(parent, child, &plan.items),
+            always: false,
+        }
+    }
+
+    /// Clusters (and their assignments) that went away are removed only after
+    /// everything that may still point at them has moved, in their own responses.
+    fn make_before_break(
+        &mut self,
+        _old: &Snapshot,
+        plans: &mut Plans<Plan>,
+    ) -> Vec<(ResourceType, Plan)> {
+        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute};
+        let plan = |t: ResourceType| plans[t.index()].as_ref();
+        let others_change = plan(Endpoint).is_some_and(|p| !p.items.is_empty())
+            || [Listener, ScopedRoute, Route]
+                .iter()
+                .any(|t| plan(*t).is_some());
+        if !(others_change && plan(Cluster).is_some_and(|p| !p.removed.is_empty())) {
+            return Vec::new();
+        }
+        let mut last = Vec::new();
+        for t in [Cluster, Endpoint] {
+            if let Some(p) = plans[t.index()].take() {
+                let (changes, removals) = p.split_removals();
+                plans[t.index()] = changes;
+                last.extend(removals.map(|p| (t, p)));
+            }
+        }
+        last
+    }
+
+    fn commit(&mut self, t: ResourceType, plan: Plan, ctx: &StreamCtx) -> DeltaReply {
+        let system_version = self.snapshot.get(t).version.clone();
+        let nonce = self.sent(t, &system_version, &plan.items, ctx);
+        let st = &mut self.types[t.index()];
+        for r in &plan.items {
+            st.has.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &plan.removed {
+            st.has.remove(n);
+        }
+        DeltaReply {
+            t,
+            system_version,
+            nonce,
+            items: plan.items,
+            removed: plan.removed,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::Protocol;
     use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
     use envoy_types::pb::google::protobuf::Any;
 

@@ -13,16 +13,19 @@
 //! - a slow stream only slows itself: each stream has a small bounded queue and the
 //!   snapshot `watch` coalesces changes while the stream is busy;
 //! - the rules Envoy's `xds_protocol.rst` sets (nonces, ACK/NACK, wildcard, warming,
-//!   push order, removal of stale clusters last) live in `sotw.rs` and `delta.rs`,
-//!   each listed at the top of its module;
+//!   push order, removal of stale clusters last) live in `machine.rs` where both
+//!   variants share them (the request and push logic, written once) and in `sotw.rs`
+//!   and `delta.rs` where they differ, each listed at the top of its module;
 //! - every stream ends when the server drains.
 //!
 //! Code map: `server` (the tonic service, [`serve`], transport settings) → `stream`
-//! (the per-stream task) → `sotw` / `delta` (protocol state) → `wire` (hand encoding of
+//! (the per-stream task) → `machine` (the protocol state machine both variants share)
+//! → `sotw` / `delta` (each variant's rules and state) → `wire` (hand encoding of
 //! responses around pre-encoded resources); `status` (the `/nodes`
 //! registry) and `metrics` (Prometheus) are fed by the stream task.
 
 mod delta;
+mod machine;
 mod metrics;
 mod server;
 mod sotw;

@@ -1,4 +1,6 @@
-//! State-of-the-world ADS: the per-stream protocol state machine.
+//! State-of-the-world ADS: the per-stream protocol state machine's own rules. What it
+//! shares with delta (nonces, ACK/NACK bookkeeping, the push loop in push order,
+//! warming) is written once in `machine.rs`, which lists those rules.
 //!
 //! Invariants (Envoy's `xds_protocol.rst` is the reference):
 //! - a request whose `response_nonce` is not the latest nonce this stream sent for its
@@ -22,10 +24,12 @@
 //! - pushes go SDS → CDS → EDS → LDS → SRDS → RDS (secrets before the clusters and
 //!   listeners whose TLS names them, Envoy's own order); clusters that disappear while
 //!   other types change are removed last (make-before-break): SDS, CDS(old ∪ new), EDS,
-//!   LDS, SRDS, RDS, CDS(new);
+//!   LDS, SRDS, RDS, CDS(new). CDS is decided after the other types, since whether they
+//!   change decides what its first reply carries;
 //! - warming: a CDS reply that adds or changes a cluster is followed by an EDS reply
 //!   even if the assignments did not change (Envoy keeps an updated cluster warming
-//!   until it gets one); likewise LDS → SRDS and RDS, and SRDS → RDS;
+//!   until it gets one); likewise LDS → SRDS and RDS, and SRDS → RDS; the warmed type
+//!   is resent whole;
 //! - `version_info` is the snapshot's type version when the reply is exactly the
 //!   type's eager resources (what a wildcard covers; the type version also covers
 //!   which resources are on demand), else that version plus a hash of the reply's
@@ -36,15 +40,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 #[cfg(test)]
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use misaki_compiler::snapshot::{Resource, ResourceType, Resources, SharedStr, Snapshot};
 use tracing::debug;
 
+use crate::machine::{Machine, Plans, State};
 use crate::status::StreamKind;
-use crate::stream::{Protocol, StreamCtx, warmed_by};
+use crate::stream::StreamCtx;
 use crate::wire::{Part, WireBuf, WireMessage, field_len, put_shared_field, put_str, str_len};
 
 /// A response decided on but not yet encoded. The server writes it with
@@ -106,18 +110,14 @@ impl From<SotwReply> for DiscoveryResponse {
     }
 }
 
+/// SotW's own per-type state (the rest is [`State`]'s).
 #[derive(Debug, Default)]
-struct TypeState {
-    /// The client has sent at least one request for this type.
-    requested: bool,
+pub(crate) struct TypeState {
     wildcard: bool,
     /// The client has sent a non-empty `resource_names` at least once; from then on an
     /// empty list means "nothing", not the legacy wildcard.
     named_ever: bool,
     names: BTreeSet<String>,
-    /// Latest nonce and version sent for this type.
-    nonce: Option<String>,
-    version: Option<SharedStr>,
     /// What the client was last sent (sorted by name, unique). For EDS/RDS it is pruned
     /// to the current content when resources go away, since the client needs no reply
     /// for that.
@@ -144,8 +144,7 @@ impl TypeState {
 
 /// A reply to send for one type, before nonce assignment.
 #[derive(Debug)]
-struct Plan {
-    t: ResourceType,
+pub(crate) struct Plan {
     items: Vec<Arc<Resource>>,
     version: SharedStr,
     /// Adds or changes a resource relative to what the client was last sent.
@@ -153,12 +152,7 @@ struct Plan {
 }
 
 /// One SotW ADS stream's protocol state.
-#[derive(Debug)]
-pub(crate) struct Sotw {
-    snapshot: Arc<Snapshot>,
-    types: [TypeState; ResourceType::COUNT],
-    last_nonce: u64,
-}
+pub(crate) type Sotw = State<TypeState>;
 
 /// `(adds or changes, removes)` of `new` against `old`; both sorted by name.
 fn diff(new: &[Arc<Resource>], old: &[Arc<Resource>]) -> (bool, bool) {
@@ -244,21 +238,6 @@ impl Sotw {
         }
     }
 
-    fn plan(&mut self, t: ResourceType, force: bool) -> Option<Plan> {
-        let items = self.content(t);
-        let whole = is_eager_set(self.snapshot.get(t), &items);
-        self.plan_items(t, items, whole, force)
-    }
-
-    /// [`Self::plan`], skipped when `t`'s content did not change and nothing forces it.
-    fn plan_if_changed(&mut self, old: &Snapshot, t: ResourceType, force: bool) -> Option<Plan> {
-        if self.unchanged(old, t) && !force {
-            None
-        } else {
-            self.plan(t, force)
-        }
-    }
-
     /// Decide whether `items` must go out for `t`. `whole_type` says `items` is exactly
     /// the snapshot's eager content of `t`.
     fn plan_items(
@@ -268,10 +247,10 @@ impl Sotw {
         whole_type: bool,
         force: bool,
     ) -> Option<Plan> {
-        let st = &mut self.types[t.index()];
-        if !st.requested {
+        if !self.requested(t) {
             return None;
         }
+        let st = &mut self.types[t.index()];
         let (touched, removed) = diff(&items, &st.sent);
         let changed = touched || (removed && t.is_full_state());
         if !t.is_full_state() && (items.is_empty() || !(changed || force)) {
@@ -295,82 +274,86 @@ impl Sotw {
             return None;
         }
         Some(Plan {
-            t,
             items,
             version,
             touched,
         })
     }
 
-    fn commit(&mut self, plan: Plan, ctx: &StreamCtx) -> SotwReply {
-        self.last_nonce += 1;
-        let nonce = self.last_nonce.to_string();
-        let bytes: usize = plan.items.iter().map(|r| r.wire().len()).sum();
-        ctx.pushed(plan.t, &plan.version, bytes);
-        let st = &mut self.types[plan.t.index()];
-        st.nonce = Some(nonce.clone());
-        st.version = Some(plan.version.clone());
-        st.sent = plan.items.clone();
-        SotwReply {
-            t: plan.t,
-            version: plan.version,
-            nonce,
-            items: plan.items,
+    /// Nothing to decide for CDS on a push when the client already holds exactly the
+    /// current clusters: it subscribes to all of them and its last CDS reply was the
+    /// whole type at this very version (`version_info` is the bare type version only
+    /// for whole-type replies). Then nothing went away and nothing changed, so no CDS
+    /// reply and no make-before-break; this skips building and diffing the content,
+    /// which a fleet-wide change would otherwise do for every stream. A stream that
+    /// never asked for CDS gets none either.
+    fn clusters_settled(&self, old: &Snapshot) -> bool {
+        let t = ResourceType::Cluster;
+        !self.requested(t)
+            || (self.types[t.index()].wildcard
+                && self.unchanged(old, t)
+                && self.version(t).map(|v| v.as_str())
+                    == Some(self.snapshot.get(t).version.as_str()))
+    }
+}
+
+impl Machine for Sotw {
+    type Req = DiscoveryRequest;
+    type Out = SotwReply;
+    type Plan = Plan;
+    /// Resend the whole type.
+    type Force = bool;
+    const KIND: StreamKind = StreamKind::Sotw;
+    const CLUSTERS_LAST: bool = true;
+
+    fn answer(&mut self, t: ResourceType, req: &DiscoveryRequest, ctx: &StreamCtx) -> bool {
+        if !self.record_answer(t, req, Some(&req.version_info), ctx) {
+            // The response it answers has been superseded: nothing changes.
+            ctx.stale(t, &req.response_nonce);
+            return false;
         }
+        if req.error_detail.is_some() {
+            self.types[t.index()].nacked = self.version(t).cloned();
+        }
+        true
     }
 
-    /// Send `plan` and, if it adds or changes resources, the replies warming waits for.
-    fn commit_with_warming(&mut self, plan: Plan, ctx: &StreamCtx, out: &mut Vec<SotwReply>) {
-        let children = if plan.touched { warmed_by(plan.t) } else { &[] };
-        out.push(self.commit(plan, ctx));
-        for &child in children {
-            if let Some(p) = self.plan(child, true) {
-                out.push(self.commit(p, ctx));
-            }
-        }
+    fn subscribe(&mut self, t: ResourceType, first: bool, req: DiscoveryRequest) -> bool {
+        self.types[t.index()].subscribe(t, req.resource_names) || first
     }
 
-    /// The replies of a snapshot change: CDS first, then `rest` (EDS, LDS, SRDS, RDS
-    /// plans, in push order), and removed clusters last when `rest` changes anything.
-    fn push_with_clusters(
+    fn plan(&mut self, t: ResourceType, force: &bool) -> Option<Plan> {
+        let items = self.content(t);
+        let whole = is_eager_set(self.snapshot.get(t), &items);
+        self.plan_items(t, items, whole, *force)
+    }
+
+    fn warming(&self, _parent: ResourceType, _child: ResourceType, plan: &Plan) -> bool {
+        plan.touched
+    }
+
+    /// CDS, decided once the other types are planned: removed clusters while other
+    /// types change go out as CDS(old ∪ new) first and CDS(new) last.
+    fn make_before_break(
         &mut self,
         old: &Snapshot,
-        rest: [Option<Plan>; 4],
-        ctx: &StreamCtx,
-    ) -> Vec<SotwReply> {
-        let mut out = Vec::new();
-        // Nothing to decide for CDS when the client already holds exactly the current
-        // clusters: it subscribes to all of them and its last CDS reply was the whole
-        // type at this very version (`version_info` is the bare type version only for
-        // whole-type replies). Then nothing went away and nothing changed, so no CDS
-        // reply and no make-before-break; skip building and diffing the content, which
-        // a fleet-wide change would otherwise do for every stream. A stream that never
-        // asked for CDS gets none either.
-        let cds_st = &self.types[ResourceType::Cluster.index()];
-        let cds_settled = !cds_st.requested
-            || (cds_st.wildcard
-                && self.unchanged(old, ResourceType::Cluster)
-                && cds_st.version.as_deref()
-                    == Some(self.snapshot.get(ResourceType::Cluster).version.as_str()));
-        if cds_settled {
-            for p in rest.into_iter().flatten() {
-                out.push(self.commit(p, ctx));
-            }
-            return out;
+        plans: &mut Plans<Plan>,
+    ) -> Vec<(ResourceType, Plan)> {
+        use ResourceType::{Cluster, Endpoint, Listener, Route, ScopedRoute};
+        if self.clusters_settled(old) {
+            return Vec::new();
         }
-
-        let cds_items = self.content(ResourceType::Cluster);
-        let removed: Vec<Arc<Resource>> = {
-            let st = &self.types[ResourceType::Cluster.index()];
-            st.sent
-                .iter()
-                .filter(|r| cds_items.binary_search_by(|c| c.name.cmp(&r.name)).is_err())
-                .cloned()
-                .collect()
-        };
+        let cds_items = self.content(Cluster);
+        let removed: Vec<Arc<Resource>> = self.types[Cluster.index()]
+            .sent
+            .iter()
+            .filter(|r| cds_items.binary_search_by(|c| c.name.cmp(&r.name)).is_err())
+            .cloned()
+            .collect();
         let removes = !removed.is_empty();
-        let make_before_break = removes && rest.iter().any(Option::is_some);
-        let whole = is_eager_set(self.snapshot.get(ResourceType::Cluster), &cds_items);
+        let others = [Endpoint, Listener, ScopedRoute, Route];
+        let make_before_break = removes && others.iter().any(|t| plans[t.index()].is_some());
+        let whole = is_eager_set(self.snapshot.get(Cluster), &cds_items);
 
         let cds = if make_before_break {
             // Old ∪ new: the clusters listeners and routes still point at stay until
@@ -378,117 +361,43 @@ impl Sotw {
             let mut keep = cds_items.clone();
             keep.extend(removed);
             keep.sort_by(|a, b| a.name.cmp(&b.name));
-            self.plan_items(ResourceType::Cluster, keep, false, false)
-        } else if self.unchanged(old, ResourceType::Cluster) && !removes {
+            self.plan_items(Cluster, keep, false, false)
+        } else if self.unchanged(old, Cluster) && !removes {
             None
         } else {
-            self.plan_items(ResourceType::Cluster, cds_items.clone(), whole, false)
+            self.plan_items(Cluster, cds_items.clone(), whole, false)
         };
-        let cds_touched = cds.as_ref().is_some_and(|p| p.touched);
-        if let Some(p) = cds {
-            out.push(self.commit(p, ctx));
+        // Warming (here, as the push loop left CDS to this step): a changed cluster
+        // waits for EDS even if its endpoints did not change.
+        if cds.as_ref().is_some_and(|p| p.touched) {
+            plans[Endpoint.index()] = self.plan(Endpoint, &true);
         }
-        let [eds, lds, srds, rds] = rest;
-        // Warming: a changed cluster waits for EDS even if its endpoints did not change.
-        let eds = if cds_touched {
-            self.plan(ResourceType::Endpoint, true)
-        } else {
-            eds
-        };
-        for p in [eds, lds, srds, rds].into_iter().flatten() {
-            out.push(self.commit(p, ctx));
-        }
-        if make_before_break
-            && let Some(p) = self.plan_items(ResourceType::Cluster, cds_items, whole, false)
-        {
-            out.push(self.commit(p, ctx));
-        }
-        out
-    }
-
-    fn unchanged(&self, old: &Snapshot, t: ResourceType) -> bool {
-        old.get(t).version == self.snapshot.get(t).version
-    }
-}
-
-impl Protocol for Sotw {
-    type Req = DiscoveryRequest;
-    type Out = SotwReply;
-    const KIND: StreamKind = StreamKind::Sotw;
-
-    fn node(req: &DiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
-    }
-
-    fn new(snapshot: Arc<Snapshot>) -> Self {
-        Sotw {
-            snapshot,
-            types: Default::default(),
-            last_nonce: 0,
-        }
-    }
-
-    fn on_request(&mut self, req: DiscoveryRequest, ctx: &StreamCtx) -> Vec<SotwReply> {
-        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            debug!(type_url = %req.type_url, "request for a type misaki does not serve");
-            return Vec::new();
-        };
-        let st = &mut self.types[t.index()];
-        let fresh = match &st.nonce {
-            None => req.response_nonce.is_empty(),
-            Some(latest) => *latest == req.response_nonce,
-        };
-        if !fresh {
-            // A NACK of an older response is still worth recording (it is data), but
-            // the response it rejects has been superseded: nothing else changes.
-            if let Some(err) = &req.error_detail {
-                ctx.nacked(t, None, &req.response_nonce, err);
-            }
-            ctx.stale(t, &req.response_nonce);
+        plans[Cluster.index()] = cds;
+        if !make_before_break {
             return Vec::new();
         }
-        if let Some(err) = &req.error_detail {
-            ctx.nacked(t, st.version.as_deref(), &req.response_nonce, err);
-            st.nacked = st.version.clone();
-        } else if st.nonce.is_some() {
-            // The ACK names the latest version sent (its nonce is current): share it.
-            let version = match &st.version {
-                Some(v) if *v == req.version_info => v.clone(),
-                _ => SharedStr::from(req.version_info.as_str()),
-            };
-            ctx.acked(t, &version);
-        }
-        let first = !st.requested;
-        st.requested = true;
-        let grew = st.subscribe(t, req.resource_names) || first;
-        let mut out = Vec::new();
-        if let Some(p) = self.plan(t, grew) {
-            self.commit_with_warming(p, ctx, &mut out);
-        }
-        out
+        // Planned now, before CDS(old ∪ new) is committed: committing that changes
+        // neither this reply's content and version nor that it goes out (it removes).
+        let last = self.plan_items(Cluster, cds_items, whole, false);
+        last.map(|p| (Cluster, p)).into_iter().collect()
     }
 
-    fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<SotwReply> {
-        let old = std::mem::replace(&mut self.snapshot, snapshot);
-        // Secrets first: a new or changed cluster or listener finds the secret it names.
-        let sds = self.plan_if_changed(&old, ResourceType::Secret, false);
-        let mut out: Vec<SotwReply> = sds.map(|p| self.commit(p, ctx)).into_iter().collect();
-        // Plan the other types first: whether anything besides CDS changes decides
-        // whether removed clusters must wait until the end.
-        let lds = self.plan_if_changed(&old, ResourceType::Listener, false);
-        let lds_touched = lds.as_ref().is_some_and(|p| p.touched);
-        let srds = self.plan_if_changed(&old, ResourceType::ScopedRoute, lds_touched);
-        let srds_touched = srds.as_ref().is_some_and(|p| p.touched);
-        let rds = self.plan_if_changed(&old, ResourceType::Route, lds_touched || srds_touched);
-        let eds = self.plan_if_changed(&old, ResourceType::Endpoint, false);
-        out.extend(self.push_with_clusters(&old, [eds, lds, srds, rds], ctx));
-        out
+    fn commit(&mut self, t: ResourceType, plan: Plan, ctx: &StreamCtx) -> SotwReply {
+        let nonce = self.sent(t, &plan.version, &plan.items, ctx);
+        self.types[t.index()].sent = plan.items.clone();
+        SotwReply {
+            t,
+            version: plan.version,
+            nonce,
+            items: plan.items,
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::stream::Protocol;
 
     use bytes::Bytes;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;

@@ -107,6 +107,12 @@ impl StreamCtx {
     /// A context for driving a state machine in unit tests, with its own registry.
     #[cfg(test)]
     pub fn for_test(kind: StreamKind) -> Self {
+        Self::for_test_in(kind, &StreamRegistry::new())
+    }
+
+    /// A context for unit tests whose stream is listed in `registry`.
+    #[cfg(test)]
+    pub fn for_test_in(kind: StreamKind, registry: &StreamRegistry) -> Self {
         let node = NodeInfo {
             id: "car-1".into(),
             role: misaki_compiler::node::Role::Vehicle,
@@ -117,7 +123,7 @@ impl StreamCtx {
         };
         StreamCtx {
             node_id: node.id.clone(),
-            status: StreamRegistry::new().register(node, kind),
+            status: registry.register(node, kind),
             metrics: Metrics::default(),
         }
     }
@@ -138,20 +144,6 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn new(snapshot: Arc<Snapshot>) -> Self;
     fn on_request(&mut self, req: Self::Req, ctx: &StreamCtx) -> Vec<Self::Out>;
     fn on_snapshot(&mut self, snapshot: Arc<Snapshot>, ctx: &StreamCtx) -> Vec<Self::Out>;
-}
-
-/// The types a client must be sent after an added or changed resource of type `t`,
-/// even if unchanged, because Envoy keeps the parent warming until it gets them: a
-/// cluster waits for EDS, a listener for its scopes and routes, a scope for its routes.
-pub(crate) const fn warmed_by(t: ResourceType) -> &'static [ResourceType] {
-    match t {
-        ResourceType::Cluster => &[ResourceType::Endpoint],
-        ResourceType::Listener => &[ResourceType::ScopedRoute, ResourceType::Route],
-        ResourceType::ScopedRoute => &[ResourceType::Route],
-        // Envoy shares one SDS subscription per secret among the clusters and listeners
-        // that use it: a changed cluster finds the secret it names already there.
-        ResourceType::Secret | ResourceType::Endpoint | ResourceType::Route => &[],
-    }
 }
 
 /// What a stream task needs from the server.
@@ -262,21 +254,21 @@ async fn run<P: Protocol>(
     }
 }
 
-async fn serve<P: Protocol>(
-    shared: Shared,
-    peer: Option<TlsPeer>,
+/// Wait for the stream's first request, which names the node (nothing can be served
+/// before it), and check that node against the verified peer.
+async fn accept<P: Protocol>(
+    shared: &Shared,
+    peer: Option<&TlsPeer>,
     drain: &mut watch::Receiver<bool>,
-    mut requests: Streaming<P::Req>,
-    tx: &mpsc::Sender<Queued<P>>,
-) -> StreamEnd {
-    // The first request names the node; nothing can be served before it.
+    requests: &mut Streaming<P::Req>,
+) -> Result<(P::Req, NodeInfo), StreamEnd> {
     let first = tokio::select! {
         biased;
-        _ = drained(drain) => return StreamEnd::Drained,
+        _ = drained(drain) => return Err(StreamEnd::Drained),
         msg = requests.message() => match msg {
             Ok(Some(r)) => r,
-            Ok(None) => return StreamEnd::ClientClosed,
-            Err(s) => return StreamEnd::Transport(s),
+            Ok(None) => return Err(StreamEnd::ClientClosed),
+            Err(s) => return Err(StreamEnd::Transport(s)),
         },
     };
     let node = match NodeInfo::from_node(P::node(&first)) {
@@ -286,14 +278,28 @@ async fn serve<P: Protocol>(
         },
         Err(e) => {
             shared.metrics.node_error();
-            return e.into();
+            return Err(e.into());
         }
     };
     tracing::Span::current().record("node", field::display(&node.id));
-    if let Err(why) = authorize(peer.as_ref(), &node) {
+    if let Err(why) = authorize(peer, &node) {
         shared.metrics.identity_denied();
-        return StreamEnd::Denied(why);
+        return Err(StreamEnd::Denied(why));
     }
+    Ok((first, node))
+}
+
+async fn serve<P: Protocol>(
+    shared: Shared,
+    peer: Option<TlsPeer>,
+    drain: &mut watch::Receiver<bool>,
+    mut requests: Streaming<P::Req>,
+    tx: &mpsc::Sender<Queued<P>>,
+) -> StreamEnd {
+    let (first, node) = match accept::<P>(&shared, peer.as_ref(), drain, &mut requests).await {
+        Ok(accepted) => accepted,
+        Err(end) => return end,
+    };
     let identity = peer.as_ref().and_then(TlsPeer::identity_uri);
     info!(role = node.role.as_str(), vehicle = ?node.vehicle_id, identity = ?identity, "xDS stream connected");
 
