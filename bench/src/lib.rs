@@ -10,7 +10,6 @@
 //! bind with SO_REUSEPORT, so a clash would silently split traffic).
 
 pub mod envoy_files;
-pub mod http;
 pub mod logtime;
 pub mod measure;
 pub mod misaki;

@@ -13,6 +13,7 @@ use misaki_bench::rss::fmt_kib;
 use misaki_bench::stats::{fmt_duration, summarize};
 use misaki_bench::{envoy_files, sovereign};
 use misaki_e2e::process::envoy_bin;
+use misaki_harness::procfs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Setup {
@@ -114,7 +115,7 @@ fn main() {
         envoy_refresh: Duration::from_millis(args.sovereign_envoy_refresh_ms),
         idle,
     };
-    let load_before = loadavg();
+    let load_before = procfs::loadavg_text();
 
     let mut rows = Vec::new();
     for setup in setups {
@@ -259,12 +260,6 @@ fn run_setup(
         result: Ok(result),
         rss,
     })
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn envoy_version() -> String {

@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::http::Headers;
+use misaki_harness::http::Headers;
 
 /// What one request through the listener saw.
 #[derive(Debug, Clone, PartialEq, Eq)]

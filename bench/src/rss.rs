@@ -2,13 +2,11 @@
 
 use std::fs;
 
+use misaki_harness::procfs;
+
 /// `VmRSS` of one process, in KiB.
 pub fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    procfs::vm_kib(pid, "VmRSS").ok()
 }
 
 /// `pid` and every descendant (gunicorn forks its workers from a master).
@@ -56,9 +54,7 @@ pub fn tree_pss_kib(pid: u32) -> Option<u64> {
         .iter()
         .filter_map(|p| {
             let s = fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            procfs::kib_field(&s, "Pss")
         })
         .sum();
     (total > 0).then_some(total)

@@ -188,14 +188,9 @@ fn start_server(cfg: &Config, dir: &Path) -> anyhow::Result<Server> {
     anyhow::ensure!(
         up == Some(true),
         "sovereign did not answer /healthcheck:\n{}",
-        tail(&server.proc.log_text(), 30)
+        server.proc.log_tail(30)
     );
     Ok(server)
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 pub fn edit_latency(cfg: &Config, plan: &Plan, dir: &Path) -> anyhow::Result<Outcome> {
@@ -228,7 +223,7 @@ pub fn edit_latency(cfg: &Config, plan: &Plan, dir: &Path) -> anyhow::Result<Out
         admin,
         dir,
     )
-    .with_context(|| format!("sovereign log:\n{}", tail(&server.proc.log_text(), 30)))?;
+    .with_context(|| format!("sovereign log:\n{}", server.proc.log_tail(30)))?;
     thread::sleep(cfg.idle);
     let idle_rss_kib = rss::tree_rss_kib(server.proc.pid());
     let idle_pss_kib = rss::tree_pss_kib(server.proc.pid());
@@ -242,7 +237,7 @@ pub fn edit_latency(cfg: &Config, plan: &Plan, dir: &Path) -> anyhow::Result<Out
         },
         |port| measure::save(&source, &instances(port)).context("save instances.yaml"),
     )
-    .with_context(|| format!("sovereign log:\n{}", tail(&server.proc.log_text(), 30)))?;
+    .with_context(|| format!("sovereign log:\n{}", server.proc.log_tail(30)))?;
     drop(envoy);
     drop(server);
     Ok(Outcome {

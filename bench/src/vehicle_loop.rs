@@ -27,11 +27,10 @@
 //! figure, for a table comparing modes), and every sample on stderr.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -39,8 +38,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use misaki_bench::http::Headers;
 use misaki_bench::stats::{Summary, summarize, summarize_f64};
+use misaki_harness::Process;
+use misaki_harness::http::Headers;
 
 #[derive(Debug, Parser)]
 #[command(about = "measuring client of bench/vehicle_loop.sh")]
@@ -1012,34 +1012,6 @@ struct Boot {
     aim_max_ms: f64,
 }
 
-/// Kills the child on drop (SIGKILL) and reaps it.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_logged(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Guard> {
-    let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let err = out.try_clone()?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .with_context(|| format!("spawn {cmd:?}"))?;
-    Ok(Guard(child))
-}
-
-fn tail(path: &PathBuf, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn boot(b: &Boot) -> anyhow::Result<()> {
     let (trials, aim) = (b.trials, (b.aim_median_ms, b.aim_max_ms));
     let req = get_request(&b.target, &b.path);
@@ -1060,7 +1032,8 @@ fn boot(b: &Boot) -> anyhow::Result<()> {
         let netd_log = b.log_dir.join(format!("boot-{i}-edge-netd.log"));
         let envoy_log = b.log_dir.join(format!("boot-{i}-envoy.log"));
         let t_netd = Instant::now();
-        let mut netd = spawn_logged(
+        let mut netd = Process::try_spawn(
+            "edge-netd",
             Command::new(&b.netd)
                 .arg("--config")
                 .arg(&b.netd_config)
@@ -1069,7 +1042,8 @@ fn boot(b: &Boot) -> anyhow::Result<()> {
             netd_log.clone(),
         )?;
         let t_envoy = Instant::now();
-        let mut envoy = spawn_logged(
+        let mut envoy = Process::try_spawn(
+            "Envoy",
             Command::new(&b.envoy).arg("-c").arg(&b.envoy_config).args([
                 "--disable-hot-restart",
                 "--concurrency",
@@ -1094,15 +1068,16 @@ fn boot(b: &Boot) -> anyhow::Result<()> {
             if t_envoy.elapsed() > give_up {
                 break None;
             }
-            for (what, g) in [("edge-netd", &mut netd), ("Envoy", &mut envoy)] {
-                if let Ok(Some(status)) = g.0.try_wait() {
-                    bail!(
-                        "offline boot trial {i}: {what} exited ({status}); edge-netd log:\n{}\n\
-                         Envoy log:\n{}",
-                        tail(&netd_log, 20),
-                        tail(&envoy_log, 20)
-                    );
-                }
+            let exited = [("edge-netd", &mut netd), ("Envoy", &mut envoy)]
+                .into_iter()
+                .find_map(|(what, g)| Some((what, g.try_wait()?)));
+            if let Some((what, status)) = exited {
+                bail!(
+                    "offline boot trial {i}: {what} exited ({status}); edge-netd log:\n{}\n\
+                     Envoy log:\n{}",
+                    netd.log_tail(20),
+                    envoy.log_tail(20)
+                );
             }
             if let Some(rest) = (sent + interval).checked_duration_since(Instant::now()) {
                 thread::sleep(rest);

@@ -3,7 +3,7 @@
 //! `x-forwarded-client-cert`), certificates with their file-based SDS files, and a cloud
 //! sidecar fed by misaki-cp.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,41 +98,16 @@ fn echo_headers(mut conn: TcpStream, seen: &Mutex<Vec<EchoedRequest>>) {
         let mut words = line.split_whitespace();
         let method = words.next().unwrap_or("?").to_string();
         let path = words.next().unwrap_or("?").to_string();
-        let mut text = String::new();
-        let mut headers = Vec::new();
-        let mut len = 0usize;
-        let mut chunked = false;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-                match k.as_str() {
-                    "content-length" => len = v.parse().unwrap_or(0),
-                    "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
-                    _ => {}
-                }
-                text.push_str(&format!("{k}: {v}\n"));
-                headers.push((k, v));
-            }
-        }
-        let body = if chunked {
-            match read_chunked(&mut reader) {
-                Some(b) => b,
-                None => return,
-            }
-        } else {
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-            body
+        let Ok(Some(head)) = crate::http::Headers::read(&mut reader) else {
+            return;
+        };
+        let headers: Vec<(String, String)> = head
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+            .collect();
+        let text: String = headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+        let Some(body) = head.read_body(&mut reader) else {
+            return;
         };
         seen.lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -149,26 +124,6 @@ fn echo_headers(mut conn: TcpStream, seen: &Mutex<Vec<EchoedRequest>>) {
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
-    }
-}
-
-fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let mut size = String::new();
-        reader.read_line(&mut size).ok()?;
-        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
-        if size == 0 {
-            // Trailers (none expected) end with an empty line.
-            let mut end = String::new();
-            reader.read_line(&mut end).ok()?;
-            return Some(body);
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..]).ok()?;
-        let mut crlf = [0u8; 2];
-        reader.read_exact(&mut crlf).ok()?;
     }
 }
 

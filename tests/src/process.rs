@@ -1,14 +1,18 @@
 //! Child processes under guard: misaki-cp, Envoy, and a tiny upstream HTTP server.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use misaki_harness::CpLaunch;
+pub use misaki_harness::{Process, free_port, wait_for};
 
 use crate::http;
 
@@ -94,96 +98,6 @@ pub fn envoy_native_bin() -> PathBuf {
 /// `xds: 127.0.0.1:15010`); [`Envoy::start`] rewrites it like misaki-cp's 18000.
 pub const EDGE_XDS_PORT: u16 = 15010;
 
-/// An ephemeral port nobody holds right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
-
-/// Poll `f` until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A child process killed on drop; its output goes to a log file whose tail is printed
-/// if the test is failing.
-#[derive(Debug)]
-pub struct Process {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Process {
-        let out = fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Process {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Whether it exited already (and with what).
-    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-        if thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            eprintln!(
-                "---- last lines of {} ({}) ----",
-                self.name,
-                self.log.display()
-            );
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
 /// `misaki-cp serve` on ephemeral ports.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -242,37 +156,20 @@ impl ControlPlane {
     ) -> Result<ControlPlane, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let proc = Process::spawn(
-            "misaki-cp",
-            Command::new(bin)
-                .arg("serve")
-                .arg("--policy")
-                .arg(policy)
-                .arg("--xds-addr")
-                .arg(format!("127.0.0.1:{xds_port}"))
-                .arg("--admin-addr")
-                .arg(format!("127.0.0.1:{admin_port}"))
-                .args(extra)
-                .env("RUST_LOG", "info"),
+        let mut launch = CpLaunch::new(
+            bin,
+            policy,
+            xds_port,
+            admin_port,
             dir.join(format!("misaki-cp-{n}.log")),
         );
-        let cp = ControlPlane {
+        launch.extra = extra.iter().map(OsString::from).collect();
+        let proc = launch.start().map_err(|e| e.to_string())?;
+        Ok(ControlPlane {
             proc,
             xds_port,
             admin_port,
-        };
-        let ready = wait_for(Duration::from_secs(20), || {
-            http::get(admin_port, "/readyz")
-                .ok()
-                .filter(|r| r.status == 200)
-        });
-        match ready {
-            Some(_) => Ok(cp),
-            None => Err(format!(
-                "misaki-cp did not become ready:\n{}",
-                cp.proc.log_text()
-            )),
-        }
+        })
     }
 
     pub fn admin(&self, path: &str) -> http::Reply {
@@ -430,43 +327,18 @@ fn serve_one(mut conn: TcpStream, name: &str, seen: &std::sync::Mutex<Vec<String
             return;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
-        let mut class = String::new();
-        let mut encoding = String::new();
-        let mut key = String::new();
-        let mut len = 0usize;
-        let mut chunked = false;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "x-misaki-class" => class = v.trim().to_string(),
-                    "content-encoding" => encoding = v.trim().to_string(),
-                    "idempotency-key" => key = v.trim().to_string(),
-                    "content-length" => len = v.trim().parse().unwrap_or(0),
-                    // Envoy's decompressor forwards the inflated body chunked.
-                    "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
-                    _ => {}
-                }
-            }
-        }
-        let body = if chunked {
-            match read_chunked(&mut reader) {
-                Some(b) => b,
-                None => return,
-            }
-        } else {
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-            body
+        let Ok(Some(headers)) = http::Headers::read(&mut reader) else {
+            return;
+        };
+        let header = |name| headers.get(name).unwrap_or_default();
+        let (class, encoding, key) = (
+            header("x-misaki-class"),
+            header("content-encoding"),
+            header("idempotency-key"),
+        );
+        // Envoy's decompressor forwards the inflated body chunked.
+        let Some(body) = headers.read_body(&mut reader) else {
+            return;
         };
         let mut text = format!("{name} {path} class={class}");
         if !key.is_empty() {
@@ -489,26 +361,6 @@ fn serve_one(mut conn: TcpStream, name: &str, seen: &std::sync::Mutex<Vec<String
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
-    }
-}
-
-fn read_chunked(reader: &mut impl BufRead) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let mut size = String::new();
-        reader.read_line(&mut size).ok()?;
-        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
-        if size == 0 {
-            // Trailers (none expected) end with an empty line.
-            let mut end = String::new();
-            reader.read_line(&mut end).ok()?;
-            return Some(body);
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..]).ok()?;
-        let mut crlf = [0u8; 2];
-        reader.read_exact(&mut crlf).ok()?;
     }
 }
 

@@ -27,6 +27,8 @@ use crate::client::{ClientConfig, Mode, Target};
 use crate::fleet::{Fleet, join_one};
 use crate::policy::PolicySpec;
 use crate::stats::{Summary, ms};
+use misaki_harness::procfs;
+
 use crate::sys;
 
 /// Everything one row needs.
@@ -170,16 +172,16 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
 
     // 1. idle
     tokio::time::sleep(Duration::from_millis(500)).await;
-    row.rss_idle = sys::vm(pid, "VmRSS")?;
+    row.rss_idle = procfs::vm_bytes(pid, "VmRSS")?;
 
     // 2. connect
     eprintln!("[{tag}] connecting {} streams", spec.streams);
-    let cpu0 = sys::cpu_secs(pid)?;
+    let cpu0 = procfs::cpu_secs(pid)?;
     let bytes0 = push_bytes(admin).await?;
     let start = Instant::now();
     let fleet = Fleet::connect(&target, cfg.clone(), spec.streams, spec.conns, "veh-").await?;
     fleet
-        .wait_ready(Duration::from_secs(300), || cp.check_alive())
+        .wait_ready(Duration::from_secs(300), || Ok(cp.check_alive()?))
         .await?;
     row.connect = start.elapsed();
     let retries = || {
@@ -189,11 +191,11 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
             .load(std::sync::atomic::Ordering::Relaxed)
     };
     row.retries_connect = retries();
-    row.cpu_connect = sys::cpu_secs(pid)? - cpu0;
+    row.cpu_connect = procfs::cpu_secs(pid)? - cpu0;
     let per_stream = |b: u64| b as f64 / spec.streams.max(1) as f64;
     // Let the allocator and the last ACKs settle before reading the steady state.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    row.rss_connected = sys::vm(pid, "VmRSS")?;
+    row.rss_connected = procfs::vm_bytes(pid, "VmRSS")?;
     let bytes1 = push_bytes(admin).await?;
     row.bytes_connect = per_stream(bytes1 - bytes0);
     eprintln!(
@@ -210,8 +212,8 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     let me = std::process::id();
     for e in 0..spec.edits {
         policy.standard_timeout_s += 1;
-        let cpu_a = sys::cpu_secs(pid)?;
-        let lg_a = sys::cpu_secs(me)?;
+        let cpu_a = procfs::cpu_secs(pid)?;
+        let lg_a = procfs::cpu_secs(me)?;
         // Wall clock too, to line the edit up with misaki-cp's log timestamps.
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -227,8 +229,8 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
             )
             .await
             .with_context(|| format!("fleet change {}", e + 1))?;
-        cpu_edits += sys::cpu_secs(pid)? - cpu_a;
-        lg_cpu_edits += sys::cpu_secs(me)? - lg_a;
+        cpu_edits += procfs::cpu_secs(pid)? - cpu_a;
+        lg_cpu_edits += procfs::cpu_secs(me)? - lg_a;
         let s = Summary::of(&lat);
         eprintln!(
             "[{tag}] fleet change {} (saved at unix {:.6}): p50 {} p99 {} max {} ms",
@@ -246,19 +248,19 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
     row.cpu_per_edit = cpu_edits / spec.edits.max(1) as f64;
     row.loadgen_cpu_per_edit = lg_cpu_edits / spec.edits.max(1) as f64;
     row.bytes_per_edit = per_stream(push_bytes(admin).await? - bytes1) / spec.edits.max(1) as f64;
-    row.rss_after = sys::vm(pid, "VmRSS")?;
+    row.rss_after = procfs::vm_bytes(pid, "VmRSS")?;
 
     // 4. one new vehicle at a time
     let mut joins = Vec::new();
-    let cpu_a = sys::cpu_secs(pid)?;
+    let cpu_a = procfs::cpu_secs(pid)?;
     for k in 0..spec.trials {
         joins.push(join_one(&target, cfg.clone(), format!("veh-new-{k}")).await?);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    row.cpu_per_join = (sys::cpu_secs(pid)? - cpu_a) / spec.trials.max(1) as f64;
+    row.cpu_per_join = (procfs::cpu_secs(pid)? - cpu_a) / spec.trials.max(1) as f64;
     row.join = Summary::of(&joins);
-    row.hwm = sys::vm(pid, "VmHWM")?;
-    row.loadgen_rss = sys::vm(std::process::id(), "VmRSS")?;
+    row.hwm = procfs::vm_bytes(pid, "VmHWM")?;
+    row.loadgen_rss = procfs::vm_bytes(std::process::id(), "VmRSS")?;
     row.nacks = fleet
         .recs
         .iter()

@@ -25,7 +25,9 @@ use crate::client::{ClientConfig, Mode, Target};
 use crate::fleet::Fleet;
 use crate::policy::PolicySpec;
 use crate::stats::{Summary, ms};
-use crate::sys::{self, Guard};
+use misaki_harness::{Process, procfs, try_free_port};
+
+use crate::sys;
 
 #[derive(Debug, Clone)]
 pub struct EnvoySpec {
@@ -81,16 +83,16 @@ fn start_envoy(
     xds: u16,
     node_id: &str,
     mode: Mode,
-) -> Result<(Guard, u16)> {
+) -> Result<(Process, u16)> {
     let template = fs::read_to_string(&spec.bootstrap)
         .with_context(|| format!("reading {}", spec.bootstrap.display()))?;
-    let admin = sys::free_port()?;
+    let admin = try_free_port()?;
     let path = dir.join(format!("{node_id}.yaml"));
     fs::write(
         &path,
         rewrite_bootstrap(&template, xds, admin, node_id, mode),
     )?;
-    let g = Guard::spawn(
+    let g = Process::try_spawn(
         "envoy",
         Command::new(&spec.envoy).arg("-c").arg(&path).args([
             "--disable-hot-restart",
@@ -99,7 +101,7 @@ fn start_envoy(
             "-l",
             "warn",
         ]),
-        &dir.join(format!("envoy-{node_id}.log")),
+        dir.join(format!("envoy-{node_id}.log")),
     )?;
     Ok((g, admin))
 }
@@ -245,7 +247,7 @@ pub async fn run(
                     "veh-sim-",
                 )
                 .await?;
-                f.wait_ready(Duration::from_secs(60), || cp.check_alive())
+                f.wait_ready(Duration::from_secs(60), || Ok(cp.check_alive()?))
                     .await?;
                 fleet = Some(f);
             }
@@ -261,7 +263,7 @@ pub async fn run(
                 bail!("[{tag}] clients never all ACKed: {msg}");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let cp_rss_connected = sys::vm(cp.pid(), "VmRSS")?;
+            let cp_rss_connected = procfs::vm_bytes(cp.pid(), "VmRSS")?;
             let (mut all, mut per, mut arrivals) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..spec.edits {
                 let f = fleet.as_ref();

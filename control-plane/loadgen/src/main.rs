@@ -404,7 +404,7 @@ async fn signalled() -> &'static str {
 
 fn main() {
     let cli = Cli::parse();
-    sys::set_pidfile(cli.pidfile.clone());
+    misaki_harness::set_pidfile(cli.pidfile.clone());
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let deadline = Duration::from_secs(cli.deadline_secs);
     // Dropping `run` (signal or deadline) drops every process guard it holds.

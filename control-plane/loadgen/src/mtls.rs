@@ -30,7 +30,9 @@ use anyhow::{Context, Result, bail};
 use crate::client::{ClientConfig, Mode, Target};
 use crate::fleet::Fleet;
 use crate::policy::PolicySpec;
-use crate::sys::{self, Guard};
+use misaki_harness::{Process, procfs};
+
+use crate::sys;
 use crate::tls::{FleetTls, Pki, ServerFiles};
 
 /// Plaintext or mutual TLS on misaki-cp's gRPC port.
@@ -187,7 +189,7 @@ fn handshake_cell(h: &BTreeMap<String, u64>) -> String {
 
 /// Dial all vehicles at once and wait until every one has its config.
 async fn dial_all(
-    cp: &mut Guard,
+    cp: &mut Process,
     admin: u16,
     target: &Arc<Target>,
     cfg: &Arc<ClientConfig>,
@@ -195,17 +197,17 @@ async fn dial_all(
 ) -> Result<(Fleet, Phase)> {
     let pid = cp.pid();
     let me = std::process::id();
-    let load0 = sys::loadavg();
+    let load0 = procfs::loadavg();
     let hs0 = handshakes(admin).await?;
     let pushed0 = crate::bench::push_bytes(admin).await?;
-    let (cpu0, lg0) = (sys::cpu_secs(pid)?, sys::cpu_secs(me)?);
+    let (cpu0, lg0) = (procfs::cpu_secs(pid)?, procfs::cpu_secs(me)?);
     let start = Instant::now();
     let fleet = Fleet::connect(target, cfg.clone(), n, 0, "car-").await?;
     fleet
-        .wait_ready(Duration::from_secs(300), || cp.check_alive())
+        .wait_ready(Duration::from_secs(300), || Ok(cp.check_alive()?))
         .await?;
     let wall = start.elapsed();
-    let (cpu1, lg1) = (sys::cpu_secs(pid)?, sys::cpu_secs(me)?);
+    let (cpu1, lg1) = (procfs::cpu_secs(pid)?, procfs::cpu_secs(me)?);
     let hs1 = handshakes(admin).await?;
     let pushed = crate::bench::push_bytes(admin).await? - pushed0;
     let phase = Phase {
@@ -215,19 +217,19 @@ async fn dial_all(
         retries: fleet.shared.reconnects.load(Ordering::Relaxed),
         handshakes: delta(&hs0, &hs1),
         pushed,
-        load: (load0, sys::loadavg()),
+        load: (load0, procfs::loadavg()),
     };
     Ok((fleet, phase))
 }
 
 /// Wait until misaki-cp has no xDS stream and no more descriptors than when idle:
 /// every dropped connection is closed on its side too.
-async fn wait_closed(cp: &mut Guard, admin: u16, idle_fds: usize) -> Result<()> {
+async fn wait_closed(cp: &mut Process, admin: u16, idle_fds: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         cp.check_alive()?;
         let streams = metric_sum(&scrape(admin).await?, "misaki_xds_streams", "");
-        let fds = sys::fds(cp.pid())?;
+        let fds = procfs::fds(cp.pid())?;
         if streams == 0 && fds <= idle_fds {
             return Ok(());
         }
@@ -271,8 +273,8 @@ pub async fn run_row(setup: &Setup<'_>, mode: Mode, transport: Transport) -> Res
 
     // 1. idle
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_idle = sys::vm(pid, "VmRSS")?;
-    let idle_fds = sys::fds(pid)?;
+    let rss_idle = procfs::vm_bytes(pid, "VmRSS")?;
+    let idle_fds = procfs::fds(pid)?;
 
     // 2. connect, 3. steady state
     eprintln!("[{tag}] {n} vehicles connecting at once");
@@ -287,8 +289,8 @@ pub async fn run_row(setup: &Setup<'_>, mode: Mode, transport: Transport) -> Res
     // Let the allocator and the last ACKs settle before reading the steady state.
     tokio::time::sleep(Duration::from_secs(2)).await;
     fleet.check_failed()?;
-    let rss_connected = sys::vm(pid, "VmRSS")?;
-    let loadgen_rss = sys::vm(std::process::id(), "VmRSS")?;
+    let rss_connected = procfs::vm_bytes(pid, "VmRSS")?;
+    let loadgen_rss = procfs::vm_bytes(std::process::id(), "VmRSS")?;
 
     // 4. reconnect
     let mut reconnects = Vec::new();
@@ -306,11 +308,11 @@ pub async fn run_row(setup: &Setup<'_>, mode: Mode, transport: Transport) -> Res
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
         f.check_failed()?;
-        reconnects.push((phase, sys::vm(pid, "VmRSS")?));
+        reconnects.push((phase, procfs::vm_bytes(pid, "VmRSS")?));
         fleet = f;
     }
     drop(fleet);
-    let hwm = sys::vm(pid, "VmHWM")?;
+    let hwm = procfs::vm_bytes(pid, "VmHWM")?;
     cp.check_alive()?;
     Ok(Row {
         mode,

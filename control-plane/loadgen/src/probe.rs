@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use misaki_harness::{Process, poll, procfs, try_free_port};
 use rustls::RootCertStore;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
@@ -29,7 +30,6 @@ use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::mtls::{Transport, vehicle_ids};
-use crate::sys::{self, Guard};
 use crate::tls::{FleetTls, ServerFiles};
 
 /// What a client sends first: about an ADS request's size.
@@ -160,7 +160,7 @@ pub async fn run(
     reply_bytes: usize,
     tls: Option<&(ServerFiles, Arc<FleetTls>)>,
 ) -> Result<ProbeRow> {
-    let port = sys::free_port()?;
+    let port = try_free_port()?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("probe-server")
@@ -184,23 +184,21 @@ pub async fn run(
         (Transport::Mtls, None) => bail!("an mTLS probe needs certificates issued first"),
     };
     let tag = format!("probe-{transport}");
-    let mut server = Guard::spawn(&tag, &mut cmd, &dir.join(format!("{tag}.log")))?;
-    sys::wait_until(
-        "probe-server listening",
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || {
-            server.check_alive()?;
-            Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+    let mut server = Process::try_spawn(&tag, &mut cmd, dir.join(format!("{tag}.log")))?;
+    poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        server.check_alive()?;
+        std::io::Result::Ok(
+            std::net::TcpStream::connect(("127.0.0.1", port))
                 .ok()
-                .map(|_| ()))
-        },
-    )?;
+                .map(|_| ()),
+        )
+    })?
+    .context("timed out after 10s waiting for probe-server listening")?;
     // The readiness probe's own connection must be gone before idle is read.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = server.pid();
-    let rss_idle = sys::vm(pid, "VmRSS")?;
-    let cpu0 = sys::cpu_secs(pid)?;
+    let rss_idle = procfs::vm_bytes(pid, "VmRSS")?;
+    let cpu0 = procfs::cpu_secs(pid)?;
     let start = Instant::now();
     let mut set = JoinSet::new();
     let ids = vehicle_ids(n);
@@ -229,10 +227,10 @@ pub async fn run(
         retries += k;
     }
     let wall = start.elapsed();
-    let cpu = sys::cpu_secs(pid)? - cpu0;
+    let cpu = procfs::cpu_secs(pid)? - cpu0;
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.check_alive()?;
-    let rss_held = sys::vm(pid, "VmRSS")?;
+    let rss_held = procfs::vm_bytes(pid, "VmRSS")?;
     drop(held);
     Ok(ProbeRow {
         transport,
@@ -307,7 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (pki, files) = Pki::create(dir.path()).unwrap();
         let fleet = pki.vehicles(&["car-0".to_string()]).unwrap();
-        let port = sys::free_port().unwrap();
+        let port = try_free_port().unwrap();
         let server = tokio::spawn(server(port, Some(files), 3000));
         let mut connector = Connector {
             addr: format!("127.0.0.1:{port}"),
