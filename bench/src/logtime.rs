@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub fn policy_in_force(log: &str) -> Vec<SystemTime> {
     log.lines()
         .filter(|l| l.contains("policy in force"))
-        .filter_map(|l| parse_rfc3339_utc(strip_ansi(l).split_whitespace().next()?))
+        .filter_map(|l| parse_rfc3339_utc(misaki_harness::strip_ansi(l).split_whitespace().next()?))
         .collect()
 }
 
@@ -18,24 +18,6 @@ pub fn time_to_next(saves: &[SystemTime], events: &[SystemTime]) -> Vec<Option<D
         .iter()
         .map(|s| events.iter().find_map(|e| e.duration_since(*s).ok()))
         .collect()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte (a letter).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `2026-11-28T00:20:51.914992Z`.

@@ -175,24 +175,6 @@ fn der_sha256(pem: &[u8]) -> Option<String> {
     Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `text` without ANSI colour sequences (tracing's fmt colours its fields).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn metric(text: &str, line_prefix: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(line_prefix))
@@ -367,7 +349,7 @@ fn vehicle_envoy(dir: &Path, socket: &Path, gid: u32) -> Result<Envoy, String> {
 
 impl Lab {
     fn netd_log(&self) -> String {
-        plain(&self.netd.log_text())
+        misaki_harness::strip_ansi(&self.netd.log_text())
     }
 
     fn netd_metric(&self, line_prefix: &str) -> u64 {

@@ -24,5 +24,5 @@ pub mod procfs;
 pub mod wait;
 
 pub use cp::CpLaunch;
-pub use process::{Process, free_port, set_pidfile, tail, try_free_port};
+pub use process::{Process, free_port, set_pidfile, strip_ansi, tail, try_free_port};
 pub use wait::{poll, wait_for};
