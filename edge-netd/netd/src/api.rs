@@ -1,22 +1,30 @@
 //! Local HTTP API on loopback: `GET /links`, `/metrics`, `/readyz`, `/healthz`,
 //! `/xds` (the local xDS tier's clients: node, sent/ACKed versions, last NACK), and
 //! with store-and-forward configured `GET /saf/status` (counters, queue depth per class,
-//! uplink and retry state per class) and `GET /saf/deadletters`.
+//! uplink and retry state per class) and `GET /saf/deadletters`. `GET /power` shows the
+//! vehicle's power state, its source and the power file's last reading and error;
+//! `PUT /power` (body: one word, `on`, `accessory`, `low` or `shutting_down`) is a
+//! power manager's report ([`put_power`]).
 //!
-//! Invariants: read-only; answers from the latest published [`EngineView`], never
-//! blocking the engine. `/readyz` is 200 only once the first selection was made, a
+//! Invariants: read-only but for `PUT /power`, which only queues the report for the
+//! engine (400 for anything but one of the words); answers from the latest published
+//! [`EngineView`], never blocking the engine. `/readyz` is 200 only once the first selection was made, a
 //! policy is in force (received, stored or shipped) and, with `tls:`, a usable
 //! certificate is held; otherwise 503 says which is missing.
 
-use crate::engine::EngineView;
+use crate::engine::{EngineView, Input};
+use crate::power::{Power, PowerUpdate, PowerView, Reading};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+/// The largest `PUT /power` body read (one word and a newline fit many times).
+const MAX_POWER_BODY: usize = 64;
 
 /// What the API reads.
 #[derive(Debug, Clone)]
@@ -31,6 +39,44 @@ pub struct ApiState {
     pub xds: Option<misaki_xds::StreamRegistry>,
     /// The credential manager, with `tls:` (`/readyz` says why nothing is reported).
     pub identity: Option<crate::identity::IdentityHandle>,
+    /// The engine's inputs (`PUT /power`).
+    pub inputs: mpsc::Sender<Input>,
+}
+
+/// The `/power` document.
+pub fn power_json(p: &PowerView) -> Value {
+    json!({
+        "state": p.state.as_str(),
+        "source": p.source.as_str(),
+        "file": p.file.as_ref().map(|f| f.display().to_string()),
+        "file_reading": p.reading.map(Reading::to_json),
+        "file_error": p.file_error,
+    })
+}
+
+/// `PUT /power` with `body`: one power word goes to the engine (the newest report
+/// wins); anything else is a 400 that says what is accepted.
+pub fn put_power(inputs: &mpsc::Sender<Input>, body: &[u8]) -> (StatusCode, String) {
+    let Ok(word) = std::str::from_utf8(body) else {
+        let message = "the body is not UTF-8 text; send one word: on, accessory, low or \
+                       shutting_down\n";
+        return (StatusCode::BAD_REQUEST, message.into());
+    };
+    let power = match Power::parse(word) {
+        Ok(p) => p,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match inputs.try_send(Input::Power(PowerUpdate::Api(power))) {
+        Ok(()) => (StatusCode::OK, format!("{}\n", power.as_str())),
+        Err(mpsc::error::TrySendError::Full(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine's input queue is full; retry\n".into(),
+        ),
+        Err(mpsc::error::TrySendError::Closed(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "edge-netd is shutting down\n".into(),
+        ),
+    }
 }
 
 /// The `/links` document.
@@ -181,6 +227,34 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
         .expect("static response parts are valid")
 }
 
+/// One request: `/power` here (`PUT` reads its body), everything else is [`route`]d.
+async fn handle(state: ApiState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/power" {
+        return route(&state, req.method(), req.uri().path());
+    }
+    if req.method() == Method::GET {
+        let doc = power_json(&state.views.borrow().power);
+        return text(StatusCode::OK, "application/json", doc.to_string());
+    }
+    if req.method() != Method::PUT {
+        let message = "GET or PUT only\n".to_string();
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", message);
+    }
+    let (status, body) = match Limited::new(req.into_body(), MAX_POWER_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => put_power(&state.inputs, &body.to_bytes()),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "cannot read the body ({e}); send one word of at most {MAX_POWER_BODY} bytes\n"
+            ),
+        ),
+    };
+    text(status, "text/plain", body)
+}
+
 /// Serve the API (HTTP/1.1) on `listener` until `shutdown` completes. A failed accept is
 /// retried after 50 ms; open connections are left to finish
 /// ([`misaki_http::Drain::Detach`]).
@@ -189,11 +263,62 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let handler = move |req: Request<hyper::body::Incoming>| {
-        std::future::ready(route(&state, req.method(), req.uri().path()))
-    };
+    let handler = move |req: Request<hyper::body::Incoming>| handle(state.clone(), req);
     misaki_http::Server::new("api", misaki_http::Protocol::Http1)
         .accept_backoff(std::time::Duration::from_millis(50))
         .serve(listener, handler, shutdown)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::power::{PowerTracker, Source};
+
+    #[test]
+    fn put_power_takes_one_word_and_refuses_anything_else() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let (status, body) = put_power(&tx, b"low\n");
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "low\n"));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Input::Power(PowerUpdate::Api(Power::Low)))
+        ));
+        for bad in [&b"LOW"[..], b"", b"42", b"on off", b"\xff"] {
+            let (status, body) = put_power(&tx, bad);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(body.contains("shutting_down"), "{body}");
+        }
+        assert!(rx.try_recv().is_err(), "nothing bad reached the engine");
+        // A full queue and a stopped engine are not the client's fault.
+        put_power(&tx, b"on");
+        assert_eq!(put_power(&tx, b"on").0, StatusCode::SERVICE_UNAVAILABLE);
+        drop(rx);
+        assert_eq!(put_power(&tx, b"on").0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn get_power_shows_the_state_its_source_and_the_files_error() {
+        let config = crate::config::PowerConfig {
+            file: "/run/power".into(),
+            interval: std::time::Duration::from_secs(1),
+            low_below: 20,
+            recover_above: 30,
+        };
+        let mut t = PowerTracker::new(Some(&config));
+        assert_eq!(
+            power_json(t.view()),
+            json!({"state": "on", "source": "default", "file": "/run/power",
+                   "file_reading": null, "file_error": null})
+        );
+        t.apply(PowerUpdate::File(Reading::Percent(15)));
+        t.apply(PowerUpdate::FileError(Some("garbled".into())));
+        assert_eq!(t.view().source, Source::File);
+        assert_eq!(
+            power_json(t.view()),
+            json!({"state": "low", "source": "file", "file": "/run/power",
+                   "file_reading": 15, "file_error": "garbled"})
+        );
+        assert_eq!(power_json(&PowerView::default())["file"], Value::Null);
+    }
 }

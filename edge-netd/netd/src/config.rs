@@ -160,6 +160,25 @@ pub struct ClaimConfig {
     pub key: PathBuf,
 }
 
+/// The optional `power:` section: where the vehicle's power manager writes its state
+/// (`crate::power`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PowerConfig {
+    /// A sysfs-style file: one word (`on`, `accessory`, `low`, `shutting_down`) or a
+    /// battery percentage 0-100.
+    pub file: PathBuf,
+    /// How often the file is read.
+    pub interval: Duration,
+    /// A percentage below this is `low`.
+    pub low_below: u8,
+    /// A `low` vehicle is `on` again only above this percentage (≥ `low_below`).
+    pub recover_above: u8,
+}
+
+pub const DEFAULT_POWER_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_LOW_BELOW: u8 = 20;
+pub const DEFAULT_RECOVER_ABOVE: u8 = 30;
+
 /// One uplink of this vehicle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UplinkConfig {
@@ -219,6 +238,8 @@ pub struct Config {
     /// every request caught by a silent blackhole from a failure into a late success
     /// (bench/results-vehicle-loop.md).
     pub cross_uplink_retry: bool,
+    /// `power:`; without it the power state is `on` unless `PUT /power` says otherwise.
+    pub power: Option<PowerConfig>,
 }
 
 /// Where the local xDS tier listens unless `xds:` says otherwise.
@@ -615,6 +636,68 @@ selection:
         }
         let c = Config::parse("t.yaml", GOOD).unwrap();
         assert_eq!(c.uplinks[0].kind, UplinkKind::Wifi);
+    }
+
+    const POWER: &str = "power:\n  file: /run/vehicle/power\n";
+
+    #[test]
+    fn power_is_optional_and_parses_with_defaults() {
+        assert_eq!(Config::parse("t.yaml", GOOD).unwrap().power, None);
+        let c = Config::parse("t.yaml", &format!("{GOOD}{POWER}")).unwrap();
+        assert_eq!(
+            c.power,
+            Some(PowerConfig {
+                file: PathBuf::from("/run/vehicle/power"),
+                interval: DEFAULT_POWER_INTERVAL,
+                low_below: 20,
+                recover_above: 30,
+            })
+        );
+        let text = format!("{GOOD}{POWER}  interval: 5s\n  low_below: 10\n  recover_above: 10\n");
+        let p = Config::parse("t.yaml", &text).unwrap().power.unwrap();
+        assert_eq!(
+            (p.interval, p.low_below, p.recover_above),
+            (Duration::from_secs(5), 10, 10)
+        );
+    }
+
+    #[test]
+    fn power_problems_are_all_reported_at_their_field() {
+        let g = format!("{GOOD}{POWER}  interval: 2s\n  low_below: 20\n  recover_above: 30\n");
+        assert_each_names(
+            &g,
+            &[
+                ("interval: 2s", "interval: 0s", "power.interval"),
+                ("low_below: 20", "low_below: 101", "power.low_below"),
+                ("low_below: 20", "low_below: -1", "power.low_below"),
+                (
+                    "recover_above: 30",
+                    "recover_above: many",
+                    "power.recover_above",
+                ),
+                (
+                    "recover_above: 30",
+                    "recover_above: 10",
+                    "power.recover_above",
+                ),
+                ("  file: /run/vehicle/power\n", "", "power.file"),
+                ("file: /run/vehicle/power", "file: \"\"", "power.file"),
+                ("low_below: 20", "low_belwo: 20", "power.low_belwo"),
+            ],
+        );
+        let e = err(&g.replace("recover_above: 30", "recover_above: 10"));
+        assert!(e.contains("below power.low_below (20)"), "{e}");
+        // All at once, with the rest of the file's.
+        let text = g
+            .replace("  file: /run/vehicle/power\n", "")
+            .replace("low_below: 20", "low_below: 200")
+            .replace("dwell: 3s", "dwell: 3 parsecs");
+        let paths: Vec<String> = issues(&text).into_iter().map(|i| i.path).collect();
+        assert_eq!(
+            paths,
+            ["selection.dwell", "power.file", "power.low_below"],
+            "{paths:?}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 use crate::config::{Config, UplinkConfig};
 use crate::monitor::{LinkStatus, MonitorEvent};
 use crate::policy::{self, UpdateError, VehiclePolicy};
+use crate::power::{PowerMetrics, PowerTracker, PowerUpdate, PowerView};
 use crate::probe::{Outcome, ProbeResult, ProbeWindow};
 use crate::selector::{LinkHealth, Selector, Switch};
 use misaki_proto::fleet_v1 as pb;
@@ -47,6 +48,14 @@ pub enum Input {
     Monitor(MonitorEvent),
     Probe(ProbeResult),
     Policy(pb::PolicyUpdate),
+    /// The power manager's news (`power.file`, `PUT /power`).
+    Power(PowerUpdate),
+}
+
+impl From<PowerUpdate> for Input {
+    fn from(u: PowerUpdate) -> Self {
+        Input::Power(u)
+    }
 }
 
 impl From<MonitorEvent> for Input {
@@ -113,6 +122,8 @@ pub struct EngineView {
     pub selections: Vec<SelectionView>,
     /// The last rejected delta (the policy held is `policy_version`).
     pub policy_resync: Option<PolicyResync>,
+    /// The vehicle's power state, its source and the power file's last reading/error.
+    pub power: PowerView,
 }
 
 impl EngineView {
@@ -158,6 +169,7 @@ pub struct Metrics {
     pub(crate) policy_updates: Family<ResultLabel, Counter>,
     pub(crate) reporter_connected: Gauge,
     pub(crate) reporter_connects: Family<ResultLabel, Counter>,
+    pub(crate) power: PowerMetrics,
 }
 
 impl Metrics {
@@ -202,6 +214,7 @@ impl Metrics {
             "Report stream connection attempts, by result",
             self.reporter_connects.clone(),
         );
+        self.power.register(r);
     }
 }
 
@@ -225,6 +238,7 @@ pub struct Engine {
     mesh: watch::Sender<Arc<misaki_policy::Policy>>,
     metrics: Metrics,
     resync: Option<PolicyResync>,
+    power: PowerTracker,
 }
 
 fn unix_ms_of(at: Instant) -> u64 {
@@ -261,6 +275,8 @@ impl Engine {
         selector.set_classes(policy.classes_with_default(&config.uplinks));
         let (view, rx) = watch::channel(Arc::new(EngineView::default()));
         let mesh = watch::Sender::new(policy.mesh.clone());
+        let power = PowerTracker::new(config.power.as_ref());
+        metrics.power.set_state(power.view().state);
         let mut e = Engine {
             config,
             links,
@@ -272,6 +288,7 @@ impl Engine {
             mesh,
             metrics,
             resync: None,
+            power,
         };
         e.publish();
         (e, rx)
@@ -361,6 +378,20 @@ impl Engine {
                     .set((s.loss_percent * 10.0).round() as i64);
             }
             Input::Policy(wire) => self.apply_policy(wire),
+            Input::Power(u) => self.apply_power(u),
+        }
+    }
+
+    fn apply_power(&mut self, u: PowerUpdate) {
+        if let Some(before) = self.power.apply(u) {
+            let now = self.power.view();
+            tracing::info!(
+                from = before.as_str(),
+                to = now.state.as_str(),
+                source = now.source.as_str(),
+                "power state"
+            );
+            self.metrics.power.set_state(now.state);
         }
     }
 
@@ -497,6 +528,7 @@ impl Engine {
             links,
             selections,
             policy_resync: self.resync.clone(),
+            power: self.power.view().clone(),
         };
         self.view.send_if_modified(|cur| {
             if **cur == snap {
@@ -553,6 +585,33 @@ mod tests {
         );
         let config = Config::parse("t.yaml", &text).expect("test config");
         Engine::new(Arc::new(config), policy, Metrics::default())
+    }
+
+    #[test]
+    fn power_reports_are_published_and_the_gauge_follows_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut e, rx) = engine(dir.path(), VehiclePolicy::empty());
+        assert_eq!(rx.borrow().power.state, crate::power::Power::On);
+        let gauge = |e: &Engine, state: &'static str| {
+            let label = crate::power::StateLabel { state };
+            e.metrics.power.state.get_or_create(&label).get()
+        };
+        assert_eq!((gauge(&e, "on"), gauge(&e, "low")), (1, 0));
+        let file = PowerUpdate::File(crate::power::Reading::Percent(10));
+        e.handle(file.into());
+        e.evaluate(Instant::now());
+        let v = rx.borrow().power.clone();
+        assert_eq!(
+            (v.state, v.source),
+            (crate::power::Power::Low, crate::power::Source::File)
+        );
+        assert_eq!((gauge(&e, "on"), gauge(&e, "low")), (0, 1));
+        e.handle(Input::Power(PowerUpdate::Api(
+            crate::power::Power::Accessory,
+        )));
+        e.evaluate(Instant::now());
+        assert_eq!(rx.borrow().power.state, crate::power::Power::Accessory);
+        assert_eq!((gauge(&e, "low"), gauge(&e, "accessory")), (0, 1));
     }
 
     /// Feed one update; the published view afterwards.

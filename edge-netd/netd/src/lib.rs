@@ -23,8 +23,9 @@
 //! vehicle's own xDS tier (loopback TCP, and `xds_socket`, the Unix socket that alone
 //! serves the vehicle's credential to its Envoy). `identity` keeps the vehicle's certificate (enrolment with
 //! the claim credential, renewal, crash-safe files) for mutual TLS to the control plane;
-//! `channel` is the connection both it and the reporter open. `run` wires them together
-//! (as misaki-cp's `run.rs` does).
+//! `channel` is the connection both it and the reporter open. `power` decides the
+//! vehicle's power state (the `power:` file, `PUT /power`), which the engine
+//! publishes. `run` wires them together (as misaki-cp's `run.rs` does).
 
 pub mod api;
 pub mod channel;
@@ -34,6 +35,7 @@ pub mod identity;
 pub mod local_xds;
 pub mod monitor;
 pub mod policy;
+pub mod power;
 pub mod probe;
 pub mod reporter;
 mod run;

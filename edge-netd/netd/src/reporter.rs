@@ -21,6 +21,8 @@
 //!   and applies them. `Hello.policy_deltas` is set: a delta the engine rejects comes
 //!   back as `EngineView::policy_resync` and is sent once, as `LinkChange.policy_resync`
 //!   with the version held, so the control plane resends from that version.
+//! - The power state (`EngineView::power`) is in the full `LinkState`, and a change of
+//!   it is sent at once as `LinkChange.power`.
 //! - With store-and-forward, the full `LinkState` carries the queue depth per class, and
 //!   changed queue stats ride along at most once per heartbeat interval (like
 //!   measurement drift; a drained class is sent once with depth 0).
@@ -361,15 +363,15 @@ impl Reported {
             links: self.snap.links.iter().map(link_pb).collect(),
             selections: selections_pb(&self.snap),
             queues: self.queues.clone(),
-            power: pb::PowerState::On as i32,
+            power: self.snap.power.state.to_pb() as i32,
             policy_version: self.snap.policy_version.clone(),
             sidecars: self.sidecars.clone(),
         }
     }
 
     /// The `LinkChange` for a new engine view, if there is news: link state (not
-    /// measurement drift), selections, a policy applied or a delta rejected, and the
-    /// sidecar list when `sidecars` has a new one.
+    /// measurement drift), selections, a policy applied or a delta rejected, the power
+    /// state, and the sidecar list when `sidecars` has a new one.
     fn snapshot_change(
         &mut self,
         snap: &EngineView,
@@ -394,10 +396,12 @@ impl Reported {
         let policy_version =
             (snap.policy_version != sent.policy_version).then(|| snap.policy_version.clone());
         let policy_resync = resync_pb(snap).filter(|_| snap.policy_resync != sent.policy_resync);
+        let power = (snap.power.state != sent.power.state).then(|| snap.power.state.to_pb() as i32);
         let changed_state = !links.is_empty()
             || !selections.is_empty()
             || policy_version.is_some()
-            || policy_resync.is_some();
+            || policy_resync.is_some()
+            || power.is_some();
         if changed_state {
             // Keep measurements as last sent; only state fields advanced.
             let mut next = snap.clone();
@@ -421,6 +425,7 @@ impl Reported {
             sidecars: sidecars.unwrap_or_default(),
             policy_version,
             policy_resync,
+            power,
             ..Default::default()
         })
     }
@@ -632,6 +637,7 @@ impl<'a> Session<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::power::Power;
     use misaki_compiler::node::{NodeInfo, Role};
     use misaki_xds::{NackRecord, StreamKind, StreamStatus, TypeStatus};
 
@@ -913,6 +919,7 @@ mod tests {
             links: vec![view("wifi", "wlan0", 20), view("lte", "wwan0", 60)],
             selections: vec![selected(DEFAULT_CLASS, Some("wifi"))],
             policy_resync: None,
+            power: Default::default(),
         }
     }
 
@@ -960,6 +967,33 @@ mod tests {
         // A whole new sidecar list rides along, even an empty one.
         let c = r.snapshot_change(&moved, Some(vec![])).expect("sidecars");
         assert!(c.sidecars_changed && c.links.is_empty());
+    }
+
+    #[test]
+    fn a_power_change_goes_out_at_once_and_the_full_state_carries_it() {
+        let snap = engine_view();
+        let mut r = reported(&snap);
+        assert_eq!(r.link_state().power, pb::PowerState::On as i32);
+        let mut low = snap.clone();
+        low.power.state = Power::Low;
+        low.power.source = crate::power::Source::File;
+        let c = r.snapshot_change(&low, None).expect("power is news");
+        assert_eq!(c.power, Some(pb::PowerState::Low as i32));
+        assert!(c.links.is_empty() && c.selections.is_empty() && c.policy_version.is_none());
+        assert_eq!(r.link_state().power, pb::PowerState::Low as i32);
+        // Its source or the file's error alone is not news for the control plane.
+        let mut api = low.clone();
+        api.power.source = crate::power::Source::Api;
+        api.power.file_error = Some("garbled".into());
+        assert_eq!(r.snapshot_change(&api, None), None);
+        // Other news does not repeat the power state.
+        let mut down = api.clone();
+        down.links[1].carrier = false;
+        assert_eq!(r.snapshot_change(&down, None).expect("carrier").power, None);
+        let mut off = down.clone();
+        off.power.state = Power::ShuttingDown;
+        let c = r.snapshot_change(&off, None).expect("power is news");
+        assert_eq!(c.power, Some(pb::PowerState::ShuttingDown as i32));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! or factory policy, the engine, store-and-forward (before the xDS tier, so a second
 //! daemon on the same queue reports the queue lock), the credential manager (with
 //! `tls:`; store-and-forward and the xDS socket follow its credential), the local xDS
-//! tier, then the link monitor and one prober per uplink (both feeding the engine's one
-//! input queue), the reporter, the local API and systemd notification.
+//! tier, then the link monitor, one prober per uplink and (with `power:`) the power
+//! file's reader (all feeding the engine's one input queue), the reporter, the local
+//! API (`PUT /power` feeds it too) and systemd notification.
 //!
 //! Shutdown: every task gets the same stop signal; the engine, reporter and API get
 //! 5 s to end, then store-and-forward its grace period to finish in-flight deliveries
@@ -23,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{self, Config};
 use crate::engine::{self, Engine, EngineView, Input};
 use crate::{
-    api, identity, local_xds, monitor, policy, probe, reporter, store_forward, xds_socket,
+    api, identity, local_xds, monitor, policy, power, probe, reporter, store_forward, xds_socket,
 };
 
 /// Room for a burst of inputs (a netlink dump, every prober answering at once, a
@@ -99,6 +100,12 @@ pub async fn run(
 
     spawn_link_monitor(&config, inputs.clone());
     spawn_probers(&config, &inputs);
+    if let Some(p) = &config.power {
+        let errors = metrics.power.file_errors.clone();
+        let reader = power::run_file_reader(p.clone(), inputs.clone(), errors, stop.wait());
+        tokio::spawn(reader);
+    }
+    let api_inputs = inputs.clone();
     let connected = Arc::new(AtomicBool::new(false));
     let reporter = tokio::spawn(reporter::run_reporter(
         config.clone(),
@@ -121,6 +128,7 @@ pub async fn run(
             saf: saf.clone(),
             xds: xds_streams,
             identity,
+            inputs: api_inputs,
         },
         stop.wait(),
     ));

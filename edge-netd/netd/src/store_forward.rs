@@ -159,6 +159,7 @@ mod tests {
             links: vec![link("lte", true), link("wifi", false)],
             selections: vec![sel("bulk", None), sel("critical", Some("lte"))],
             policy_resync: None,
+            power: Default::default(),
         };
         let c = usable_in(&snap, "critical").unwrap();
         assert_eq!(c.name, "lte");
@@ -183,6 +184,7 @@ mod tests {
             links: vec![link("lte", true)],
             selections: vec![sel("critical", Some("lte"))],
             policy_resync: None,
+            power: Default::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(snap.clone()));
         let view = SelectionUplinks::new(rx);

@@ -13,8 +13,9 @@ use misaki_policy::located::{ErrorKind, Fields, Node, Reader, is_mapping};
 
 use super::{
     ClaimConfig, Config, DEFAULT_BLACKHOLE_AFTER, DEFAULT_DWELL, DEFAULT_HEARTBEAT,
-    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN,
-    DEFAULT_SAF_MAX_BODY, DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, ProbeConfig,
+    DEFAULT_LOW_BELOW, DEFAULT_POWER_INTERVAL, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT,
+    DEFAULT_RECOVER_ABOVE, DEFAULT_SAF_BUDGET, DEFAULT_SAF_LISTEN, DEFAULT_SAF_MAX_BODY,
+    DEFAULT_SAF_MAX_IN_FLIGHT, DEFAULT_WINDOW, DEFAULT_XDS, PowerConfig, ProbeConfig,
     SelectionConfig, StoreForwardConfig, TlsConfig, UplinkConfig, XdsConfig, XdsSocket, parse_size,
 };
 
@@ -32,7 +33,9 @@ const TOP: &[&str] = &[
     "factory_policy",
     "cross_uplink_retry",
     "tls",
+    "power",
 ];
+const POWER: &[&str] = &["file", "interval", "low_below", "recover_above"];
 const TLS: &[&str] = &["cert", "key", "ca", "claim_cert", "claim_key"];
 const XDS: &[&str] = &["listen", "socket", "socket_group"];
 const UPLINK: &[&str] = &[
@@ -115,6 +118,10 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
         None => Some(None),
     };
     let cross_uplink_retry = f.or(r, "cross_uplink_retry", true, Reader::boolean);
+    let power = match f.get("power") {
+        Some(n) => power(r, n).map(Some),
+        None => Some(None),
+    };
     Some(Config {
         vehicle_id: vehicle_id?,
         control_plane: control_plane?,
@@ -129,6 +136,40 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
         xds: xds?,
         factory_policy: factory_policy?,
         cross_uplink_retry,
+        power: power?,
+    })
+}
+
+/// `power:`: the power manager's file, how often it is read, and the percentage
+/// thresholds (`low_below` ≤ `recover_above`).
+fn power(r: &mut Reader, node: &Node<'_>) -> Option<PowerConfig> {
+    let f = r.map(node, "power", "a mapping with `file`", POWER)?;
+    let file = f
+        .required(
+            r,
+            "file",
+            "the file the power manager writes (a word or a percentage)",
+        )
+        .and_then(|n| r.nonempty(n, "power.file"))
+        .map(PathBuf::from);
+    let interval = f.or(r, "interval", DEFAULT_POWER_INTERVAL, Reader::duration);
+    let percent = |r: &mut Reader, n: &Node<'_>, p: &str| r.int(n, p, 0..=100).map(|v| v as u8);
+    let low_below = f.or(r, "low_below", DEFAULT_LOW_BELOW, percent);
+    let recover_above = f.or(r, "recover_above", DEFAULT_RECOVER_ABOVE, percent);
+    if recover_above < low_below {
+        let message = format!(
+            "{recover_above} is below power.low_below ({low_below}): a low vehicle would \
+             never recover"
+        );
+        let path = f.path("recover_above");
+        r.error(f.at("recover_above"), &path, ErrorKind::Conflict, message);
+        return None;
+    }
+    Some(PowerConfig {
+        file: file?,
+        interval,
+        low_below,
+        recover_above,
     })
 }
 
