@@ -371,3 +371,32 @@ impl Drop for Upstream {
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// An edge-netd config for a vehicle on this host, without network namespaces: vehicle
+/// `vehicle`, control plane `control_plane` (a URL), local API on `api`, the local xDS
+/// tier on a free loopback port, one uplink `wifi` on `lo` probing `probe`, heartbeats
+/// every 200 ms; `extra` (whole YAML lines: `tls:`, `power:`, ...) is appended.
+pub fn netd_config_on_lo(
+    vehicle: &str,
+    control_plane: &str,
+    api: u16,
+    state_dir: &Path,
+    probe: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "vehicle_id: {vehicle}\n\
+         control_plane: {control_plane}\n\
+         api: 127.0.0.1:{api}\n\
+         xds: 127.0.0.1:{local_xds}\n\
+         state_dir: {state}\n\
+         heartbeat_interval: 200ms\n\
+         uplinks:\n\
+         \x20 - {{ name: wifi, interface: lo, kind: wifi, cost: 1 }}\n\
+         probe:\n\
+         \x20 targets: [\"{probe}\"]\n\
+         {extra}",
+        local_xds = free_port(),
+        state = state_dir.display(),
+    )
+}

@@ -99,29 +99,23 @@ impl Fleet {
         } else {
             String::new()
         };
-        let text = format!(
-            "vehicle_id: {id}\n\
-             control_plane: https://{host}:{xds}\n\
-             api: 127.0.0.1:{api}\n\
-             xds: 127.0.0.1:{local_xds}\n\
-             state_dir: {state}\n\
-             heartbeat_interval: 200ms\n\
-             uplinks:\n\
-             \x20 - {{ name: wifi, interface: lo, kind: wifi, cost: 1 }}\n\
-             probe:\n\
-             \x20 targets: [\"{probe}\"]\n\
-             tls:\n\
+        let tls_lines = format!(
+            "tls:\n\
              \x20 ca: {ca}\n\
              \x20 cert: {tls}/cert.pem\n\
              \x20 key: {tls}/key.pem\n\
              {claim_lines}",
-            xds = self.cp.xds_port,
-            local_xds = free_port(),
-            state = dir.join("state").display(),
-            probe = self.probe,
             // The fleet CA as the factory put it next to the claim.
             ca = claim_dir.join("ca.pem").display(),
             tls = tls.display(),
+        );
+        let text = misaki_e2e::process::netd_config_on_lo(
+            id,
+            &format!("https://{host}:{}", self.cp.xds_port),
+            api,
+            &dir.join("state"),
+            &self.probe,
+            &tls_lines,
         );
         let config = dir.join("edge-netd.yaml");
         fs::write(&config, text).expect("write edge-netd config");

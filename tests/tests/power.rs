@@ -40,24 +40,19 @@ fn start() -> Lab {
     let cp = ControlPlane::start_with(&policy, dir.path(), free_port(), free_port(), &args);
     let api = free_port();
     let file = dir.path().join("power_state");
-    let text = format!(
-        "vehicle_id: car-1\n\
-         control_plane: http://127.0.0.1:{xds}\n\
-         api: 127.0.0.1:{api}\n\
-         xds: 127.0.0.1:{local_xds}\n\
-         state_dir: {state}\n\
-         heartbeat_interval: 200ms\n\
-         uplinks:\n\
-         \x20 - {{ name: wifi, interface: lo, kind: wifi, cost: 1 }}\n\
-         probe:\n\
-         \x20 targets: [\"{probe}\"]\n\
-         power:\n\
-         \x20 file: {file}\n\
+    let power = format!(
+        "power:\n\
+         \x20 file: {}\n\
          \x20 interval: 100ms\n",
-        xds = cp.xds_port,
-        local_xds = free_port(),
-        state = dir.path().join("state").display(),
-        file = file.display(),
+        file.display()
+    );
+    let text = misaki_e2e::process::netd_config_on_lo(
+        "car-1",
+        &format!("http://127.0.0.1:{}", cp.xds_port),
+        api,
+        &dir.path().join("state"),
+        &probe,
+        &power,
     );
     let config = dir.path().join("edge-netd.yaml");
     fs::write(&config, text).expect("write edge-netd config");

@@ -174,45 +174,15 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "edge_netd_selection_switches",
-            "Uplink switches, by class and reason",
-            self.switches.clone(),
-        );
-        r.register(
-            "edge_netd_probes",
-            "Link probes, by uplink and result",
-            self.probes.clone(),
-        );
-        r.register(
-            "edge_netd_link_carrier",
-            "1 when the uplink has carrier",
-            self.carrier.clone(),
-        );
-        r.register(
-            "edge_netd_link_rtt_microseconds",
-            "Mean probe RTT over the window",
-            self.rtt_us.clone(),
-        );
-        r.register(
-            "edge_netd_link_loss_permille",
-            "Probe loss over the window",
-            self.loss_permille.clone(),
-        );
-        r.register(
-            "edge_netd_policy_updates",
-            "Policy updates received, by result (applied, invalid, base_mismatch, version_mismatch)",
-            self.policy_updates.clone(),
-        );
-        r.register(
-            "edge_netd_reporter_connected",
-            "1 while the report stream is open",
-            self.reporter_connected.clone(),
-        );
-        r.register(
-            "edge_netd_reporter_connects",
-            "Report stream connection attempts, by result",
-            self.reporter_connects.clone(),
+        crate::register_metrics!(r;
+            "edge_netd_selection_switches", "Uplink switches, by class and reason" => self.switches;
+            "edge_netd_probes", "Link probes, by uplink and result" => self.probes;
+            "edge_netd_link_carrier", "1 when the uplink has carrier" => self.carrier;
+            "edge_netd_link_rtt_microseconds", "Mean probe RTT over the window" => self.rtt_us;
+            "edge_netd_link_loss_permille", "Probe loss over the window" => self.loss_permille;
+            "edge_netd_policy_updates", "Policy updates received, by result (applied, invalid, base_mismatch, version_mismatch)" => self.policy_updates;
+            "edge_netd_reporter_connected", "1 while the report stream is open" => self.reporter_connected;
+            "edge_netd_reporter_connects", "Report stream connection attempts, by result" => self.reporter_connects;
         );
         self.power.register(r);
     }

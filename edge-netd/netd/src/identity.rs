@@ -123,15 +123,9 @@ pub struct IdentityMetrics {
 
 impl IdentityMetrics {
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "edge_netd_cert_not_after_seconds",
-            "Expiry of the vehicle's certificate in use (unix seconds); 0 while none",
-            self.not_after.clone(),
-        );
-        r.register(
-            "edge_netd_enrolments",
-            "Certificate requests, by how (claim: enrolment with the claim credential; renew) and result",
-            self.enrolments.clone(),
+        crate::register_metrics!(r;
+            "edge_netd_cert_not_after_seconds", "Expiry of the vehicle's certificate in use (unix seconds); 0 while none" => self.not_after;
+            "edge_netd_enrolments", "Certificate requests, by how (claim: enrolment with the claim credential; renew) and result" => self.enrolments;
         );
     }
 

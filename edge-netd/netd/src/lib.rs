@@ -27,6 +27,15 @@
 //! vehicle's power state (the `power:` file, `PUT /power`), which the engine
 //! publishes. `run` wires them together (as misaki-cp's `run.rs` does).
 
+/// Register metrics, one `name, help => metric` per line (each metric cloned: the
+/// registry and the owner share it).
+macro_rules! register_metrics {
+    ($registry:expr; $($name:literal, $help:literal => $metric:expr;)+) => {
+        $($registry.register($name, $help, $metric.clone());)+
+    };
+}
+pub(crate) use register_metrics;
+
 pub mod api;
 pub mod channel;
 pub mod config;

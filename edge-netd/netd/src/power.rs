@@ -272,15 +272,9 @@ pub struct PowerMetrics {
 
 impl PowerMetrics {
     pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "edge_netd_power_state",
-            "1 for the vehicle's current power state (on, accessory, low, shutting_down)",
-            self.state.clone(),
-        );
-        r.register(
-            "edge_netd_power_file_errors",
-            "Reads of power.file that failed or held no power state",
-            self.file_errors.clone(),
+        crate::register_metrics!(r;
+            "edge_netd_power_state", "1 for the vehicle's current power state (on, accessory, low, shutting_down)" => self.state;
+            "edge_netd_power_file_errors", "Reads of power.file that failed or held no power state" => self.file_errors;
         );
     }
 
