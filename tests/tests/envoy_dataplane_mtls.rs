@@ -26,6 +26,12 @@ use misaki_e2e::{ControlPlane, Envoy, free_port, http};
 const FORGED_XFCC: &str =
     "By=spiffe://misaki.local/cloud/maps;URI=spiffe://misaki.local/vehicle/car-9";
 
+/// What an app sends to claim it is car-9.
+const FORGED: [(&str, &str); 2] = [
+    ("x-misaki-vehicle", "car-9"),
+    ("x-forwarded-client-cert", FORGED_XFCC),
+];
+
 /// A fleet CA, misaki-cp serving a policy with `mtls` on, the header echo behind a
 /// cloud sidecar, and a vehicle sidecar (`vehicle_bootstrap`) with car-1's certificate.
 struct Lab {
@@ -78,6 +84,17 @@ impl Lab {
         })
     }
 
+    /// A forged request from the vehicle's app through its sidecar: the service's answer.
+    fn through_vehicle(&self) -> String {
+        self.get_ok(self.ports.outbound, &FORGED)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no answer through the vehicle sidecar: {}",
+                    self.vehicle.proc.log_text()
+                )
+            })
+    }
+
     /// A static Envoy with one mTLS client per `(name, certificate dir)`, calling the
     /// cloud sidecar; their listen ports by name.
     fn clients(&self, certs: &[(&str, PathBuf)]) -> (Envoy, Vec<u16>) {
@@ -122,16 +139,8 @@ fn strict_mtls_names_the_calling_vehicle_and_refuses_everyone_else() {
 
     // The vehicle's app, claiming to be car-9: the service sees car-1, the identity in
     // the certificate the vehicle sidecar presented.
-    let forged = [
-        ("x-misaki-vehicle", "car-9"),
-        ("x-forwarded-client-cert", FORGED_XFCC),
-    ];
-    let body = lab.get_ok(lab.ports.outbound, &forged).unwrap_or_else(|| {
-        panic!(
-            "no answer through the vehicle sidecar: {}",
-            lab.vehicle.proc.log_text()
-        )
-    });
+    let forged = FORGED;
+    let body = lab.through_vehicle();
     assert_replaced(&body, "car-1");
     assert!(lab.listener_stat("ssl.handshake") >= 1);
     // TLS 1.3: the vehicle's certificate (its id) does not cross the uplink in clear.
@@ -197,16 +206,8 @@ fn direct_clients_are_judged_by_their_certificate(lab: &Lab, forged: &[(&str, &s
 #[test]
 fn permissive_mtls_also_takes_plaintext_but_never_with_a_vehicle_id() {
     let lab = lab("permissive", "vehicle-sidecar-delta.yaml");
-    let forged = [
-        ("x-misaki-vehicle", "car-9"),
-        ("x-forwarded-client-cert", FORGED_XFCC),
-    ];
-    let body = lab.get_ok(lab.ports.outbound, &forged).unwrap_or_else(|| {
-        panic!(
-            "no answer through the vehicle sidecar: {}",
-            lab.vehicle.proc.log_text()
-        )
-    });
+    let forged = FORGED;
+    let body = lab.through_vehicle();
     assert_replaced(&body, "car-1");
 
     // Plaintext is served, stripped of what it claimed.

@@ -175,28 +175,24 @@ fn netd_config(
     dir: &Path,
     cloud_url: &str,
 ) -> String {
-    format!(
-        "vehicle_id: {id}\n\
-         control_plane: http://127.0.0.1:{xds}\n\
-         api: 127.0.0.1:{api}\n\
-         xds: 127.0.0.1:{local_xds}\n\
-         state_dir: {state}\n\
-         heartbeat_interval: 200ms\n\
-         uplinks:\n\
-         \x20 - {{ name: wifi, interface: lo, kind: wifi, cost: 1 }}\n\
-         probe:\n\
-         \x20 targets: [\"{probe}\"]\n\
-         \x20 interval: 100ms\n\
-         selection:\n\
+    let extra = format!(
+        "selection:\n\
          \x20 dwell: 1s\n\
          store_forward:\n\
          \x20 listen: 127.0.0.1:{ingest}\n\
          \x20 budget: 256MiB\n\
          \x20 max_body: 1MiB\n\
-         \x20 cloud_url: {cloud_url}\n",
-        state = dir.join("state").display(),
-        // Several edge-netd run on this host's loopback: each gets its own xDS port.
-        local_xds = free_port(),
+         \x20 cloud_url: {cloud_url}\n"
+    );
+    // Probes every 100 ms (edge-netd's default); several edge-netd run on this host's
+    // loopback, and the helper gives each its own local xDS port.
+    misaki_e2e::process::netd_config_on_lo(
+        id,
+        &format!("http://127.0.0.1:{xds}"),
+        api,
+        &dir.join("state"),
+        probe,
+        &extra,
     )
 }
 

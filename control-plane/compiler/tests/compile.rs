@@ -1,5 +1,8 @@
 //! Compiler tests on the quickstart policy and small policies built in place.
 
+mod common;
+
+use common::decode;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
@@ -42,14 +45,6 @@ fn cloud() -> NodeInfo {
         delta: false,
         tls_dir: None,
     }
-}
-
-fn decode<M: Message + Default>(s: &Snapshot, t: ResourceType) -> Vec<M> {
-    s.get(t)
-        .items
-        .values()
-        .map(|r| M::decode(r.body.value.as_slice()).expect("decodes"))
-        .collect()
 }
 
 /// The catch-all (by path) virtual host of the vehicle's outbound routes.

@@ -1,6 +1,9 @@
 //! Data-plane mTLS (`mesh.mtls`): TLS contexts on vehicle clusters and on the cloud
 //! sidecar's inbound per mode; secrets only from `compile_vehicle` with a credential.
 
+mod common;
+
+use common::decode;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -70,14 +73,6 @@ fn state(credential: Option<Arc<VehicleCredential>>) -> VehicleState {
     s.selected.insert("std".into(), Some("wifi".into()));
     s.credential = credential;
     s
-}
-
-fn decode<M: Message + Default>(s: &Snapshot, t: ResourceType) -> Vec<M> {
-    s.get(t)
-        .items
-        .values()
-        .map(|r| M::decode(r.body.value.as_slice()).expect("decodes"))
-        .collect()
 }
 
 fn cluster(s: &Snapshot, name: &str) -> Cluster {
