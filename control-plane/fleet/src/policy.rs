@@ -116,8 +116,8 @@ impl PolicyHistory {
 pub(crate) mod tests {
     use super::*;
     use misaki_policy::{
-        Endpoint, Location, MeshSettings, Protocol, RoutePriority, Service, TrafficClass, Uplink,
-        UplinkKind,
+        Endpoint, Location, LowPowerAction, MeshSettings, Protocol, RoutePriority, Service,
+        TrafficClass, Uplink, UplinkKind,
     };
     use std::collections::BTreeMap;
     use std::time::Duration;
@@ -167,6 +167,8 @@ pub(crate) mod tests {
                     routes: vec!["/telemetry".into()],
                     class: "critical".into(),
                     consumes: None,
+                    cloud_replica: Vec::new(),
+                    on_low_power: LowPowerAction::Stay,
                 },
             )]
             .into_iter()

@@ -185,6 +185,14 @@ fn edited(mut p: Policy, edits: &[(u8, usize, u16)]) -> Policy {
                         host: "198.18.0.77".into(),
                         port: v.max(1),
                     }];
+                    // A vehicle service may move to a cloud replica on low power.
+                    if s.location == misaki_policy::Location::Vehicle && v % 2 == 1 {
+                        s.cloud_replica = vec![Endpoint {
+                            host: "198.18.0.78".into(),
+                            port: v,
+                        }];
+                        s.on_low_power = misaki_policy::LowPowerAction::Cloud;
+                    }
                 }
             }
             1 => {
@@ -195,9 +203,20 @@ fn edited(mut p: Policy, edits: &[(u8, usize, u16)]) -> Policy {
                 let n = p.uplinks.len();
                 p.uplinks.values_mut().nth(i % n).unwrap().cost = u32::from(v % 1000);
             }
-            3 => match v % 3 {
+            3 => match v % 5 {
                 0 => p.mesh.cloud_inbound_port = 22000 + v % 10,
-                1 => p.mesh.mtls = misaki_policy::MtlsMode::ALL[usize::from(v / 3 % 3)].1,
+                1 => p.mesh.mtls = misaki_policy::MtlsMode::ALL[usize::from(v / 5 % 3)].1,
+                3 => p.mesh.vehicle_gateway_port = 23000 + v % 10,
+                4 => {
+                    // Gateways on (carried by some class) or off.
+                    if p.mesh.vehicle_gateways.is_empty() {
+                        p.mesh.vehicle_gateways = vec!["198.18.0.66".into()];
+                        p.mesh.vehicle_tunnel_class = p.classes.keys().next().cloned();
+                    } else {
+                        p.mesh.vehicle_gateways.clear();
+                        p.mesh.vehicle_tunnel_class = None;
+                    }
+                }
                 _ => {
                     p.mesh.trust_domain = misaki_policy::TrustDomain::new(&format!("td{}", v % 4))
                         .expect("a valid trust domain")

@@ -14,7 +14,8 @@
 //!   equal versions on every host and across restarts, and it is the one version
 //!   string shown everywhere (misaki-cp `/policy`, `/fleet/{vehicle}`, edge-netd
 //!   `/links`).
-//! - Uplink kinds, locations, protocols and priorities are mapped in one table each.
+//! - Uplink kinds, locations, protocols, priorities, mTLS modes and low-power actions
+//!   are mapped in one table each.
 //! - Incremental updates are made and applied here too ([`diff`], [`apply`]), at the
 //!   wire level: a delta applied gives the whole update, which is then validated by
 //!   [`from_wire`] like any other, so there is one validation path.
@@ -23,7 +24,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use misaki_policy::{
-    Location, MtlsMode, Policy, PolicyErrors, Protocol, RoutePriority, TrustDomain, UplinkKind,
+    Endpoint, Location, LowPowerAction, MeshSettings, MtlsMode, Policy, PolicyErrors, Protocol,
+    RoutePriority, TrustDomain, UplinkKind,
 };
 use misaki_proto::fleet_v1 as pb;
 use prost::Message;
@@ -62,6 +64,10 @@ const MTLS_MODES: [(MtlsMode, pb::mesh_settings::MtlsMode); 3] = [
     ),
     (MtlsMode::Strict, pb::mesh_settings::MtlsMode::Strict),
 ];
+const LOW_POWER_ACTIONS: [(LowPowerAction, pb::service::LowPowerAction); 2] = [
+    (LowPowerAction::Stay, pb::service::LowPowerAction::Stay),
+    (LowPowerAction::Cloud, pb::service::LowPowerAction::Cloud),
+];
 
 fn to_pb<D: PartialEq + Copy, W: Copy + Into<i32>>(table: &[(D, W)], d: D) -> i32 {
     table
@@ -90,6 +96,22 @@ pub fn kind_from_wire(v: i32) -> Option<UplinkKind> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn endpoints_to_wire(endpoints: &[Endpoint]) -> Vec<pb::Endpoint> {
+    endpoints
+        .iter()
+        .map(|e| pb::Endpoint {
+            host: e.host.clone(),
+            port: u32::from(e.port),
+        })
+        .collect()
+}
+
+/// A port that travels as 0 (absent) when it is the default, so a policy that does not
+/// set it encodes (and so versions) as it did before the field existed.
+fn port_unless_default(port: u16, default: u16) -> u32 {
+    if port == default { 0 } else { u32::from(port) }
 }
 
 /// The policy as sent to vehicles, with its version filled in.
@@ -131,19 +153,14 @@ pub fn to_wire(policy: &Policy) -> pb::PolicyUpdate {
                 location: to_pb(&LOCATIONS, s.location),
                 protocol: to_pb(&PROTOCOLS, s.protocol),
                 port: u32::from(s.port),
-                endpoints: s
-                    .endpoints
-                    .iter()
-                    .map(|e| pb::Endpoint {
-                        host: e.host.clone(),
-                        port: u32::from(e.port),
-                    })
-                    .collect(),
+                endpoints: endpoints_to_wire(&s.endpoints),
                 routes: s.routes.clone(),
                 class: s.class.clone(),
                 consumes: s.consumes.as_ref().map(|names| pb::ServiceNames {
                     names: names.clone(),
                 }),
+                cloud_replica: endpoints_to_wire(&s.cloud_replica),
+                on_low_power: to_pb(&LOW_POWER_ACTIONS, s.on_low_power),
             })
             .collect(),
         mesh: Some(pb::MeshSettings {
@@ -158,6 +175,16 @@ pub fn to_wire(policy: &Policy) -> pb::PolicyUpdate {
             } else {
                 m.trust_domain.to_string()
             },
+            vehicle_gateway_port: port_unless_default(
+                m.vehicle_gateway_port,
+                MeshSettings::default().vehicle_gateway_port,
+            ),
+            vehicle_tunnel_port: port_unless_default(
+                m.vehicle_tunnel_port,
+                MeshSettings::default().vehicle_tunnel_port,
+            ),
+            vehicle_gateways: m.vehicle_gateways.clone(),
+            vehicle_tunnel_class: m.vehicle_tunnel_class.clone().unwrap_or_default(),
         }),
         // A whole policy: no delta fields.
         ..Default::default()
@@ -212,7 +239,8 @@ fn spelled<D: Copy, W: Copy + Into<i32>>(
     quoted(&from_pb(table, v).map_or_else(|| format!("wire value {v}"), |d| as_str(d).to_string()))
 }
 
-/// The `mesh:` line of [`render`]; an empty trust domain is the default (not written).
+/// The `mesh:` line of [`render`]. Defaults (an empty trust domain or tunnel class, a 0
+/// gateway or tunnel port, no gateways) are not written.
 fn render_mesh(m: &pb::MeshSettings) -> String {
     let mut f = vec![
         format!("vehicle_outbound_port: {}", m.vehicle_outbound_port),
@@ -222,6 +250,24 @@ fn render_mesh(m: &pb::MeshSettings) -> String {
     ];
     if !m.trust_domain.is_empty() {
         f.push(format!("trust_domain: {}", quoted(&m.trust_domain)));
+    }
+    if m.vehicle_gateway_port != 0 {
+        f.push(format!("vehicle_gateway_port: {}", m.vehicle_gateway_port));
+    }
+    if m.vehicle_tunnel_port != 0 {
+        f.push(format!("vehicle_tunnel_port: {}", m.vehicle_tunnel_port));
+    }
+    if !m.vehicle_gateways.is_empty() {
+        f.push(format!(
+            "vehicle_gateways: {}",
+            list(m.vehicle_gateways.iter().map(|h| quoted(h)))
+        ));
+    }
+    if !m.vehicle_tunnel_class.is_empty() {
+        f.push(format!(
+            "vehicle_tunnel_class: {}",
+            quoted(&m.vehicle_tunnel_class)
+        ));
     }
     format!("mesh: {{ {} }}\n", f.join(", "))
 }
@@ -297,21 +343,37 @@ pub fn render(update: &pb::PolicyUpdate) -> String {
             ));
         }
         if !s.endpoints.is_empty() {
+            f.push(format!("endpoints: {}", render_endpoints(&s.endpoints)));
+        }
+        if !s.cloud_replica.is_empty() {
             f.push(format!(
-                "endpoints: {}",
-                list(s.endpoints.iter().map(|e| {
-                    // IPv6 addresses travel without brackets; the file format wants them.
-                    if e.host.contains(':') {
-                        quoted(&format!("[{}]:{}", e.host, e.port))
-                    } else {
-                        quoted(&format!("{}:{}", e.host, e.port))
-                    }
-                }))
+                "cloud_replica: {}",
+                render_endpoints(&s.cloud_replica)
+            ));
+        }
+        // The zero value (stay) is the default: not written, so that edge and cloud
+        // services (which may not have the field) render as before.
+        if s.on_low_power != 0 {
+            f.push(format!(
+                "on_low_power: {}",
+                spelled(&LOW_POWER_ACTIONS, s.on_low_power, LowPowerAction::as_str)
             ));
         }
         let _ = writeln!(out, "  - {{ {} }}", f.join(", "));
     }
     out
+}
+
+/// Endpoints as a flow list of `host:port` strings.
+fn render_endpoints(endpoints: &[pb::Endpoint]) -> String {
+    list(endpoints.iter().map(|e| {
+        // IPv6 addresses travel without brackets; the file format wants them.
+        if e.host.contains(':') {
+            quoted(&format!("[{}]:{}", e.host, e.port))
+        } else {
+            quoted(&format!("{}:{}", e.host, e.port))
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use misaki_policy::{Endpoint, MeshSettings, Service, TrafficClass, Uplink};
+use misaki_policy::{Endpoint, LowPowerAction, MeshSettings, Service, TrafficClass, Uplink};
 use proptest::prelude::*;
 
 use super::*;
@@ -86,6 +86,62 @@ fn a_bad_mtls_mode_or_trust_domain_on_the_wire_is_located() {
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(paths, ["mesh.mtls", "mesh.trust_domain"], "{errs}");
     assert!(errs.0[0].message.contains("`wire value 9`"), "{errs}");
+}
+
+/// A quickstart with the vehicle gateway on and `diagnostics` moving to its cloud
+/// replica on low power.
+fn with_gateway() -> Policy {
+    let mut p = quickstart();
+    p.mesh.vehicle_gateway_port = 16444;
+    p.mesh.vehicle_tunnel_port = 16445;
+    p.mesh.vehicle_gateways = vec!["198.18.0.10".into(), "2001:db8::10".into()];
+    p.mesh.vehicle_tunnel_class = Some("critical".into());
+    let diag = p.services.get_mut("diagnostics").unwrap();
+    diag.cloud_replica = vec![
+        Endpoint {
+            host: "2001:db8::2".into(),
+            port: 8080,
+        },
+        Endpoint {
+            host: "diag.cloud.example".into(),
+            port: 8080,
+        },
+    ];
+    diag.on_low_power = LowPowerAction::Cloud;
+    p
+}
+
+#[test]
+fn the_vehicle_gateway_and_low_power_fields_travel_and_defaults_keep_the_old_encoding() {
+    let plain = to_wire(&quickstart());
+    let m = plain.mesh.clone().unwrap();
+    assert_eq!((m.vehicle_gateway_port, m.vehicle_tunnel_port), (0, 0));
+    assert!(m.vehicle_gateways.is_empty() && m.vehicle_tunnel_class.is_empty());
+    for s in &plain.services {
+        assert!(s.cloud_replica.is_empty());
+        assert_eq!(s.on_low_power, pb::service::LowPowerAction::Stay as i32);
+    }
+
+    let p = with_gateway();
+    let w = to_wire(&p);
+    let m = w.mesh.clone().unwrap();
+    assert_eq!(
+        (m.vehicle_gateway_port, m.vehicle_tunnel_port),
+        (16444, 16445)
+    );
+    assert_eq!(m.vehicle_gateways, ["198.18.0.10", "2001:db8::10"]);
+    assert_eq!(m.vehicle_tunnel_class, "critical");
+    let diag = w.services.iter().find(|s| s.name == "diagnostics").unwrap();
+    assert_eq!(diag.cloud_replica[0].host, "2001:db8::2");
+    assert_eq!(diag.on_low_power, pb::service::LowPowerAction::Cloud as i32);
+    assert_ne!(w.version, plain.version);
+    assert_eq!(from_wire(&w).unwrap(), p);
+
+    // The default ports set explicitly are the same policy, so the same bytes.
+    let mut q = quickstart();
+    q.mesh.vehicle_gateway_port = 15444;
+    q.mesh.vehicle_tunnel_port = 15445;
+    assert_eq!(to_wire(&q), plain);
 }
 
 #[test]
@@ -177,6 +233,66 @@ fn invalid_updates_are_rejected_with_the_policy_checks_messages() {
             "mesh ports must all differ",
         ),
         (Box::new(|w| w.classes[0].name = "Bad Name".into()), "name"),
+        (
+            Box::new(|w| w.mesh.as_mut().unwrap().vehicle_tunnel_port = 15443),
+            "mesh ports must all differ",
+        ),
+        (
+            Box::new(|w| w.mesh.as_mut().unwrap().vehicle_tunnel_class = "critical".into()),
+            "`vehicle_tunnel_class` without `vehicle_gateways`",
+        ),
+        (
+            Box::new(|w| {
+                let m = w.mesh.as_mut().unwrap();
+                m.vehicle_gateways = vec!["gw.example".into()];
+                m.vehicle_tunnel_class = "nope".into();
+            }),
+            "unknown class `nope`",
+        ),
+        (
+            Box::new(|w| w.mesh.as_mut().unwrap().vehicle_gateways = vec!["gw.example".into()]),
+            "needs `vehicle_tunnel_class`",
+        ),
+        (
+            Box::new(|w| {
+                let m = w.mesh.as_mut().unwrap();
+                m.vehicle_gateways = vec!["gw.example:443".into()];
+                m.vehicle_tunnel_class = "critical".into();
+            }),
+            "mesh.vehicle_gateways[0]",
+        ),
+        (
+            Box::new(|w| {
+                let i = w
+                    .services
+                    .iter()
+                    .position(|s| s.name == "diagnostics")
+                    .unwrap();
+                w.services[i].on_low_power = pb::service::LowPowerAction::Cloud as i32;
+            }),
+            "add `cloud_replica`",
+        ),
+        (
+            Box::new(|w| {
+                let i = w
+                    .services
+                    .iter()
+                    .position(|s| s.name == "diagnostics")
+                    .unwrap();
+                w.services[i].on_low_power = 7;
+            }),
+            "`wire value 7`",
+        ),
+        (
+            Box::new(move |w| {
+                let i = svc(w);
+                w.services[i].cloud_replica = vec![pb::Endpoint {
+                    host: "10.0.0.1".into(),
+                    port: 80,
+                }];
+            }),
+            "`cloud_replica` is for vehicle services",
+        ),
     ];
     for (edit, needle) in cases {
         let mut w = to_wire(&quickstart());
@@ -255,6 +371,20 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
                 0usize..n_classes,
                 1usize..3,
                 prop::option::of(prop::collection::btree_set(0usize..5, 0..3)),
+                (
+                    prop::collection::btree_set(
+                        (
+                            prop::sample::select(vec![
+                                "198.18.1.1",
+                                "2001:db8::8",
+                                "replica.cloud.example",
+                            ]),
+                            1u16..=65535,
+                        ),
+                        0..3,
+                    ),
+                    any::<bool>(),
+                ),
             );
             (
                 Just(uplinks),
@@ -262,10 +392,27 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
                 prop::collection::vec(service, 0..5),
                 (20000u16..20010, 21000u16..21010, 22000u16..22010),
                 (0usize..3, arb_trust_domain()),
+                (
+                    prop_oneof![Just(15444u16), 23000u16..23010],
+                    prop_oneof![Just(15445u16), 24000u16..24010],
+                    prop::sample::subsequence(
+                        vec!["198.18.2.1", "2001:db8::9", "gw.cloud.example"],
+                        0..=3,
+                    )
+                    .prop_shuffle(),
+                    0usize..n_classes,
+                ),
             )
         })
         .prop_map(
-            |(uplinks, classes, services, ports, (mtls, trust_domain))| {
+            |(
+                uplinks,
+                classes,
+                services,
+                ports,
+                (mtls, trust_domain),
+                (gateway_port, tunnel_port, gateways, tunnel_class),
+            )| {
                 let classes: BTreeMap<String, TrafficClass> = classes
                     .into_iter()
                     .enumerate()
@@ -297,40 +444,61 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
                 let services = services
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (loc, grpc, eps, class, n_routes, consumes))| {
-                        let location = Location::ALL[loc].1;
-                        let mut endpoints: Vec<Endpoint> = eps
-                            .into_iter()
-                            .map(|(h, port)| Endpoint {
-                                host: h.to_string(),
-                                port,
-                            })
-                            .collect();
-                        if location != Location::Vehicle && endpoints.is_empty() {
-                            endpoints.push(Endpoint {
-                                host: "198.18.0.9".into(),
-                                port: 80,
-                            });
-                        }
-                        let name = format!("svc-{i}");
-                        let s = Service {
-                            name: name.clone(),
-                            location,
-                            protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
-                            port: 30000 + i as u16,
-                            endpoints,
-                            routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
-                            class: class_names[class].clone(),
-                            // Only vehicle services may declare what they call.
-                            consumes: consumes.filter(|_| location == Location::Vehicle).map(|c| {
-                                c.into_iter()
-                                    .filter(|&j| j < n_services)
-                                    .map(|j| format!("svc-{j}"))
-                                    .collect()
-                            }),
-                        };
-                        (name, s)
-                    })
+                    .map(
+                        |(i, (loc, grpc, eps, class, n_routes, consumes, (replica, cloud)))| {
+                            let location = Location::ALL[loc].1;
+                            let mut endpoints: Vec<Endpoint> = eps
+                                .into_iter()
+                                .map(|(h, port)| Endpoint {
+                                    host: h.to_string(),
+                                    port,
+                                })
+                                .collect();
+                            if location != Location::Vehicle && endpoints.is_empty() {
+                                endpoints.push(Endpoint {
+                                    host: "198.18.0.9".into(),
+                                    port: 80,
+                                });
+                            }
+                            // Only vehicle services have a replica and a low-power action;
+                            // `cloud` needs a replica.
+                            let cloud_replica: Vec<Endpoint> = replica
+                                .into_iter()
+                                .filter(|_| location == Location::Vehicle)
+                                .map(|(h, port)| Endpoint {
+                                    host: h.to_string(),
+                                    port,
+                                })
+                                .collect();
+                            let on_low_power = if cloud && !cloud_replica.is_empty() {
+                                LowPowerAction::Cloud
+                            } else {
+                                LowPowerAction::Stay
+                            };
+                            let name = format!("svc-{i}");
+                            let s = Service {
+                                name: name.clone(),
+                                location,
+                                protocol: if grpc { Protocol::Grpc } else { Protocol::Http },
+                                port: 30000 + i as u16,
+                                endpoints,
+                                routes: (0..n_routes).map(|r| format!("/{name}/r{r}")).collect(),
+                                class: class_names[class].clone(),
+                                // Only vehicle services may declare what they call.
+                                consumes: consumes.filter(|_| location == Location::Vehicle).map(
+                                    |c| {
+                                        c.into_iter()
+                                            .filter(|&j| j < n_services)
+                                            .map(|j| format!("svc-{j}"))
+                                            .collect()
+                                    },
+                                ),
+                                cloud_replica,
+                                on_low_power,
+                            };
+                            (name, s)
+                        },
+                    )
                     .collect();
                 Policy {
                     mesh: MeshSettings {
@@ -339,6 +507,12 @@ pub(crate) fn arb_policy() -> impl Strategy<Value = Policy> {
                         cloud_inbound_port: ports.2,
                         mtls: MtlsMode::ALL[mtls].1,
                         trust_domain,
+                        vehicle_gateway_port: gateway_port,
+                        vehicle_tunnel_port: tunnel_port,
+                        // A tunnel class only with gateways.
+                        vehicle_tunnel_class: (!gateways.is_empty())
+                            .then(|| class_names[tunnel_class].clone()),
+                        vehicle_gateways: gateways.into_iter().map(str::to_string).collect(),
                     },
                     uplinks: uplinks.into_iter().map(|u| (u.name.clone(), u)).collect(),
                     classes,

@@ -67,6 +67,17 @@ pub struct MeshSettings {
     /// The SPIFFE trust domain of the fleet's identities: vehicle sidecars accept only
     /// `spiffe://<td>/cloud/...` servers, cloud sidecars name vehicles of this domain.
     pub trust_domain: TrustDomain,
+    /// Cloud services call a vehicle-hosted service here (cloud sidecar's
+    /// `vehicle_gateway` listener, request header `x-misaki-target-vehicle`).
+    pub vehicle_gateway_port: u16,
+    /// Vehicles' reverse tunnels arrive here (cloud sidecar).
+    pub vehicle_tunnel_port: u16,
+    /// Hosts (IP or DNS name, no port) of the cloud sidecars every vehicle keeps reverse
+    /// tunnels to, at `vehicle_tunnel_port`. Empty: no tunnels, no gateway.
+    pub vehicle_gateways: Vec<String>,
+    /// The class whose uplinks carry the tunnels (its selected uplink, on a vehicle
+    /// running edge-netd). Set whenever `vehicle_gateways` is non-empty.
+    pub vehicle_tunnel_class: Option<String>,
 }
 
 impl Default for MeshSettings {
@@ -77,6 +88,10 @@ impl Default for MeshSettings {
             cloud_inbound_port: 15443,
             mtls: MtlsMode::Off,
             trust_domain: TrustDomain::default(),
+            vehicle_gateway_port: 15444,
+            vehicle_tunnel_port: 15445,
+            vehicle_gateways: Vec::new(),
+            vehicle_tunnel_class: None,
         }
     }
 }
@@ -210,6 +225,23 @@ pub struct Service {
     /// `None`: not declared. When every vehicle service declares it, a vehicle's
     /// sidecar holds only these and the vehicle's own services.
     pub consumes: Option<Vec<String>>,
+    /// Vehicle services only: instances of the service in the cloud (`host:port`), which
+    /// take the cloud's calls while the vehicle is offline, and every call on low power
+    /// when `on_low_power` is `cloud`. Empty: none.
+    pub cloud_replica: Vec<Endpoint>,
+    /// Vehicle services only: where calls go while the vehicle reports low power.
+    pub on_low_power: LowPowerAction,
+}
+
+spelled_enum! {
+    /// What a vehicle service does while its vehicle is low on power.
+    pub enum LowPowerAction {
+        /// Keep serving on the vehicle.
+        Stay = "stay",
+        /// Callers on the vehicle and in the cloud go to the service's `cloud_replica`
+        /// until power is back.
+        Cloud = "cloud",
+    }
 }
 
 impl Policy {

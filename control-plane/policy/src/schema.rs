@@ -17,25 +17,31 @@ use saphyr::YamlData;
 use crate::error::{ErrorKind, Errors, Loc};
 use crate::located::{Dialect, Fields, Node, Reader};
 use crate::model::{
-    Endpoint, Location, MeshSettings, MtlsMode, Protocol, RoutePriority, Service, TrafficClass,
-    TrustDomain, Uplink, UplinkKind,
+    Endpoint, Location, LowPowerAction, MeshSettings, MtlsMode, Protocol, RoutePriority, Service,
+    TrafficClass, TrustDomain, Uplink, UplinkKind,
 };
-use crate::values::{check_name, check_route, parse_endpoint};
+use crate::values::{check_bare_host, check_name, check_route, parse_endpoint};
 
 const TOP_FIELDS: &[&str] = &["version", "mesh", "uplinks", "classes", "services"];
 /// The mesh ports, in the order `MeshDraft::explicit` holds them.
-pub(crate) const MESH_PORTS: [&str; 3] = [
+pub(crate) const MESH_PORTS: [&str; 5] = [
     "vehicle_outbound_port",
     "vehicle_inbound_port",
     "cloud_inbound_port",
+    "vehicle_gateway_port",
+    "vehicle_tunnel_port",
 ];
-/// Every field of `mesh`: the ports, then data-plane mTLS.
-const MESH_FIELDS: [&str; 5] = [
+/// Every field of `mesh`: the ports, data-plane mTLS, then the vehicle gateway.
+const MESH_FIELDS: [&str; 9] = [
     MESH_PORTS[0],
     MESH_PORTS[1],
     MESH_PORTS[2],
     "mtls",
     "trust_domain",
+    MESH_PORTS[3],
+    MESH_PORTS[4],
+    "vehicle_gateways",
+    "vehicle_tunnel_class",
 ];
 const UPLINK_FIELDS: &[&str] = &["name", "kind", "metered", "cost"];
 const CLASS_FIELDS: &[&str] = &[
@@ -59,6 +65,8 @@ const SERVICE_FIELDS: &[&str] = &[
     "routes",
     "class",
     "consumes",
+    "cloud_replica",
+    "on_low_power",
 ];
 
 /// Default whole-request timeout of a class.
@@ -116,17 +124,27 @@ pub(crate) struct MeshDraft {
     pub loc: Loc,
     pub value: MeshSettings,
     /// Where each of [`MESH_PORTS`] was set explicitly (`None`: default).
-    pub explicit: [Option<(Loc, String)>; 3],
+    pub explicit: [Option<(Loc, String)>; MESH_PORTS.len()],
+    /// `vehicle_tunnel_class` where it was written (checked against the classes later).
+    pub tunnel_class: Option<Named>,
 }
 
 impl MeshDraft {
-    pub fn ports(&self) -> [u16; 3] {
-        [
-            self.value.vehicle_outbound_port,
-            self.value.vehicle_inbound_port,
-            self.value.cloud_inbound_port,
-        ]
+    /// The values of [`MESH_PORTS`], in that order.
+    pub fn ports(&self) -> [u16; MESH_PORTS.len()] {
+        mesh_ports(&self.value)
     }
+}
+
+/// The values of [`MESH_PORTS`] of `mesh`, in that order.
+pub(crate) fn mesh_ports(mesh: &MeshSettings) -> [u16; MESH_PORTS.len()] {
+    [
+        mesh.vehicle_outbound_port,
+        mesh.vehicle_inbound_port,
+        mesh.cloud_inbound_port,
+        mesh.vehicle_gateway_port,
+        mesh.vehicle_tunnel_port,
+    ]
 }
 
 #[derive(Debug)]
@@ -265,7 +283,8 @@ fn read_mesh(r: &mut Reader, node: &Node<'_>) -> Option<MeshDraft> {
     let mut mesh = MeshDraft {
         loc: Loc::at(r, node),
         value: MeshSettings::default(),
-        explicit: [None, None, None],
+        explicit: Default::default(),
+        tunnel_class: None,
     };
     for (i, field) in MESH_PORTS.iter().enumerate() {
         let Some(n) = f.get(field) else { continue };
@@ -279,7 +298,9 @@ fn read_mesh(r: &mut Reader, node: &Node<'_>) -> Option<MeshDraft> {
         match i {
             0 => mesh.value.vehicle_outbound_port = port,
             1 => mesh.value.vehicle_inbound_port = port,
-            _ => mesh.value.cloud_inbound_port = port,
+            2 => mesh.value.cloud_inbound_port = port,
+            3 => mesh.value.vehicle_gateway_port = port,
+            _ => mesh.value.vehicle_tunnel_port = port,
         }
         mesh.explicit[i] = Some((Loc::at(r, n), path));
     }
@@ -306,7 +327,68 @@ fn read_mesh(r: &mut Reader, node: &Node<'_>) -> Option<MeshDraft> {
             }
         }
     }
+    read_vehicle_gateways(r, &f, &mut mesh);
     Some(mesh)
+}
+
+/// `vehicle_gateways` and `vehicle_tunnel_class`: each needs the other.
+fn read_vehicle_gateways(r: &mut Reader, f: &Fields<'_, '_>, mesh: &mut MeshDraft) {
+    let gateways_node = f.get("vehicle_gateways");
+    if let Some(n) = gateways_node {
+        let path = f.path("vehicle_gateways");
+        let hosts = read_string_list(
+            r,
+            n,
+            &path,
+            "hosts (IP address or DNS name, no port)",
+            |r, item, p, text| match check_bare_host(text) {
+                Ok(()) => true,
+                Err(msg) => {
+                    r.error(item, p, ErrorKind::InvalidValue, msg);
+                    false
+                }
+            },
+        );
+        mesh.value.vehicle_gateways = hosts
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| n.text)
+            .collect();
+    }
+    let class_node = f.get("vehicle_tunnel_class");
+    if let Some(n) = class_node {
+        let path = f.path("vehicle_tunnel_class");
+        if let Some(text) = r.text(n, &path, "the name of a traffic class") {
+            mesh.value.vehicle_tunnel_class = Some(text.to_owned());
+            mesh.tunnel_class = Some(Named {
+                text: text.to_owned(),
+                loc: Loc::at(r, n),
+                path,
+            });
+        }
+    }
+    // Judged by what was written, so invalid hosts don't add a second error.
+    let has_gateways = match gateways_node.map(|n| &n.data) {
+        None => false,
+        Some(YamlData::Sequence(s)) => !s.is_empty(),
+        // Wrong type, reported: don't guess.
+        Some(_) => return,
+    };
+    match (gateways_node, class_node) {
+        (Some(g), None) if has_gateways => r.error(
+            g,
+            &f.path("vehicle_gateways"),
+            ErrorKind::MissingField,
+            "`vehicle_gateways` needs `vehicle_tunnel_class`: the traffic class whose uplinks carry the vehicles' reverse tunnels",
+        ),
+        (_, Some(c)) if !has_gateways => r.error(
+            c,
+            &f.path("vehicle_tunnel_class"),
+            ErrorKind::InvalidValue,
+            "`vehicle_tunnel_class` without `vehicle_gateways`: there are no tunnels for it to carry; list the gateway hosts in `vehicle_gateways` or remove it",
+        ),
+        _ => {}
+    }
 }
 
 /// The required, unique `name` of an item. Returned even when its syntax is
@@ -465,28 +547,9 @@ fn read_service(r: &mut Reader, node: &Node<'_>, path: String) -> Option<Service
 
     let endpoints_path = f.path("endpoints");
     let endpoints_node = f.get("endpoints");
-    let endpoints: Vec<Endpoint> = endpoints_node
-        .and_then(|n| {
-            read_string_list(
-                r,
-                n,
-                &endpoints_path,
-                "endpoints (`host:port`)",
-                |r, item, p, text| match parse_endpoint(text) {
-                    Ok(_) => true,
-                    Err(msg) => {
-                        r.error(item, p, ErrorKind::InvalidValue, msg);
-                        false
-                    }
-                },
-            )
-        })
-        .unwrap_or_default()
-        .iter()
-        // Parsed a second time rather than threaded through: they are few and
-        // already known to be valid.
-        .filter_map(|n| parse_endpoint(&n.text).ok())
-        .collect();
+    let endpoints = endpoints_node
+        .map(|n| read_endpoints(r, n, &endpoints_path))
+        .unwrap_or_default();
     let remote = matches!(location, Some(Location::Edge | Location::Cloud));
     match endpoints_node {
         None if remote => r.error(
@@ -541,6 +604,7 @@ fn read_service(r: &mut Reader, node: &Node<'_>, path: String) -> Option<Service
             })
         });
     let consumes = read_consumes(r, &f, location);
+    let (cloud_replica, on_low_power) = read_low_power(r, &f, location);
     Some(ServiceDraft {
         value: Service {
             name: name.as_ref().map(|n| n.text.clone()).unwrap_or_default(),
@@ -554,6 +618,8 @@ fn read_service(r: &mut Reader, node: &Node<'_>, path: String) -> Option<Service
             consumes: consumes
                 .as_ref()
                 .map(|c| c.iter().map(|n| n.text.clone()).collect()),
+            cloud_replica,
+            on_low_power,
         },
         name,
         location,
@@ -583,4 +649,86 @@ fn read_consumes(
         return None;
     }
     read_string_list(r, node, &path, "service names", |_, _, _, _| true)
+}
+
+/// A list of `host:port` endpoints (`endpoints`, `cloud_replica`): each checked, no
+/// address twice.
+fn read_endpoints(r: &mut Reader, node: &Node<'_>, path: &str) -> Vec<Endpoint> {
+    read_string_list(
+        r,
+        node,
+        path,
+        "endpoints (`host:port`)",
+        |r, item, p, text| match parse_endpoint(text) {
+            Ok(_) => true,
+            Err(msg) => {
+                r.error(item, p, ErrorKind::InvalidValue, msg);
+                false
+            }
+        },
+    )
+    .unwrap_or_default()
+    .iter()
+    // Parsed a second time rather than threaded through: they are few and
+    // already known to be valid.
+    .filter_map(|n| parse_endpoint(&n.text).ok())
+    .collect()
+}
+
+/// `cloud_replica` and `on_low_power`: where a vehicle service's calls go while the
+/// vehicle is offline or low on power. Only vehicle services have them.
+fn read_low_power(
+    r: &mut Reader,
+    f: &Fields<'_, '_>,
+    location: Option<Location>,
+) -> (Vec<Endpoint>, LowPowerAction) {
+    let remote = matches!(location, Some(Location::Edge | Location::Cloud));
+    let replica_node = f.get("cloud_replica");
+    let replica_path = f.path("cloud_replica");
+    let mut replica = Vec::new();
+    if let Some(n) = replica_node {
+        if remote {
+            r.error(
+                n,
+                &replica_path,
+                ErrorKind::InvalidValue,
+                "`cloud_replica` is for vehicle services; an edge or cloud service lists all its instances in `endpoints`",
+            );
+        } else {
+            replica = read_endpoints(r, n, &replica_path);
+        }
+    }
+    let mut action = LowPowerAction::Stay;
+    let Some(n) = f.get("on_low_power") else {
+        return (replica, action);
+    };
+    let path = f.path("on_low_power");
+    if remote {
+        r.error(
+            n,
+            &path,
+            ErrorKind::InvalidValue,
+            "`on_low_power` is for vehicle services: it says where their calls go while the vehicle is low on power",
+        );
+        return (replica, action);
+    }
+    let Some(a) = r.choice(n, &path, "low-power action", &LowPowerAction::ALL) else {
+        return (replica, action);
+    };
+    action = a;
+    // Judged by what was written, so invalid endpoints don't add a second error.
+    let no_replica = match replica_node.map(|n| &n.data) {
+        None => true,
+        Some(YamlData::Sequence(s)) => s.is_empty(),
+        Some(_) => false,
+    };
+    if action == LowPowerAction::Cloud && no_replica {
+        r.error(
+            n,
+            &path,
+            ErrorKind::InvalidValue,
+            "`on_low_power: cloud` sends calls to the service's cloud instances, but it has none; add `cloud_replica` (a list of `host:port`)",
+        );
+    }
+    (replica, action)
 }

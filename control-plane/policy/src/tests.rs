@@ -300,7 +300,7 @@ fn unknown_field_is_named_with_a_suggestion_and_the_allowed_fields() {
     assert_eq!(
         msg,
         "unknown field `protocl`; did you mean `protocol`?; allowed fields here: \
-         name, location, protocol, port, endpoints, routes, class, consumes"
+         name, location, protocol, port, endpoints, routes, class, consumes, cloud_replica, on_low_power"
     );
 }
 
@@ -1122,4 +1122,332 @@ fn consumes_on_a_cloud_service_is_an_error() {
         ErrorKind::InvalidValue,
     );
     assert!(msg.contains("for vehicle services"), "{msg}");
+}
+
+// ---- vehicle gateway, cloud replicas, low power ------------------------------
+
+/// MINI plus a vehicle service `car` (lines 15–19) with `extra` lines from line 20.
+fn with_vehicle(extra: &str) -> String {
+    format!(
+        "{MINI}  - name: car\n    location: vehicle\n    port: 8080\n    routes: [\"/car\"]\n    class: std\n{extra}"
+    )
+}
+
+#[test]
+fn gateway_and_low_power_fields_are_read() {
+    let text = format!(
+        "{}mesh:\n  vehicle_gateway_port: 16444\n  vehicle_tunnel_port: 16445\n  vehicle_gateways: [198.18.0.10, \"2001:db8::10\", gw.cloud.example]\n  vehicle_tunnel_class: std\n",
+        with_vehicle(
+            "    cloud_replica: [\"10.1.0.1:8080\", \"[2001:db8::2]:8080\", \"car.cloud.example:8080\"]\n    on_low_power: cloud\n"
+        )
+    );
+    let p = parse("p.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.mesh,
+        MeshSettings {
+            vehicle_gateway_port: 16444,
+            vehicle_tunnel_port: 16445,
+            vehicle_gateways: vec![
+                "198.18.0.10".into(),
+                "2001:db8::10".into(),
+                "gw.cloud.example".into()
+            ],
+            vehicle_tunnel_class: Some("std".into()),
+            ..MeshSettings::default()
+        }
+    );
+    let car = &p.services["car"];
+    let endpoint = |host: &str, port| Endpoint {
+        host: host.into(),
+        port,
+    };
+    assert_eq!(
+        car.cloud_replica,
+        [
+            endpoint("10.1.0.1", 8080),
+            endpoint("2001:db8::2", 8080),
+            endpoint("car.cloud.example", 8080)
+        ]
+    );
+    assert_eq!(car.on_low_power, LowPowerAction::Cloud);
+    assert!(car.endpoints.is_empty());
+}
+
+#[test]
+fn gateway_and_low_power_fields_default_to_none_and_stay() {
+    let p = parse("p.yaml", &with_vehicle("")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.mesh, MeshSettings::default());
+    assert_eq!(
+        (p.mesh.vehicle_gateway_port, p.mesh.vehicle_tunnel_port),
+        (15444, 15445)
+    );
+    assert!(p.mesh.vehicle_gateways.is_empty());
+    assert_eq!(p.mesh.vehicle_tunnel_class, None);
+    for svc in p.services.values() {
+        assert!(svc.cloud_replica.is_empty());
+        assert_eq!(svc.on_low_power, LowPowerAction::Stay);
+    }
+    // `stay` may be written, and a replica without `cloud` is kept (it takes the
+    // cloud's calls while the vehicle is offline).
+    let p = parse(
+        "p.yaml",
+        &with_vehicle("    cloud_replica: [\"10.1.0.1:8080\"]\n    on_low_power: stay\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.services["car"].on_low_power, LowPowerAction::Stay);
+    assert_eq!(p.services["car"].cloud_replica.len(), 1);
+}
+
+#[test]
+fn gateway_and_tunnel_ports_must_differ_from_the_other_mesh_ports() {
+    let text = format!("{MINI}mesh:\n  vehicle_gateway_port: 15443\n");
+    let msg = the_error(
+        &text,
+        16,
+        25,
+        "mesh.vehicle_gateway_port",
+        ErrorKind::Conflict,
+    );
+    assert_eq!(
+        msg,
+        "port 15443 is also `cloud_inbound_port`; the mesh ports must all differ"
+    );
+    let text = format!("{MINI}mesh:\n  vehicle_outbound_port: 15445\n");
+    let msg = the_error(
+        &text,
+        16,
+        26,
+        "mesh.vehicle_outbound_port",
+        ErrorKind::Conflict,
+    );
+    assert_eq!(
+        msg,
+        "port 15445 is also `vehicle_tunnel_port`; the mesh ports must all differ"
+    );
+    let text =
+        format!("{MINI}mesh:\n  vehicle_gateway_port: 16000\n  vehicle_tunnel_port: 16000\n");
+    let msg = the_error(
+        &text,
+        17,
+        24,
+        "mesh.vehicle_tunnel_port",
+        ErrorKind::Conflict,
+    );
+    assert!(msg.contains("is also `vehicle_gateway_port`"), "{msg}");
+    let text = format!("{MINI}mesh:\n  vehicle_tunnel_port: 0\n");
+    the_error(
+        &text,
+        16,
+        24,
+        "mesh.vehicle_tunnel_port",
+        ErrorKind::OutOfRange,
+    );
+}
+
+#[test]
+fn vehicle_service_on_the_gateway_or_tunnel_port_conflicts() {
+    let text = mini_with(
+        "    location: cloud\n    port: 80\n",
+        "    location: vehicle\n    port: 15444\n",
+    );
+    let msg = the_error(&text, 11, 11, "services[0].port", ErrorKind::Conflict);
+    assert_eq!(
+        msg,
+        "port 15444 is the mesh's `vehicle_gateway_port`; a vehicle service must not use a sidecar port"
+    );
+    let text = format!(
+        "{}mesh:\n  vehicle_tunnel_port: 20000\n",
+        mini_with(
+            "    location: cloud\n    port: 80\n",
+            "    location: vehicle\n    port: 20000\n",
+        )
+    );
+    let msg = the_error(&text, 11, 11, "services[0].port", ErrorKind::Conflict);
+    assert!(msg.contains("`vehicle_tunnel_port`"), "{msg}");
+}
+
+#[test]
+fn vehicle_gateways_are_hosts_without_ports_each_once() {
+    let text = format!(
+        "{MINI}mesh:\n  vehicle_gateways: [gw.example, \"gw.example:443\", bad_host, 10.0.0.256, \"[::1]\", gw.example]\n  vehicle_tunnel_class: std\n"
+    );
+    let errs = errors_of(&text);
+    let got: Vec<(usize, usize, &str, ErrorKind)> = errs
+        .iter()
+        .map(|e| (e.line, e.column, e.path.as_str(), e.kind))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (16, 34, "mesh.vehicle_gateways[1]", ErrorKind::InvalidValue),
+            (16, 52, "mesh.vehicle_gateways[2]", ErrorKind::InvalidValue),
+            (16, 62, "mesh.vehicle_gateways[3]", ErrorKind::InvalidValue),
+            (16, 74, "mesh.vehicle_gateways[4]", ErrorKind::InvalidValue),
+            (16, 83, "mesh.vehicle_gateways[5]", ErrorKind::Duplicate),
+        ],
+        "{}",
+        PolicyErrors(errs.clone())
+    );
+    assert!(errs[0].message.contains("without a port"), "{}", errs[0]);
+    assert!(
+        errs[1]
+            .message
+            .contains("neither an IP address nor a DNS name"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        errs[2].message.contains("is not an IPv4 address"),
+        "{}",
+        errs[2]
+    );
+    assert!(
+        errs[4]
+            .message
+            .contains("listed twice; first as mesh.vehicle_gateways[0]"),
+        "{}",
+        errs[4]
+    );
+    let text = format!("{MINI}mesh:\n  vehicle_gateways: gw.example\n");
+    the_error(&text, 16, 21, "mesh.vehicle_gateways", ErrorKind::WrongType);
+}
+
+#[test]
+fn vehicle_gateways_need_a_tunnel_class() {
+    let text = format!("{MINI}mesh:\n  vehicle_gateways: [gw.example]\n");
+    let msg = the_error(
+        &text,
+        16,
+        21,
+        "mesh.vehicle_gateways",
+        ErrorKind::MissingField,
+    );
+    assert!(msg.contains("needs `vehicle_tunnel_class`"), "{msg}");
+}
+
+#[test]
+fn a_tunnel_class_without_vehicle_gateways_is_an_error() {
+    for gateways in ["", "  vehicle_gateways: []\n"] {
+        let text = format!("{MINI}mesh:\n{gateways}  vehicle_tunnel_class: std\n");
+        let line = if gateways.is_empty() { 16 } else { 17 };
+        let msg = the_error(
+            &text,
+            line,
+            25,
+            "mesh.vehicle_tunnel_class",
+            ErrorKind::InvalidValue,
+        );
+        assert!(
+            msg.starts_with("`vehicle_tunnel_class` without `vehicle_gateways`"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn the_tunnel_class_must_be_a_class() {
+    let text =
+        format!("{MINI}mesh:\n  vehicle_gateways: [gw.example]\n  vehicle_tunnel_class: sdt\n");
+    let msg = the_error(
+        &text,
+        17,
+        25,
+        "mesh.vehicle_tunnel_class",
+        ErrorKind::UnknownReference,
+    );
+    assert_eq!(
+        msg,
+        "unknown class `sdt`; did you mean `std`?; defined classes: std"
+    );
+}
+
+#[test]
+fn cloud_replica_and_on_low_power_are_for_vehicle_services() {
+    let text = mini_with(
+        "    class: std\n",
+        "    class: std\n    cloud_replica: [\"10.0.0.2:80\"]\n    on_low_power: cloud\n",
+    );
+    let errs = errors_of(&text);
+    let got: Vec<(usize, usize, &str, ErrorKind)> = errs
+        .iter()
+        .map(|e| (e.line, e.column, e.path.as_str(), e.kind))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (15, 20, "services[0].cloud_replica", ErrorKind::InvalidValue),
+            (16, 19, "services[0].on_low_power", ErrorKind::InvalidValue),
+        ],
+        "{}",
+        PolicyErrors(errs.clone())
+    );
+    assert!(
+        errs[0].message.contains("for vehicle services"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].message.contains("for vehicle services"),
+        "{}",
+        errs[1]
+    );
+}
+
+#[test]
+fn on_low_power_cloud_needs_a_cloud_replica() {
+    for replica in ["", "    cloud_replica: []\n"] {
+        let text = with_vehicle(&format!("{replica}    on_low_power: cloud\n"));
+        let line = if replica.is_empty() { 20 } else { 21 };
+        let msg = the_error(
+            &text,
+            line,
+            19,
+            "services[1].on_low_power",
+            ErrorKind::InvalidValue,
+        );
+        assert!(msg.contains("add `cloud_replica`"), "{msg}");
+    }
+}
+
+#[test]
+fn on_low_power_is_stay_or_cloud() {
+    let text = with_vehicle("    on_low_power: clod\n");
+    let msg = the_error(
+        &text,
+        20,
+        19,
+        "services[1].on_low_power",
+        ErrorKind::InvalidValue,
+    );
+    assert_eq!(
+        msg,
+        "unknown low-power action `clod`; expected one of: stay, cloud; did you mean `cloud`?"
+    );
+}
+
+#[test]
+fn cloud_replicas_are_endpoints_each_once() {
+    let text = with_vehicle(
+        "    cloud_replica: [\"10.1.0.1:8080\", \"10.1.0.1\", \"10.1.0.1:8080\"]\n    on_low_power: cloud\n",
+    );
+    let errs = errors_of(&text);
+    let got: Vec<(usize, usize, &str, ErrorKind)> = errs
+        .iter()
+        .map(|e| (e.line, e.column, e.path.as_str(), e.kind))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                20,
+                38,
+                "services[1].cloud_replica[1]",
+                ErrorKind::InvalidValue
+            ),
+            (20, 50, "services[1].cloud_replica[2]", ErrorKind::Duplicate),
+        ],
+        "{}",
+        PolicyErrors(errs.clone())
+    );
+    assert!(errs[0].message.contains("has no port"), "{}", errs[0]);
 }

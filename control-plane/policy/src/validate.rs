@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use crate::error::{ErrorKind, Errors, Loc};
 use crate::located::did_you_mean;
 use crate::model::{Location, MeshSettings, Policy};
-use crate::schema::{FileDraft, MESH_PORTS, MeshDraft, Named, Section};
+use crate::schema::{FileDraft, MESH_PORTS, MeshDraft, Named, Section, mesh_ports};
 
 /// The only format version this build reads.
 pub const FORMAT_VERSION: i64 = 1;
@@ -58,6 +58,9 @@ pub(crate) fn merge(files: Vec<FileDraft>, whole: &Loc, errors: &mut Errors) -> 
         for uplink in &class.uplinks {
             check_reference(uplink, &uplinks, ("uplink", "uplinks"), errors);
         }
+    }
+    if let Some(tunnel_class) = mesh.and_then(|m| m.tunnel_class.as_ref()) {
+        check_reference(tunnel_class, &classes, ("class", "classes"), errors);
     }
     check_services(&files, &classes, &mesh_value, errors);
     for consumed in files
@@ -118,7 +121,7 @@ fn check_version(files: &[FileDraft], whole: &Loc, errors: &mut Errors) {
     }
 }
 
-/// `mesh` may be set by one file only; its three ports must differ.
+/// `mesh` may be set by one file only; its ports must differ.
 fn merge_mesh<'a>(files: &'a [FileDraft], errors: &mut Errors) -> Option<&'a MeshDraft> {
     let mut first: Option<&MeshDraft> = None;
     for mesh in files.iter().filter_map(|f| f.mesh.as_ref()) {
@@ -253,11 +256,7 @@ fn check_services(
     mesh: &MeshSettings,
     errors: &mut Errors,
 ) {
-    let mesh_ports = [
-        (mesh.vehicle_outbound_port, MESH_PORTS[0]),
-        (mesh.vehicle_inbound_port, MESH_PORTS[1]),
-        (mesh.cloud_inbound_port, MESH_PORTS[2]),
-    ];
+    let sidecar_ports: Vec<(u16, &str)> = mesh_ports(mesh).into_iter().zip(MESH_PORTS).collect();
     let mut routes: BTreeMap<&str, (&str, &Loc)> = BTreeMap::new();
     let mut vehicle_ports: BTreeMap<u16, (&str, &Loc)> = BTreeMap::new();
     for svc in files.iter().flat_map(|f| &f.services.items) {
@@ -285,7 +284,7 @@ fn check_services(
         let (Some(Location::Vehicle), Some((port, loc, path))) = (svc.location, &svc.port) else {
             continue;
         };
-        if let Some((_, field)) = mesh_ports.iter().find(|(p, _)| p == port) {
+        if let Some((_, field)) = sidecar_ports.iter().find(|(p, _)| p == port) {
             errors.push(
                 loc,
                 path,

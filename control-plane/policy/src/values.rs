@@ -1,4 +1,4 @@
-//! Syntax of the string values the format constrains: names, endpoints, routes.
+//! Syntax of the string values the format constrains: names, endpoints, hosts, routes.
 //!
 //! Invariant: these checks are pure functions of one string; everything that
 //! relates two values (uniqueness, references, conflicts) lives in `validate`.
@@ -90,20 +90,14 @@ pub(crate) fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     })
 }
 
-fn check_host(text: &str, host: &str) -> Result<(), String> {
-    if host.is_empty() {
-        return Err(format!(
-            "endpoint `{text}` has no host; expected `host:port`"
-        ));
-    }
+/// Why `host` (not empty, no `:`) is neither an IPv4 address nor a DNS name.
+fn host_problem(host: &str) -> Option<String> {
     // All digits and dots: the operator meant an IPv4 address, so hold it to that
     // (`10.0.0.256` is a typo, not a DNS name).
     if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return match host.parse::<Ipv4Addr>() {
-            Ok(_) => Ok(()),
-            Err(_) => Err(format!(
-                "invalid endpoint `{text}`: `{host}` is not an IPv4 address"
-            )),
+            Ok(_) => None,
+            Err(_) => Some(format!("`{host}` is not an IPv4 address")),
         };
     }
     let name = host.strip_suffix('.').unwrap_or(host);
@@ -115,11 +109,40 @@ fn check_host(text: &str, host: &str) -> Result<(), String> {
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
     if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Some(format!("`{host}` is neither an IP address nor a DNS name"));
+    }
+    None
+}
+
+fn check_host(text: &str, host: &str) -> Result<(), String> {
+    if host.is_empty() {
         return Err(format!(
-            "invalid endpoint `{text}`: `{host}` is neither an IP address nor a DNS name"
+            "endpoint `{text}` has no host; expected `host:port`"
         ));
     }
-    Ok(())
+    match host_problem(host) {
+        Some(problem) => Err(format!("invalid endpoint `{text}`: {problem}")),
+        None => Ok(()),
+    }
+}
+
+/// A host without a port: IPv4, IPv6 (without brackets) or a DNS name, as the host
+/// of an endpoint.
+pub(crate) fn check_bare_host(host: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected an IP address or a DNS name without a port (e.g. `198.18.0.1`, `2001:db8::1`, `gw.example.net`)";
+    if host.is_empty() {
+        return Err(format!("host is empty; {EXPECTED}"));
+    }
+    if host.contains(':') || host.starts_with('[') {
+        if host.parse::<Ipv6Addr>().is_ok() {
+            return Ok(());
+        }
+        return Err(format!("invalid host `{host}`; {EXPECTED}"));
+    }
+    match host_problem(host) {
+        Some(problem) => Err(format!("invalid host: {problem}; {EXPECTED}")),
+        None => Ok(()),
+    }
 }
 
 /// Route prefixes: start with `/`, no whitespace or control characters (Envoy

@@ -287,6 +287,7 @@ mod tests {
                 routes: vec!["/telemetry".into()],
                 class: "bulk".into(),
                 consumes: None,
+                ..Default::default()
             }],
             mesh: None,
             ..Default::default()
