@@ -8,7 +8,8 @@
 //! - [`VehicleLab`] owns its namespaces and child processes: dropping it (also while
 //!   unwinding from a failed assertion) kills the processes first, then deletes the
 //!   namespaces, which deletes the veth pairs and nft tables inside them.
-//! - Only 198.18.0.0/15 addresses, only inside the namespaces created here.
+//! - Only 198.18.0.0/15 addresses (198.19.0.0/30 is the NAT's link), only inside the
+//!   namespaces created here.
 //!
 //! Topology (vehicle `mv-<tag>-<pid>-<n>`, cloud `mc-<tag>-<pid>-<n>`):
 //! ```text
@@ -19,9 +20,20 @@
 //!  routes to 198.18.0.1: via wlan0 metric 10, wwan0 metric 20, dsrc0 metric 30
 //!  ignore_routes_with_linkdown=1: a link without carrier carries no traffic
 //! ```
+//! Behind a carrier NAT ([`VehicleLab::behind_nat`]) a router `mr-<tag>-<pid>-<n>`
+//! holds the uplink peers instead of the cloud:
+//! ```text
+//!  vehicle ── 3 uplinks as above ── router (cwlan0/cwwan0/cdsrc0, ip_forward=1)
+//!  router rcloud0 198.19.0.1/30  ── veth ──  crouter0 198.19.0.2/30 cloud
+//!  router: route 198.18.0.1 via 198.19.0.2; nft masquerade out of rcloud0;
+//!          forward from rcloud0 only ct established,related (the rest dropped)
+//!  cloud: no route to 198.18.{1,2,3}.0/30; sees the vehicle as 198.19.0.1
+//! ```
+//!
 //! Carrier loss = the cloud-side peer set down (the vehicle side keeps its routes and
 //! sees NO-CARRIER, like a radio losing its network). Silent blackhole = an nftables
-//! drop rule on the cloud-side peer (link and carrier stay up).
+//! drop rule on the cloud-side peer (link and carrier stay up). Behind the NAT both act
+//! on the router, which holds the peers.
 //!
 //! The vehicle loop (tests/tests/vehicle_loop.rs) adds, all optional: a cloud service
 //! ([`EchoServer`] on [`CLOUD_ADDR`]:[`CLOUD_SERVICE_PORT`]) whose answer names the
@@ -88,6 +100,16 @@ pub const LAB_POLICY: &str = "version: 1\n\
      services:\n\
      \x20 - { name: telemetry, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/telemetry], class: bulk }\n\
      \x20 - { name: maps, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/maps], class: standard }\n";
+
+/// Behind the NAT ([`VehicleLab::behind_nat`]): the router's address toward the cloud,
+/// the source of every vehicle connection the cloud sees.
+pub const ROUTER_ADDR: &str = "198.19.0.1";
+/// Behind the NAT: the cloud's address on its link to the router.
+pub const CLOUD_LINK_ADDR: &str = "198.19.0.2";
+/// Behind the NAT: the router's interface toward the cloud.
+pub const ROUTER_IFACE: &str = "rcloud0";
+/// Behind the NAT: the cloud's interface toward the router.
+pub const CLOUD_ROUTER_IFACE: &str = "crouter0";
 
 /// The three uplinks: (policy name, vehicle interface, cloud peer, subnet octet, tbf rate).
 pub const UPLINKS: [(&str, &str, &str, u8, &str); 3] = [
@@ -319,6 +341,9 @@ pub struct VehicleLab {
     pub netd: Option<Process>,
     pub vehicle: Netns,
     pub cloud: Netns,
+    /// The carrier NAT between the uplinks and the cloud ([`VehicleLab::behind_nat`]);
+    /// `None`: the uplink peers are in the cloud ([`VehicleLab::new`]).
+    pub router: Option<Netns>,
     pub dir: tempfile::TempDir,
     pub vehicle_id: String,
     /// Where the last started edge-netd serves xDS (the vehicle Envoy's bootstrap is
@@ -327,13 +352,32 @@ pub struct VehicleLab {
 }
 
 impl VehicleLab {
-    /// Build the topology (no processes yet).
+    /// Build the topology (no processes yet): the uplink peers in the cloud namespace,
+    /// which can dial the vehicle directly.
     pub fn new(tag: &str) -> VehicleLab {
+        Self::build(tag, false)
+    }
+
+    /// Build the topology behind a carrier NAT (no processes yet): the uplink peers in a
+    /// router namespace (`mr-<tag>-<pid>-<n>`) that forwards to the cloud over
+    /// [`ROUTER_IFACE`]/[`CLOUD_ROUTER_IFACE`] and masquerades everything leaving toward
+    /// it as [`ROUTER_ADDR`]. The vehicle reaches [`CLOUD_ADDR`] over each uplink as
+    /// before; the cloud cannot open a connection to the vehicle (no route, and the
+    /// router drops new connections coming from the cloud). The cloud sees every
+    /// vehicle connection from [`ROUTER_ADDR`], so [`uplink_of_ip`] does not apply.
+    pub fn behind_nat(tag: &str) -> VehicleLab {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, nat: bool) -> VehicleLab {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let vehicle = Netns::create(format!("mv-{tag}-{pid}-{n}"));
         let cloud = Netns::create(format!("mc-{tag}-{pid}-{n}"));
+        let router = nat.then(|| Netns::create(format!("mr-{tag}-{pid}-{n}")));
+        // The namespace holding the uplink peers.
+        let peers = router.as_ref().unwrap_or(&cloud);
         cloud.exec(&[
             "ip",
             "addr",
@@ -363,7 +407,7 @@ impl VehicleLab {
                 "name",
                 peer,
                 "netns",
-                &cloud.name,
+                &peers.name,
             ]);
             vehicle.exec(&[
                 "ip",
@@ -373,7 +417,7 @@ impl VehicleLab {
                 "dev",
                 iface,
             ]);
-            cloud.exec(&[
+            peers.exec(&[
                 "ip",
                 "addr",
                 "add",
@@ -387,7 +431,7 @@ impl VehicleLab {
             );
             vehicle.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0");
             vehicle.exec(&["ip", "link", "set", iface, "up"]);
-            cloud.exec(&["ip", "link", "set", peer, "up"]);
+            peers.exec(&["ip", "link", "set", peer, "up"]);
             vehicle.exec(&[
                 "tc", "qdisc", "add", "dev", iface, "root", "tbf", "rate", rate, "burst", "32kbit",
                 "latency", "50ms",
@@ -406,6 +450,9 @@ impl VehicleLab {
                 &metric,
             ]);
         }
+        if let Some(router) = &router {
+            Self::connect_router(router, &cloud);
+        }
         VehicleLab {
             envoy: None,
             upstream: None,
@@ -415,10 +462,122 @@ impl VehicleLab {
             netd: None,
             vehicle,
             cloud,
+            router,
             dir: tempfile::tempdir().expect("temp dir"),
             vehicle_id: format!("car-{tag}-{pid}-{n}"),
             xds_port: VEHICLE_XDS_PORT,
         }
+    }
+
+    /// Wire the router to the cloud (see [`VehicleLab::behind_nat`]): one veth pair, the
+    /// router forwarding and masquerading toward the cloud, dropping connections the
+    /// cloud opens, and the cloud routing back only to [`ROUTER_ADDR`] (connected).
+    fn connect_router(router: &Netns, cloud: &Netns) {
+        run(&[
+            "ip",
+            "link",
+            "add",
+            ROUTER_IFACE,
+            "netns",
+            &router.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLOUD_ROUTER_IFACE,
+            "netns",
+            &cloud.name,
+        ]);
+        router.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ROUTER_ADDR}/30"),
+            "dev",
+            ROUTER_IFACE,
+        ]);
+        cloud.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLOUD_LINK_ADDR}/30"),
+            "dev",
+            CLOUD_ROUTER_IFACE,
+        ]);
+        router.exec(&["ip", "link", "set", ROUTER_IFACE, "up"]);
+        cloud.exec(&["ip", "link", "set", CLOUD_ROUTER_IFACE, "up"]);
+        router.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{CLOUD_ADDR}/32"),
+            "via",
+            CLOUD_LINK_ADDR,
+            "dev",
+            ROUTER_IFACE,
+        ]);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.exec(&["nft", "add", "table", "ip", "carrier_nat"]);
+        router.exec(&[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "carrier_nat",
+            "postrouting",
+            "{ type nat hook postrouting priority srcnat; policy accept; }",
+        ]);
+        router.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "carrier_nat",
+            "postrouting",
+            "oifname",
+            ROUTER_IFACE,
+            "masquerade",
+        ]);
+        // Like a carrier's NAT: nothing the cloud starts gets through, even with a route.
+        router.exec(&[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "carrier_nat",
+            "forward",
+            "{ type filter hook forward priority filter; policy accept; }",
+        ]);
+        router.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "carrier_nat",
+            "forward",
+            "iifname",
+            ROUTER_IFACE,
+            "ct",
+            "state",
+            "established,related",
+            "accept",
+        ]);
+        router.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "carrier_nat",
+            "forward",
+            "iifname",
+            ROUTER_IFACE,
+            "drop",
+        ]);
+    }
+
+    /// The namespace holding the uplink peers: the router behind a NAT, else the cloud.
+    pub fn peers(&self) -> &Netns {
+        self.router.as_ref().unwrap_or(&self.cloud)
     }
 
     fn peer_of(iface: &str) -> &'static str {
@@ -430,40 +589,46 @@ impl VehicleLab {
     }
 
     /// Cut (`false`) or restore (`true`) the carrier of a vehicle interface by taking
-    /// its cloud-side peer down/up.
+    /// its peer ([`VehicleLab::peers`]) down/up.
     pub fn set_carrier(&self, iface: &str, on: bool) {
         let state = if on { "up" } else { "down" };
-        self.cloud
+        self.peers()
             .exec(&["ip", "link", "set", Self::peer_of(iface), state]);
     }
 
-    /// Silently drop everything arriving at the cloud over `iface` (or stop doing so).
+    /// Silently drop everything arriving at the cloud over `iface` (or stop doing so):
+    /// a drop rule on its peer ([`VehicleLab::peers`]); behind the NAT it drops what the
+    /// router would forward too.
     pub fn set_blackhole(&self, iface: &str, on: bool) {
         let table = format!("bh_{iface}");
+        let (ns, hook) = match &self.router {
+            Some(router) => (router, "prerouting"),
+            None => (&self.cloud, "input"),
+        };
         if on {
-            self.cloud.exec(&["nft", "add", "table", "inet", &table]);
-            self.cloud.exec(&[
+            ns.exec(&["nft", "add", "table", "inet", &table]);
+            ns.exec(&[
                 "nft",
                 "add",
                 "chain",
                 "inet",
                 &table,
-                "input",
-                "{ type filter hook input priority 0; policy accept; }",
+                hook,
+                &format!("{{ type filter hook {hook} priority 0; policy accept; }}"),
             ]);
-            self.cloud.exec(&[
+            ns.exec(&[
                 "nft",
                 "add",
                 "rule",
                 "inet",
                 &table,
-                "input",
+                hook,
                 "iifname",
                 Self::peer_of(iface),
                 "drop",
             ]);
         } else {
-            self.cloud.exec(&["nft", "delete", "table", "inet", &table]);
+            ns.exec(&["nft", "delete", "table", "inet", &table]);
         }
     }
 
