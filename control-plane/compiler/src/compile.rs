@@ -72,10 +72,13 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
-use misaki_policy::{Location, MtlsMode, Policy, Protocol, RoutePriority, Service, TrafficClass};
+use misaki_policy::{
+    Location, LowPowerAction, MtlsMode, Policy, Protocol, RoutePriority, Service, TrafficClass,
+};
 use prost::{Message, Name};
 
 use crate::envoy::{ads, any, hcm, hcm_chain, hcm_routed, socket};
+use crate::gateway::{self, Reach, VehicleConditions};
 use crate::local::VehicleState;
 use crate::mtls::{self, SecretSource};
 use crate::node::{NodeInfo, Role};
@@ -124,7 +127,25 @@ pub fn inbound_cluster(svc: &str) -> String {
 /// Compile the snapshot for one node. `version_prefix` makes versions unique per
 /// server instance (see [`crate::snapshot`]).
 pub fn compile(policy: &Policy, node: &NodeInfo, version_prefix: &str) -> Snapshot {
-    compile_for(policy, node, None, version_prefix)
+    compile_for(
+        policy,
+        node,
+        None,
+        VehicleConditions::default(),
+        version_prefix,
+    )
+}
+
+/// [`compile`] for a vehicle node in `conditions` (what misaki-cp's fleet registry
+/// knows of it: low power moves its own callers of `on_low_power: cloud` services to
+/// the cloud replica). Other roles ignore them.
+pub fn compile_in(
+    policy: &Policy,
+    node: &NodeInfo,
+    conditions: VehicleConditions,
+    version_prefix: &str,
+) -> Snapshot {
+    compile_for(policy, node, None, conditions, version_prefix)
 }
 
 /// Compile a vehicle node's snapshot with what only the vehicle knows: uplink-bound
@@ -136,13 +157,17 @@ pub fn compile_vehicle(
     state: &VehicleState,
     version_prefix: &str,
 ) -> Snapshot {
-    compile_for(policy, node, Some(state), version_prefix)
+    let conditions = VehicleConditions {
+        low_power: state.low_power,
+    };
+    compile_for(policy, node, Some(state), conditions, version_prefix)
 }
 
 fn compile_for(
     policy: &Policy,
     node: &NodeInfo,
     state: Option<&VehicleState>,
+    conditions: VehicleConditions,
     version_prefix: &str,
 ) -> Snapshot {
     let scope = Scope::of(policy);
@@ -155,7 +180,11 @@ fn compile_for(
             if policy.mesh.mtls != MtlsMode::Off {
                 out.vehicle_tls(policy, node, state);
             }
-            vehicle(&mut out, policy, &scope, state, on_demand);
+            vehicle(&mut out, policy, &scope, state, conditions, on_demand);
+            out.add_gateway_clusters(policy, state);
+            if let Some(id) = &node.vehicle_id {
+                out.add_tunnel_listeners(policy, id, state);
+            }
             out
         }
         Role::Cloud => cloud(policy, node.tls_dir()),
@@ -164,6 +193,46 @@ fn compile_for(
         out.add_api_listeners(policy, &scope, node.role);
     }
     out.into_snapshot(version_prefix)
+}
+
+/// `shared`, compiled by [`compile_in`] for a vehicle node without its vehicle id (a
+/// compile key shared by a fleet), plus what only vehicle `vehicle` has: its tunnel
+/// listeners. The same as compiling for the node with its id (tested). Without
+/// gateways in the policy, `shared` itself.
+pub fn with_vehicle_id(
+    shared: &Arc<Snapshot>,
+    policy: &Policy,
+    vehicle: &str,
+    version_prefix: &str,
+) -> Arc<Snapshot> {
+    let mut out = Output::default();
+    out.add_tunnel_listeners(policy, vehicle, None);
+    if out.listeners.is_empty() {
+        return shared.clone();
+    }
+    let own = out
+        .listeners
+        .iter()
+        .map(|l| Arc::new(Resource::new(version_prefix, l.name.clone(), l)));
+    let listeners = shared
+        .get(ResourceType::Listener)
+        .eager()
+        .cloned()
+        .chain(own);
+    let snapshot = (**shared).clone().with(
+        ResourceType::Listener,
+        Resources::from_items(version_prefix, listeners),
+    );
+    Arc::new(snapshot)
+}
+
+/// The class whose uplinks carry the vehicles' tunnels (`None`: no gateways).
+fn tunnel_class(policy: &Policy) -> Option<&TrafficClass> {
+    let m = &policy.mesh;
+    if m.vehicle_gateways.is_empty() {
+        return None;
+    }
+    m.vehicle_tunnel_class.as_ref().map(|c| &policy.classes[c])
 }
 
 /// Resources before versioning.
@@ -329,6 +398,30 @@ impl Output {
             .push(listener(VEHICLE_OUTBOUND, "127.0.0.1", port, &hcm));
     }
 
+    /// The clusters of a service the vehicle reaches across the network, and where its
+    /// routes go: `out|svc` following the routing table (no vehicle state), or the
+    /// uplink-bound ones. `defer`: set when the class goes to store-and-forward now.
+    fn add_remote(
+        &mut self,
+        svc: &Service,
+        class: &TrafficClass,
+        state: Option<&VehicleState>,
+        defer: &mut bool,
+    ) -> Target {
+        match state {
+            None => {
+                let cluster = outbound_cluster(&svc.name);
+                self.add_cluster(cluster.clone(), svc, class, false, None);
+                Target::Cluster(cluster)
+            }
+            Some(state) => {
+                let target = self.add_uplink_clusters(svc, class, state);
+                *defer |= target.is_defer();
+                target
+            }
+        }
+    }
+
     /// The vehicle-state clusters of a cloud/edge service: one bound cluster per uplink
     /// its class allows and the vehicle has, plus the cross-uplink aggregates when on;
     /// returns where the class's routes go now.
@@ -485,6 +578,7 @@ fn vehicle(
     policy: &Policy,
     scope: &Scope<'_>,
     state: Option<&VehicleState>,
+    conditions: VehicleConditions,
     on_demand: bool,
 ) {
     let mut outbound_hosts = Vec::new();
@@ -503,23 +597,26 @@ fn vehicle(
                 // Same-vehicle traffic goes straight to the local instance.
                 let cluster = inbound_cluster(&svc.name);
                 out.add_cluster(cluster.clone(), svc, class, true, None);
-                let target = Target::Cluster(cluster);
-                outbound_hosts.push(virtual_host(svc, class, &target));
-                inbound_hosts.push(virtual_host(svc, class, &target));
+                let local = Target::Cluster(cluster);
+                // The replica's clusters exist whatever the power, so a power change
+                // only swaps routes (RDS), as an uplink change does.
+                let moves = svc.on_low_power == LowPowerAction::Cloud;
+                let outbound = match replica_service(svc).filter(|_| moves) {
+                    Some(replica) => {
+                        let to_cloud = out.add_remote(&replica, class, state, &mut defer);
+                        if conditions.low_power {
+                            to_cloud
+                        } else {
+                            local.clone()
+                        }
+                    }
+                    None => local.clone(),
+                };
+                outbound_hosts.push(virtual_host(svc, class, &outbound));
+                inbound_hosts.push(virtual_host(svc, class, &local));
             }
             Location::Edge | Location::Cloud => {
-                let target = match state {
-                    None => {
-                        let cluster = outbound_cluster(&svc.name);
-                        out.add_cluster(cluster.clone(), svc, class, false, None);
-                        Target::Cluster(cluster)
-                    }
-                    Some(state) => {
-                        let target = out.add_uplink_clusters(svc, class, state);
-                        defer |= target.is_defer();
-                        target
-                    }
-                };
+                let target = out.add_remote(svc, class, state, &mut defer);
                 outbound_hosts.push(virtual_host(svc, class, &target));
             }
         }
@@ -610,7 +707,7 @@ fn defer_cluster(addr: std::net::SocketAddr) -> Cluster {
 /// retry budget does no better (it shrinks as those requests fail: 824 of 885). So the
 /// limit is raised to what a vehicle's Envoy can carry; the class's `retries` still
 /// bounds how often one request is retried.
-fn failover_retry_limit() -> CircuitBreakers {
+pub(crate) fn failover_retry_limit() -> CircuitBreakers {
     const MAX_RETRIES: u32 = 1024;
     let threshold = |priority: RoutingPriority| circuit_breakers::Thresholds {
         priority: priority as i32,
@@ -638,22 +735,46 @@ impl Target {
 }
 
 /// Where a service's routes send requests.
+#[derive(Clone)]
 enum Target {
     Cluster(String),
     /// An aggregate cluster whose priorities are uplinks: retries move down them.
     Failover(String),
     /// The class has no usable uplink: answer at once rather than wait for a timeout.
     NoUplink,
+    /// A cloud call for a vehicle service of a vehicle the registry has offline, and no
+    /// replica to take it: answer at once rather than wait for a tunnel.
+    VehicleOffline,
+}
+
+/// A vehicle service's cloud replica as a cloud service of the same name (`None`: it
+/// has none).
+fn replica_service(svc: &Service) -> Option<Service> {
+    (!svc.cloud_replica.is_empty()).then(|| Service {
+        location: Location::Cloud,
+        endpoints: svc.cloud_replica.clone(),
+        consumes: None,
+        cloud_replica: Vec::new(),
+        on_low_power: LowPowerAction::Stay,
+        ..svc.clone()
+    })
 }
 
 /// A cloud (or edge) sidecar's resources; `tls_dir` holds its certificate's SDS files.
 fn cloud(policy: &Policy, tls_dir: &str) -> Output {
     let mut out = Output::default();
     let mut hosts = Vec::new();
-    for svc in policy.services.values() {
-        if svc.location == Location::Vehicle {
-            continue;
-        }
+    let replicas: Vec<Service> = policy
+        .services
+        .values()
+        .filter_map(replica_service)
+        .collect();
+    let served = policy
+        .services
+        .values()
+        .filter(|s| s.location != Location::Vehicle)
+        .chain(&replicas);
+    for svc in served {
         let class = policy.class_of(svc);
         let cluster = inbound_cluster(&svc.name);
         out.add_cluster(cluster.clone(), svc, class, true, None);
@@ -683,7 +804,114 @@ fn cloud(policy: &Policy, tls_dir: &str) -> Output {
         ),
     });
     out.routes.push(route_config(CLOUD_INBOUND, hosts));
+    if !m.vehicle_gateways.is_empty() {
+        out.add_vehicle_gateway(policy, tls_dir);
+    }
     out
+}
+
+impl Output {
+    /// The cloud sidecar's side of the cloud → vehicle path (see [`crate::gateway`]):
+    /// the tunnels' listener and cluster, the `vehicle_gateway` listener scoped by
+    /// vehicle, and one route table per [`Reach`]. Replica clusters (`in|svc`) are the
+    /// ones `cloud_inbound` uses.
+    fn add_vehicle_gateway(&mut self, policy: &Policy, tls_dir: &str) {
+        let m = &policy.mesh;
+        self.listeners
+            .push(gateway::tunnel_listener(policy, tls_dir));
+        self.clusters.push(gateway::tunnel_cluster());
+        self.listeners
+            .push(gateway::gateway_listener(m.vehicle_gateway_port));
+        let vehicle_services = || {
+            policy
+                .services
+                .values()
+                .filter(|s| s.location == Location::Vehicle)
+        };
+        for reach in Reach::ALL {
+            let hosts = vehicle_services()
+                .map(|svc| {
+                    let replica = Target::Cluster(inbound_cluster(&svc.name));
+                    let has_replica = !svc.cloud_replica.is_empty();
+                    let tunnel = Target::Cluster(gateway::TUNNEL_CLUSTER.to_string());
+                    let target = match reach {
+                        Reach::Online => tunnel,
+                        Reach::LowPower if svc.on_low_power == LowPowerAction::Cloud => replica,
+                        Reach::LowPower => tunnel,
+                        Reach::Offline if has_replica => replica,
+                        Reach::Offline => Target::VehicleOffline,
+                    };
+                    virtual_host(svc, policy.class_of(svc), &target)
+                })
+                .collect();
+            let mut table = route_config(&reach.route_table(), hosts);
+            if let Some(by_path) = table.virtual_hosts.last_mut() {
+                by_path.routes.push(gateway::no_such_service());
+            }
+            self.routes.push(table);
+        }
+    }
+
+    /// A vehicle's clusters of the gateway hosts: per uplink of the tunnel class the
+    /// vehicle has, bound to its interface, when the vehicle state says which; else
+    /// one per host, following the routing table. They exist whatever the vehicle, so
+    /// a fleet shares them; only the tunnel listeners name the vehicle.
+    fn add_gateway_clusters(&mut self, policy: &Policy, state: Option<&VehicleState>) {
+        let m = &policy.mesh;
+        let Some(class) = tunnel_class(policy) else {
+            return;
+        };
+        let tls = self.upstream_tls.as_ref().map(|t| t.socket.clone());
+        for host in &m.vehicle_gateways {
+            let port = m.vehicle_tunnel_port;
+            let Some(state) = state else {
+                let name = gateway::gateway_cluster(host, None);
+                let c = gateway::vehicle_gateway_cluster(&name, host, port, tls.clone());
+                self.clusters.push(c);
+                continue;
+            };
+            for uplink in &class.uplinks {
+                if let Some(iface) = state.interfaces.get(uplink) {
+                    let name = gateway::gateway_cluster(host, Some(uplink));
+                    let mut c = gateway::vehicle_gateway_cluster(&name, host, port, tls.clone());
+                    c.upstream_bind_config = Some(BindConfig {
+                        socket_options: vec![bind_to_device(iface)],
+                        ..Default::default()
+                    });
+                    self.clusters.push(c);
+                }
+            }
+        }
+    }
+
+    /// The vehicle's reverse tunnels, one listener per gateway host, over the cluster
+    /// of the tunnel class's selected uplink (none usable: no tunnel) or, without
+    /// vehicle state, the one following the routing table. Requests arriving through
+    /// them take the vehicle's inbound routes.
+    fn add_tunnel_listeners(
+        &mut self,
+        policy: &Policy,
+        vehicle: &str,
+        state: Option<&VehicleState>,
+    ) {
+        let Some(class) = tunnel_class(policy) else {
+            return;
+        };
+        let uplink = match state {
+            None => None,
+            Some(state) => match state.uplink_for(&class.name, &class.uplinks) {
+                Some(u) => Some(u),
+                None => return,
+            },
+        };
+        for host in &policy.mesh.vehicle_gateways {
+            let cluster = gateway::gateway_cluster(host, uplink);
+            let hcm = hcm(VEHICLE_INBOUND, Vec::new());
+            self.listeners.push(gateway::vehicle_tunnel_listener(
+                vehicle, host, &cluster, &hcm,
+            ));
+        }
+    }
 }
 
 /// One virtual host per service, matched by its name as Host (`svc`, `svc:port`,
@@ -759,21 +987,21 @@ fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> 
             }
             route::Action::Route(action)
         }
-        Target::NoUplink => route::Action::DirectResponse(DirectResponseAction {
-            status: 503,
-            body: Some(DataSource {
-                specifier: Some(data_source::Specifier::InlineString(format!(
-                    "no usable uplink for class {}\n",
-                    class.name
-                ))),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        Target::NoUplink => {
+            direct_response(503, format!("no usable uplink for class {}\n", class.name))
+        }
+        Target::VehicleOffline => direct_response(
+            503,
+            format!(
+                "the vehicle is offline and {} has no cloud replica\n",
+                svc.name
+            ),
+        ),
     };
     let response_headers_to_add = match target {
         Target::Cluster(_) | Target::Failover(_) => Vec::new(),
         Target::NoUplink => vec![header(REASON_HEADER, "no-uplink")],
+        Target::VehicleOffline => vec![header(REASON_HEADER, gateway::VEHICLE_OFFLINE)],
     };
     Route {
         name: format!("{}:{}", svc.name, prefix),
@@ -789,8 +1017,20 @@ fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> 
     }
 }
 
+/// Envoy answers itself, with `body`.
+pub(crate) fn direct_response(status: u32, body: String) -> route::Action {
+    route::Action::DirectResponse(DirectResponseAction {
+        status,
+        body: Some(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(body)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// A header set on a request or response, replacing any value it had.
-fn header(key: &str, value: &str) -> HeaderValueOption {
+pub(crate) fn header(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
             key: key.to_string(),
@@ -870,7 +1110,7 @@ fn zstd_request_decompressor() -> HttpFilter {
     }
 }
 
-fn load_assignment(
+pub(crate) fn load_assignment(
     cluster: &str,
     location: Location,
     endpoints: &[(String, u16)],
@@ -901,7 +1141,7 @@ fn load_assignment(
 
 /// Pin a cluster's connections to one uplink's interface. Works unprivileged on Linux
 /// ≥ 5.7; older kernels need CAP_NET_RAW (see docs/edge-netd.md).
-fn bind_to_device(interface: &str) -> SocketOption {
+pub(crate) fn bind_to_device(interface: &str) -> SocketOption {
     const SOL_SOCKET: i64 = 1;
     const SO_BINDTODEVICE: i64 = 25;
     let mut name = interface.as_bytes().to_vec();
@@ -930,7 +1170,7 @@ fn dscp_option(dscp: u8) -> SocketOption {
     }
 }
 
-fn http2_upstream() -> HttpProtocolOptions {
+pub(crate) fn http2_upstream() -> HttpProtocolOptions {
     HttpProtocolOptions {
         upstream_protocol_options: Some(
             http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -947,7 +1187,7 @@ fn http2_upstream() -> HttpProtocolOptions {
     }
 }
 
-fn pb_duration(d: Duration) -> PbDuration {
+pub(crate) fn pb_duration(d: Duration) -> PbDuration {
     PbDuration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,

@@ -6,6 +6,7 @@
 
 mod compile;
 mod envoy;
+pub mod gateway;
 mod local;
 mod mtls;
 pub mod node;
@@ -15,9 +16,10 @@ pub mod snapshot;
 
 pub use compile::{
     CLASS_HEADER, CLOUD_INBOUND, DEFER_CLUSTER, NOT_IN_SCOPE, REASON_HEADER, VEHICLE_INBOUND,
-    VEHICLE_OUTBOUND, compile, compile_vehicle, failover_cluster, inbound_cluster,
-    outbound_cluster, uplink_cluster,
+    VEHICLE_OUTBOUND, compile, compile_in, compile_vehicle, failover_cluster, inbound_cluster,
+    outbound_cluster, uplink_cluster, with_vehicle_id,
 };
+pub use gateway::{Reach, VehicleConditions};
 pub use local::VehicleState;
 pub use mtls::{
     CLOUD_CERT, FLEET_CA, GRPC_CERT_PROVIDER, MAX_TLS_CONNECTION_AGE, VEHICLE_CERT, VEHICLE_HEADER,

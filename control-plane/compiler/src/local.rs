@@ -31,6 +31,9 @@ pub struct VehicleState {
     /// yet): no secrets, so Envoy's TLS clusters wait for them and calls to cloud and
     /// edge services fail until the vehicle has a credential.
     pub credential: Option<Arc<VehicleCredential>>,
+    /// The vehicle is low on power (or shutting down): callers of its `on_low_power:
+    /// cloud` services go to their cloud replicas.
+    pub low_power: bool,
 }
 
 impl VehicleState {

@@ -236,6 +236,22 @@ fn cloud_downstream(td: &TrustDomain, tls_dir: &str) -> TransportSocket {
     tls_socket(any(&ctx))
 }
 
+/// The TLS of a cloud sidecar's tunnel listener: its own certificate, a vehicle
+/// certificate of the fleet required (a cloud identity has no tunnel to offer).
+pub(crate) fn tunnel_downstream(td: &TrustDomain, tls_dir: &str) -> TransportSocket {
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(common_tls(
+            SecretSource::Files(tls_dir),
+            (CLOUD_CERT, CLOUD_CERT_FILE),
+            vec![identity_prefix(td, "vehicle")],
+            &["h2", "http/1.1"],
+        )),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    tls_socket(any(&ctx))
+}
+
 /// Sets `x-misaki-vehicle` from the verified peer certificate, after removing whatever
 /// the client sent. Lua because Envoy's header formatters cannot cut the id out of the
 /// URI, nor check its trust domain and kind; and it runs before the router, whose

@@ -226,6 +226,11 @@ fn prefix_len(r: &Route) -> usize {
 /// The HCM route specifier of a scoped listener: scopes over SRDS, route tables
 /// over RDS, both on ADS, keyed by [`BUCKET_HEADER`].
 pub(crate) fn scoped_routes(listener: &str) -> ScopedRoutes {
+    scoped_routes_by(listener, BUCKET_HEADER)
+}
+
+/// Scoped routes over ADS whose scope key is the first value of request header `key`.
+pub(crate) fn scoped_routes_by(listener: &str, key: &str) -> ScopedRoutes {
     use scoped_routes::scope_key_builder::{FragmentBuilder, fragment_builder};
     ScopedRoutes {
         name: listener.to_string(),
@@ -233,7 +238,7 @@ pub(crate) fn scoped_routes(listener: &str) -> ScopedRoutes {
             fragments: vec![FragmentBuilder {
                 r#type: Some(fragment_builder::Type::HeaderValueExtractor(
                     fragment_builder::HeaderValueExtractor {
-                        name: BUCKET_HEADER.to_string(),
+                        name: key.to_string(),
                         element_separator: String::new(),
                         extract_type: Some(
                             fragment_builder::header_value_extractor::ExtractType::Index(0),

@@ -420,9 +420,13 @@ impl Resources {
 }
 
 /// Everything one node should have.
+///
+/// Each type's resources are behind their own `Arc`, so a snapshot that differs from
+/// another in one type (a vehicle's own tunnel listeners over its compile key's shared
+/// snapshot) shares the other types whole.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    by_type: [Resources; ResourceType::COUNT],
+    by_type: [Arc<Resources>; ResourceType::COUNT],
 }
 
 impl Snapshot {
@@ -441,7 +445,7 @@ impl Snapshot {
 
     /// This snapshot with `resources` as its content of type `t`.
     pub fn with(mut self, t: ResourceType, resources: Resources) -> Self {
-        self.by_type[t.index()] = resources;
+        self.by_type[t.index()] = Arc::new(resources);
         self
     }
 

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cache;
 pub mod cli;
 pub mod enroll;
+pub mod fleet_state;
 pub mod metrics;
 pub mod policy_state;
 pub mod run;

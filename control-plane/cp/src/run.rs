@@ -263,6 +263,8 @@ pub async fn serve(
         tokio::spawn(misaki_fleet::run_probe_echo(socket, stopped()));
     }
 
+    tokio::spawn(crate::fleet_state::follow(fleet.clone(), cache.clone()));
+
     let closing = fleet.clone();
     tokio::spawn(async move {
         shutdown.await;

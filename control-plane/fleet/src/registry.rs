@@ -14,7 +14,7 @@
 //! never await, so a blocking mutex is cheaper than an async one here.
 
 use crate::policy::UpdateKind;
-use crate::record::{LinkRecord, QueueRecord, SelectionRecord, SidecarRecord, VehicleState};
+use crate::record::{LinkRecord, Power, QueueRecord, SelectionRecord, SidecarRecord, VehicleState};
 use misaki_proto::fleet_v1 as pb;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -361,6 +361,14 @@ impl FleetRegistry {
     pub fn is_online(&self, vehicle: &str) -> Option<bool> {
         let vehicles = self.inner.vehicles.lock().expect("registry lock");
         vehicles.get(vehicle).map(|v| v.state.online)
+    }
+
+    /// Whether the vehicle is online and the power it last reported (`None`: never seen).
+    pub fn presence(&self, vehicle: &str) -> Option<(bool, Power)> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles
+            .get(vehicle)
+            .map(|v| (v.state.online, v.state.power))
     }
 
     /// The uplink the vehicle last reported for `class` (`Some("")`: none eligible).

@@ -47,7 +47,8 @@ const MIN_LOSS_SAMPLES: usize = 10;
 pub enum Input {
     Monitor(MonitorEvent),
     Probe(ProbeResult),
-    Policy(pb::PolicyUpdate),
+    /// Boxed: an update is far larger than the other inputs.
+    Policy(Box<pb::PolicyUpdate>),
     /// The power manager's news (`power.file`, `PUT /power`).
     Power(PowerUpdate),
 }
@@ -347,7 +348,7 @@ impl Engine {
                     .get_or_create(&label)
                     .set((s.loss_percent * 10.0).round() as i64);
             }
-            Input::Policy(wire) => self.apply_policy(wire),
+            Input::Policy(wire) => self.apply_policy(*wire),
             Input::Power(u) => self.apply_power(u),
         }
     }
@@ -590,7 +591,7 @@ mod tests {
         rx: &watch::Receiver<Arc<EngineView>>,
         u: pb::PolicyUpdate,
     ) -> Arc<EngineView> {
-        e.handle(Input::Policy(u));
+        e.handle(Input::Policy(Box::new(u)));
         e.evaluate(Instant::now());
         Arc::clone(&rx.borrow())
     }

@@ -71,18 +71,20 @@ pub fn vehicle_state(config: &Config, view: &EngineView) -> VehicleState {
         defer_to: config.store_forward.as_ref().map(|sf| sf.listen),
         cross_uplink_retry: config.cross_uplink_retry,
         credential: None,
+        low_power: false,
     };
     set_selected(&mut state, view);
     state
 }
 
-/// Take the engine's current selection into `state`.
+/// Take the engine's current selection and power into `state`.
 fn set_selected(state: &mut VehicleState, view: &EngineView) {
     state.selected = view
         .selections
         .iter()
         .map(|s| (s.class.clone(), s.uplink.clone()))
         .collect();
+    state.low_power = view.power.state.is_low();
 }
 
 impl LocalSource {
@@ -204,7 +206,8 @@ pub async fn follow(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    // Only the selection and the credential move; the config's part is built once.
+    // Only the selection, the power and the credential move; the config's part is
+    // built once.
     // The engine publishes every probe's RTT, so this loop runs often and must stay
     // cheap.
     let mut state = vehicle_state(&config, &views.borrow_and_update());

@@ -44,6 +44,11 @@ pub enum Power {
 }
 
 impl Power {
+    /// Whether services that move on low power (`on_low_power: cloud`) move now.
+    pub fn is_low(self) -> bool {
+        matches!(self, Power::Low | Power::ShuttingDown)
+    }
+
     pub const ALL: [Power; 4] = [Power::On, Power::Accessory, Power::Low, Power::ShuttingDown];
     const WORDS: &'static str = "on, accessory, low, shutting_down";
 

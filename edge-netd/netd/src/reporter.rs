@@ -600,7 +600,7 @@ impl<'a> Session<'a> {
                 m = inbound.next() => {
                     match m.ok_or(StreamError::Closed)??.message {
                         Some(pb::control_message::Message::Policy(p)) => {
-                            let to_engine = self.deps.engine.send(Input::Policy(p));
+                            let to_engine = self.deps.engine.send(Input::Policy(Box::new(p)));
                             to_engine.await.map_err(|_| StreamError::Closed)?;
                         }
                         Some(pb::control_message::Message::Ack(_)) => *acked = true,
@@ -1188,7 +1188,7 @@ mod tests {
         let Some(Input::Policy(got)) = h.engine.recv().await else {
             panic!("the policy reaches the engine");
         };
-        assert_eq!(got, policy);
+        assert_eq!(*got, policy);
         h.control
             .send(msg(pb::control_message::Message::Ack(pb::Ack::default())))
             .await
