@@ -204,6 +204,16 @@ fn cloud_calls_a_vehicle_service_through_its_tunnel_and_fleet_state_moves_them()
     let r = lab.gateway_reaches("/diag/status", "vehicle-diag");
     assert!(r.body.contains("class=standard"), "{}", r.body);
     lab.gateway_reaches("/cam/frame", "vehicle-cam");
+    // By `Host`, as on the vehicle.
+    let r = http::request(
+        lab.ports.gateway,
+        "GET",
+        "/frame",
+        &[("host", "cam"), (TARGET, "car-1")],
+        b"",
+    )
+    .expect("gateway request by host");
+    assert!(r.body.starts_with("vehicle-cam /frame"), "{r:?}");
 
     // The gateway says why it answers itself.
     let r = lab.via_gateway("/diag/status", None);

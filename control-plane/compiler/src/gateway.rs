@@ -154,6 +154,8 @@ pub const TUNNELS_PER_GATEWAY: u32 = 4;
 /// A vehicle's cluster of a gateway host (over `uplink`, on a vehicle whose state says
 /// which: bound to that uplink's interface).
 pub fn gateway_cluster(host: &str, uplink: Option<&str>) -> String {
+    // An rc:// address splits on `:`, so an IPv6 host cannot appear in it as is.
+    let host = host.replace(':', "_");
     match uplink {
         Some(u) => format!("{VEHICLE_GATEWAY}|{host}|{u}"),
         None => format!("{VEHICLE_GATEWAY}|{host}"),

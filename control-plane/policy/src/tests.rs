@@ -205,6 +205,19 @@ fn the_mtls_example_parses_as_strict() {
 }
 
 #[test]
+fn the_vehicle_gateway_example_is_valid() {
+    let text = include_str!("../../../examples/vehicle-gateway/mesh.yaml");
+    let p = parse("examples/vehicle-gateway/mesh.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.mesh.vehicle_gateways, ["gateway.cloud.example.net"]);
+    assert_eq!(p.mesh.vehicle_tunnel_class.as_deref(), Some("standard"));
+    assert_eq!((p.mesh.vehicle_gateway_port, p.mesh.vehicle_tunnel_port), (15444, 15445));
+    let diag = &p.services["diag"];
+    assert_eq!(diag.on_low_power, LowPowerAction::Cloud);
+    assert_eq!(diag.cloud_replica.len(), 1);
+    assert!(p.services["cam"].cloud_replica.is_empty());
+}
+
+#[test]
 fn mtls_is_off_in_misaki_local_by_default_and_both_are_read() {
     let p = parse("p.yaml", MINI).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.mesh.mtls, MtlsMode::Off);
