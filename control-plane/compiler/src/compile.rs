@@ -654,6 +654,9 @@ fn vehicle(
             m.vehicle_inbound_port,
             Vec::new(),
         ));
+    }
+    // Tunnel listeners take the inbound routes too, even when there are none.
+    if !inbound_hosts.is_empty() || tunnel_class(policy).is_some() {
         out.routes
             .push(route_config(VEHICLE_INBOUND, inbound_hosts));
     }

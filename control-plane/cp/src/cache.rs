@@ -173,9 +173,14 @@ impl Inner {
 
     /// Re-send every relay of `vehicle`; how many changed.
     fn refresh_relays(&mut self, vehicle: &str, prefix: &str) -> usize {
-        let Some(relays) = self.relays.remove(vehicle) else {
+        let Some(mut relays) = self.relays.remove(vehicle) else {
             return 0;
         };
+        // A relay nobody follows any more (its stream ended) is dropped, not updated.
+        relays.retain(|r| r.tx.receiver_count() > 0);
+        if relays.is_empty() {
+            return 0;
+        }
         let mut changed = 0;
         for r in &relays {
             let snap = self.relay_snapshot(&r.base, vehicle, prefix);
@@ -300,5 +305,481 @@ impl SnapshotSource for SnapshotCache {
                 inner.entries[&key].subscribe()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use misaki_compiler::snapshot::ResourceType;
+
+    /// Gateways on; `diag` moves to its replica on low power when `diag_low_power` is
+    /// `on_low_power: cloud` (the policy is then power-dependent).
+    fn policy_text(gateway_port: u16, diag_low_power: &str) -> String {
+        format!(
+            "version: 1
+mesh: {{ vehicle_gateways: [gw-1.cloud.example], vehicle_tunnel_class: std, vehicle_gateway_port: {gateway_port} }}
+uplinks:
+  - {{ name: wifi, kind: wifi }}
+classes:
+  - {{ name: std, uplinks: [wifi] }}
+services:
+  - {{ name: maps, location: cloud, port: 8080, endpoints: [\"10.0.0.1:8080\"], routes: [/maps], class: std }}
+  - {{ name: diag, location: vehicle, port: 7070, routes: [/diag], class: std, cloud_replica: [\"10.20.0.30:7070\"]{diag_low_power} }}
+"
+        )
+    }
+
+    fn parse(text: &str) -> Arc<Policy> {
+        Arc::new(misaki_policy::parse("mesh.yaml", text).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn power_policy() -> Arc<Policy> {
+        parse(&policy_text(15444, ", on_low_power: cloud"))
+    }
+
+    fn steady_policy() -> Arc<Policy> {
+        parse(&policy_text(15444, ""))
+    }
+
+    fn no_gateway_policy() -> Arc<Policy> {
+        parse(
+            "version: 1
+uplinks:
+  - { name: wifi, kind: wifi }
+classes:
+  - { name: std, uplinks: [wifi] }
+services:
+  - { name: diag, location: vehicle, port: 7070, routes: [/diag], class: std, cloud_replica: [\"10.20.0.30:7070\"], on_low_power: cloud }
+",
+        )
+    }
+
+    fn vehicle(id: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            id: id.unwrap_or("anonymous").into(),
+            role: Role::Vehicle,
+            vehicle_id: id.map(str::to_string),
+            proxyless: false,
+            delta: false,
+            tls_dir: None,
+        }
+    }
+
+    fn cloud() -> NodeInfo {
+        NodeInfo {
+            id: "cloud-1".into(),
+            role: Role::Cloud,
+            vehicle_id: None,
+            proxyless: false,
+            delta: false,
+            tls_dir: None,
+        }
+    }
+
+    const ONLINE: VehicleFacts = VehicleFacts {
+        online: true,
+        low_power: false,
+    };
+    const LOW_POWER: VehicleFacts = VehicleFacts {
+        online: true,
+        low_power: true,
+    };
+    const OFFLINE: VehicleFacts = VehicleFacts {
+        online: false,
+        low_power: false,
+    };
+
+    fn names(s: &Snapshot, t: ResourceType) -> Vec<String> {
+        s.get(t).items.keys().cloned().collect()
+    }
+
+    fn scope_names(rx: &watch::Receiver<Arc<Snapshot>>) -> Vec<String> {
+        names(&rx.borrow(), ResourceType::ScopedRoute)
+    }
+
+    fn changed_types(a: &Snapshot, b: &Snapshot) -> Vec<ResourceType> {
+        ResourceType::PUSH_ORDER
+            .into_iter()
+            .filter(|t| a.get(*t).version != b.get(*t).version)
+            .collect()
+    }
+
+    fn tunnel_listeners(s: &Snapshot) -> Vec<String> {
+        names(s, ResourceType::Listener)
+            .into_iter()
+            .filter(|l| l.starts_with("vehicle_tunnel|"))
+            .collect()
+    }
+
+    #[test]
+    fn vehicles_with_the_same_key_share_everything_but_their_tunnel_listeners() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let car1 = cache.watch(&vehicle(Some("car-1")));
+        let car2 = cache.watch(&vehicle(Some("car-2")));
+        let anon = cache.watch(&vehicle(None));
+        let (a, b, shared) = (
+            car1.borrow().clone(),
+            car2.borrow().clone(),
+            anon.borrow().clone(),
+        );
+        for t in ResourceType::PUSH_ORDER {
+            let same = std::ptr::eq(a.get(t), b.get(t)) && std::ptr::eq(a.get(t), shared.get(t));
+            assert_eq!(same, t != ResourceType::Listener, "{t:?}");
+        }
+        assert_eq!(tunnel_listeners(&a), ["vehicle_tunnel|gw-1.cloud.example"]);
+        assert_eq!(tunnel_listeners(&b), ["vehicle_tunnel|gw-1.cloud.example"]);
+        assert!(tunnel_listeners(&shared).is_empty());
+        assert_ne!(
+            a.get(ResourceType::Listener).version,
+            b.get(ResourceType::Listener).version,
+            "each announces its own id"
+        );
+        // A second stream of the same vehicle follows the same relay.
+        let again = cache.watch(&vehicle(Some("car-1")));
+        assert!(Arc::ptr_eq(&again.borrow(), &a));
+        // The same as compiling for the vehicle.
+        let direct = misaki_compiler::compile(&power_policy(), &vehicle(Some("car-1")), "p-");
+        assert!(a.same_versions(&direct));
+    }
+
+    #[test]
+    fn a_cloud_snapshot_gets_a_scope_per_vehicle() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        // Known before the cloud sidecar connects.
+        cache.set_vehicle("car-1", ONLINE);
+        let rx = cache.watch(&cloud());
+        assert_eq!(scope_names(&rx), ["vehicle_gateway/car-1"]);
+        assert_eq!(cache.set_vehicle("car-2", OFFLINE), 1);
+        assert_eq!(
+            scope_names(&rx),
+            ["vehicle_gateway/car-1", "vehicle_gateway/car-2"]
+        );
+        // Vehicles never get the gateway's scopes.
+        let car = cache.watch(&vehicle(Some("car-1")));
+        assert!(car.borrow().get(ResourceType::ScopedRoute).items.is_empty());
+    }
+
+    #[test]
+    fn going_offline_changes_the_cloud_channel_and_no_vehicles_relay() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        let mut car2 = cache.watch(&vehicle(Some("car-2")));
+        cache.set_vehicle("car-1", ONLINE);
+        cache.set_vehicle("car-2", ONLINE);
+        let before = cloud_rx.borrow_and_update().clone();
+        car1.mark_unchanged();
+        car2.mark_unchanged();
+
+        assert_eq!(cache.set_vehicle("car-1", OFFLINE), 1, "the cloud key only");
+        assert!(cloud_rx.has_changed().expect("open"));
+        assert!(!car2.has_changed().expect("open"));
+        assert!(
+            !car1.has_changed().expect("open"),
+            "its own snapshot does not depend on reach"
+        );
+        let after = cloud_rx.borrow_and_update().clone();
+        assert_eq!(changed_types(&before, &after), [ResourceType::ScopedRoute]);
+        let scopes = |s: &Snapshot, v: &str| {
+            s.get(ResourceType::ScopedRoute).items[&gateway::scope_name(v)].clone()
+        };
+        assert_ne!(
+            scopes(&before, "car-1").version,
+            scopes(&after, "car-1").version
+        );
+        assert!(Arc::ptr_eq(
+            &scopes(&before, "car-2"),
+            &scopes(&after, "car-2")
+        ));
+        assert_eq!(
+            *scopes(&after, "car-1"),
+            *gateway::scope("p-", "car-1", Reach::Offline)
+        );
+        // Everything but SRDS is the same allocation.
+        for t in ResourceType::PUSH_ORDER {
+            if t != ResourceType::ScopedRoute {
+                assert!(std::ptr::eq(before.get(t), after.get(t)), "{t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn low_power_changes_only_that_vehicles_relay_when_the_policy_makes_it_matter() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        let mut car2 = cache.watch(&vehicle(Some("car-2")));
+        cache.set_vehicle("car-1", ONLINE);
+        cache.set_vehicle("car-2", ONLINE);
+        cloud_rx.mark_unchanged();
+        let before = car1.borrow_and_update().clone();
+        car2.mark_unchanged();
+
+        assert_eq!(
+            cache.set_vehicle("car-1", LOW_POWER),
+            2,
+            "cloud key and car-1"
+        );
+        assert!(
+            cloud_rx.has_changed().expect("open"),
+            "its scope names low-power"
+        );
+        assert!(car1.has_changed().expect("open"));
+        assert!(!car2.has_changed().expect("open"));
+        let after = car1.borrow_and_update().clone();
+        assert_eq!(changed_types(&before, &after), [ResourceType::Route]);
+        // car-1 in low power shares the low-power key's resources with a vehicle in
+        // the same state.
+        let mut car3 = cache.watch(&vehicle(Some("car-3")));
+        cache.set_vehicle("car-3", LOW_POWER);
+        assert!(car3.has_changed().expect("open"));
+        let c3 = car3.borrow_and_update().clone();
+        assert!(std::ptr::eq(
+            c3.get(ResourceType::Route),
+            after.get(ResourceType::Route)
+        ));
+        // Back to normal: the snapshot it had.
+        cloud_rx.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", ONLINE), 2);
+        assert!(car1.borrow_and_update().same_versions(&before));
+        assert!(!car2.has_changed().expect("open"));
+    }
+
+    #[test]
+    fn low_power_touches_only_the_gateway_scope_when_the_policy_does_not_make_it_matter() {
+        let cache = SnapshotCache::new(steady_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        cache.set_vehicle("car-1", ONLINE);
+        cloud_rx.mark_unchanged();
+        car1.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", LOW_POWER), 1);
+        assert!(cloud_rx.has_changed().expect("open"));
+        assert!(!car1.has_changed().expect("open"));
+    }
+
+    #[test]
+    fn unchanged_facts_change_nothing() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        assert_eq!(cache.set_vehicle("car-1", LOW_POWER), 2);
+        cloud_rx.mark_unchanged();
+        car1.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", LOW_POWER), 0);
+        assert!(!cloud_rx.has_changed().expect("open"));
+        assert!(!car1.has_changed().expect("open"));
+        // Offline with and without low power: the same reach; the vehicle's own
+        // snapshot still follows its power.
+        assert_eq!(
+            cache.set_vehicle(
+                "car-1",
+                VehicleFacts {
+                    online: false,
+                    low_power: true
+                }
+            ),
+            1
+        );
+        cloud_rx.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", OFFLINE), 1, "car-1's relay only");
+        assert!(!cloud_rx.has_changed().expect("open"));
+    }
+
+    #[test]
+    fn without_gateways_fleet_facts_touch_no_cloud_snapshot() {
+        let cache = SnapshotCache::new(no_gateway_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car2 = cache.watch(&vehicle(Some("car-2")));
+        cloud_rx.mark_unchanged();
+        car2.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", ONLINE), 0);
+        assert_eq!(cache.set_vehicle("car-1", OFFLINE), 0);
+        assert!(!cloud_rx.has_changed().expect("open"));
+        assert!(
+            cloud_rx
+                .borrow()
+                .get(ResourceType::ScopedRoute)
+                .items
+                .is_empty()
+        );
+        // Power still moves the vehicle's own callers.
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        car1.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-1", LOW_POWER), 1);
+        assert!(car1.has_changed().expect("open"));
+        assert!(!car2.has_changed().expect("open"));
+        // No gateways: the relay is the key's snapshot itself.
+        let anon = cache.watch(&vehicle(None));
+        assert!(
+            !Arc::ptr_eq(&car1.borrow(), &anon.borrow()),
+            "car-1 is low power"
+        );
+        assert!(Arc::ptr_eq(&car2.borrow(), &anon.borrow()));
+    }
+
+    #[test]
+    fn set_policy_keeps_receivers_working() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let mut cloud_rx = cache.watch(&cloud());
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        let mut car2 = cache.watch(&vehicle(Some("car-2")));
+        cache.set_vehicle("car-1", LOW_POWER);
+        cache.set_vehicle("car-2", ONLINE);
+        let cloud_before = cloud_rx.borrow_and_update().clone();
+        let car1_before = car1.borrow_and_update().clone();
+        car2.mark_unchanged();
+
+        // The gateway moves to another port: cloud listeners change, vehicles' do not.
+        let next = parse(&policy_text(16444, ", on_low_power: cloud"));
+        assert_eq!(cache.set_policy(next.clone()), 1);
+        assert!(cloud_rx.has_changed().expect("open"));
+        assert!(!car1.has_changed().expect("open"));
+        let cloud_after = cloud_rx.borrow_and_update().clone();
+        assert_eq!(
+            changed_types(&cloud_before, &cloud_after),
+            [ResourceType::Listener]
+        );
+        // The fleet's scopes survive a policy change.
+        assert_eq!(
+            names(&cloud_after, ResourceType::ScopedRoute),
+            ["vehicle_gateway/car-1", "vehicle_gateway/car-2"]
+        );
+        let expected =
+            misaki_compiler::compile_in(&next, &cloud(), VehicleConditions::default(), "p-");
+        assert_eq!(
+            cloud_after.get(ResourceType::Listener),
+            expected.get(ResourceType::Listener)
+        );
+
+        // Power no longer matters: car-1 goes back to the vehicle's own instance, and
+        // no vehicle keeps the replica's clusters (they existed for low power only).
+        assert_eq!(
+            cache.set_policy(steady_policy()),
+            3,
+            "the cloud key, car-1 and car-2"
+        );
+        assert!(car1.has_changed().expect("open"));
+        assert!(car2.has_changed().expect("open"));
+        let car1_after = car1.borrow_and_update().clone();
+        assert_eq!(
+            changed_types(&car1_before, &car1_after),
+            [
+                ResourceType::Cluster,
+                ResourceType::Endpoint,
+                ResourceType::Route
+            ]
+        );
+        // Both vehicles are in the same key again: shared resources.
+        for t in ResourceType::PUSH_ORDER {
+            if t != ResourceType::Listener {
+                assert!(
+                    std::ptr::eq(car1_after.get(t), car2.borrow().get(t)),
+                    "{t:?}"
+                );
+            }
+        }
+        // Old receivers still follow fleet changes.
+        cloud_rx.mark_unchanged();
+        assert_eq!(cache.set_vehicle("car-2", OFFLINE), 1);
+        assert!(cloud_rx.has_changed().expect("open"));
+
+        // The same policy again: nothing to push.
+        assert_eq!(cache.set_policy(steady_policy()), 0);
+    }
+
+    #[test]
+    fn a_policy_that_makes_power_matter_moves_vehicles_already_in_low_power() {
+        let cache = SnapshotCache::new(steady_policy(), "p-");
+        let mut car1 = cache.watch(&vehicle(Some("car-1")));
+        let mut car2 = cache.watch(&vehicle(Some("car-2")));
+        cache.set_vehicle("car-1", LOW_POWER);
+        cache.set_vehicle("car-2", ONLINE);
+        assert!(
+            !car1.has_changed().expect("open"),
+            "power does not matter yet"
+        );
+        let car1_before = car1.borrow_and_update().clone();
+        car2.mark_unchanged();
+        cache.set_policy(power_policy());
+        assert!(car1.has_changed().expect("open"));
+        assert!(
+            car2.has_changed().expect("open"),
+            "the replica's clusters appear"
+        );
+        let (a, b) = (car1.borrow().clone(), car2.borrow().clone());
+        assert_ne!(
+            a.get(ResourceType::Route).version,
+            b.get(ResourceType::Route).version,
+            "car-1 is low power, car-2 is not"
+        );
+        assert_eq!(
+            a.get(ResourceType::Cluster).version,
+            b.get(ResourceType::Cluster).version
+        );
+        let low = misaki_compiler::compile_in(
+            &power_policy(),
+            &vehicle(Some("car-1")),
+            VehicleConditions { low_power: true },
+            "p-",
+        );
+        assert!(a.same_versions(&low));
+        assert_ne!(
+            car1_before.get(ResourceType::Route).version,
+            a.get(ResourceType::Route).version
+        );
+    }
+
+    #[test]
+    fn incremental_scopes_equal_scopes_of_the_final_fleet() {
+        let cache = SnapshotCache::new(power_policy(), "p-");
+        let early = cache.watch(&cloud());
+        let steps = [
+            ("car-1", ONLINE),
+            ("car-2", OFFLINE),
+            ("car-3", LOW_POWER),
+            ("car-1", LOW_POWER),
+            ("car-2", ONLINE),
+            ("car-1", OFFLINE),
+            (
+                "car-3",
+                VehicleFacts {
+                    online: false,
+                    low_power: true,
+                },
+            ),
+            ("car-4", ONLINE),
+            ("car-4", ONLINE),
+            ("car-2", LOW_POWER),
+        ];
+        let mut fleet = BTreeMap::new();
+        for (i, (v, f)) in steps.into_iter().enumerate() {
+            cache.set_vehicle(v, f);
+            fleet.insert(v.to_string(), f.reach());
+            let full = gateway::scopes("p-", &fleet);
+            assert_eq!(
+                *early.borrow().get(ResourceType::ScopedRoute),
+                full,
+                "step {i}"
+            );
+        }
+        // A cloud key compiled now (another tls_dir) agrees.
+        let mut other = cloud();
+        other.tls_dir = Some("/var/lib/misaki/tls".into());
+        let late = cache.watch(&other);
+        assert_eq!(
+            *late.borrow().get(ResourceType::ScopedRoute),
+            gateway::scopes("p-", &fleet)
+        );
+        assert_eq!(
+            fleet.values().copied().collect::<Vec<_>>(),
+            [
+                Reach::Offline,
+                Reach::LowPower,
+                Reach::Offline,
+                Reach::Online
+            ]
+        );
     }
 }
