@@ -7,6 +7,7 @@
 //! would silently split traffic); a missing prerequisite (Envoy, a binary, root) is a
 //! test failure that says what is missing, never a skip.
 
+pub mod fleet_lab;
 pub mod http;
 pub mod mtls_lab;
 pub mod netns;

@@ -101,6 +101,26 @@ pub const LAB_POLICY: &str = "version: 1\n\
      \x20 - { name: telemetry, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/telemetry], class: bulk }\n\
      \x20 - { name: maps, location: cloud, port: 18080, endpoints: [\"198.18.0.1:18080\"], routes: [/maps], class: standard }\n";
 
+/// [`LAB_POLICY`] with a `mesh:` section (`mesh`: its entries, one `key: value` per
+/// line, without indentation) and more services (`services`: one `  - {...}` line
+/// each, newline-terminated).
+pub fn lab_policy_with(mesh: &[&str], services: &str) -> String {
+    let mut section = String::from("mesh:\n");
+    for line in mesh {
+        section.push_str(&format!("  {line}\n"));
+    }
+    let head = "version: 1\n";
+    assert!(
+        LAB_POLICY.starts_with(head),
+        "LAB_POLICY starts with {head:?}"
+    );
+    format!("{head}{section}{}{services}", &LAB_POLICY[head.len()..])
+}
+
+/// The cloud sidecar Envoy's admin in the cloud namespace
+/// (`envoy-configs/cloud-sidecar.yaml`, [`VehicleLab::start_cloud_envoy`]).
+pub const CLOUD_ENVOY_ADMIN_PORT: u16 = 19902;
+
 /// Behind the NAT ([`VehicleLab::behind_nat`]): the router's address toward the cloud,
 /// the source of every vehicle connection the cloud sees.
 pub const ROUTER_ADDR: &str = "198.19.0.1";
@@ -328,8 +348,10 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct VehicleLab {
     // Field order is drop order: processes die before their namespaces go, and the
-    // vehicle Envoy before the edge-netd feeding it.
+    // vehicle Envoy before the edge-netd feeding it, the cloud Envoy before the fleet.
     pub envoy: Option<Process>,
+    /// The cloud sidecar Envoy ([`VehicleLab::start_cloud_envoy`]).
+    pub cloud_envoy: Option<Process>,
     /// The cloud service ([`VehicleLab::start_echo_upstream`]).
     pub upstream: Option<EchoServer>,
     /// Services hosted on the vehicle ([`VehicleLab::start_vehicle_service`]).
@@ -455,6 +477,7 @@ impl VehicleLab {
         }
         VehicleLab {
             envoy: None,
+            cloud_envoy: None,
             upstream: None,
             vehicle_services: Vec::new(),
             fleet: None,
@@ -634,8 +657,13 @@ impl VehicleLab {
 
     /// Write [`LAB_POLICY`] as the fleet's mesh policy (`mesh.yaml` in the lab dir).
     fn write_policy(&self) -> PathBuf {
+        self.write_policy_text(LAB_POLICY)
+    }
+
+    /// Write `text` as the fleet's mesh policy (`mesh.yaml` in the lab dir).
+    fn write_policy_text(&self, text: &str) -> PathBuf {
         let path = self.dir.path().join("mesh.yaml");
-        std::fs::write(&path, LAB_POLICY).expect("write fleet policy");
+        std::fs::write(&path, text).expect("write fleet policy");
         path
     }
 
@@ -658,8 +686,14 @@ impl VehicleLab {
 
     /// Start the fleet server (gRPC, admin) and the probe echo in the cloud namespace.
     pub fn start_fleet(&mut self) {
+        self.start_fleet_with(LAB_POLICY);
+    }
+
+    /// [`VehicleLab::start_fleet`] serving the mesh policy `policy` instead of
+    /// [`LAB_POLICY`] (e.g. one derived from it with [`lab_policy_with`]).
+    pub fn start_fleet_with(&mut self, policy: &str) {
         self.start_echo();
-        let policy = self.write_policy();
+        let policy = self.write_policy_text(policy);
         let mut cmd = self.cloud.command(&crate::target_bin("misaki-cp"));
         cmd.arg("serve").arg("--policy").arg(&policy).args([
             "--xds-addr",
@@ -819,6 +853,7 @@ impl Drop for VehicleLab {
     fn drop(&mut self) {
         // Process's own Drop prints its log tail when the test is failing.
         self.kill_envoy();
+        kill_slot(&mut self.cloud_envoy);
         self.upstream = None;
         self.vehicle_services.clear();
         self.kill_netd();
@@ -960,6 +995,76 @@ impl VehicleLab {
 
     pub fn kill_envoy(&mut self) {
         kill_slot(&mut self.envoy);
+    }
+
+    /// Start a cloud sidecar Envoy in the cloud namespace from
+    /// `envoy-configs/cloud-sidecar.yaml` (rewritten like [`crate::Envoy::start`] does:
+    /// node id `node_id`, xDS from the lab's fleet server at
+    /// [`CLOUD_ADDR`]:[`FLEET_GRPC_PORT`]; admin on 127.0.0.1:[`CLOUD_ENVOY_ADMIN_PORT`]
+    /// of the cloud namespace), and wait until its admin `/ready` answers 200. Fails with
+    /// Envoy's log otherwise. Start the fleet first ([`VehicleLab::start_fleet_with`]).
+    pub fn start_cloud_envoy(&mut self, node_id: &str) {
+        kill_slot(&mut self.cloud_envoy);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let template_path = repo_root().join("envoy-configs/cloud-sidecar.yaml");
+        let template = std::fs::read_to_string(&template_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", template_path.display()));
+        let xds = "address: 127.0.0.1, port_value: 18000";
+        let admin = format!("port_value: {CLOUD_ENVOY_ADMIN_PORT}");
+        let id = "  id: cloud-sidecar-1\n";
+        for from in [xds, admin.as_str(), id] {
+            assert!(
+                template.contains(from),
+                "{} has no `{from}` to rewrite",
+                template_path.display()
+            );
+        }
+        let cfg = template
+            .replace(
+                xds,
+                &format!("address: {CLOUD_ADDR}, port_value: {FLEET_GRPC_PORT}"),
+            )
+            .replace(id, &format!("  id: {node_id}\n"));
+        let path = self.dir.path().join(format!("cloud-envoy-{n}.yaml"));
+        std::fs::write(&path, cfg).expect("write cloud Envoy bootstrap");
+        let mut cmd = self.cloud.command(&envoy_native_bin());
+        cmd.arg("-c").arg(&path).args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "info",
+        ]);
+        let log = self.dir.path().join(format!("cloud-envoy-{n}.log"));
+        self.cloud_envoy = Some(Process::spawn("cloud Envoy", &mut cmd, log));
+        let live = crate::process::wait_for(Duration::from_secs(30), || {
+            if self.cloud_envoy.as_mut()?.try_wait().is_some() {
+                return Some(false);
+            }
+            let (status, _) = self.cloud_envoy_get("/ready").ok()?;
+            (status == 200).then_some(true)
+        });
+        assert!(
+            live == Some(true),
+            "the cloud Envoy did not go LIVE (from the fleet's xDS on {CLOUD_ADDR}:{FLEET_GRPC_PORT}):\n{}\n\
+             ---- misaki-cp ----\n{}",
+            self.cloud_envoy_log(),
+            self.fleet_log()
+        );
+    }
+
+    pub fn kill_cloud_envoy(&mut self) {
+        kill_slot(&mut self.cloud_envoy);
+    }
+
+    pub fn cloud_envoy_log(&self) -> String {
+        log_of(self.cloud_envoy.as_ref())
+    }
+
+    /// GET from the cloud Envoy's admin (inside the cloud namespace).
+    pub fn cloud_envoy_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], CLOUD_ENVOY_ADMIN_PORT));
+        self.cloud.http_get(addr, path)
     }
 
     pub fn envoy_log(&self) -> String {

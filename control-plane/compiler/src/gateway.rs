@@ -120,9 +120,22 @@ pub fn scope_name(vehicle: &str) -> String {
     format!("{VEHICLE_GATEWAY}/{vehicle}")
 }
 
-/// Every vehicle's scope, as a cloud sidecar's SRDS content.
+/// Every vehicle's scope, plus the [`anchors`], as a cloud sidecar's SRDS content.
 pub fn scopes(prefix: &str, fleet: &BTreeMap<String, Reach>) -> Resources {
-    Resources::from_items(prefix, fleet.iter().map(|(v, r)| scope(prefix, v, *r)))
+    let vehicles = fleet.iter().map(|(v, r)| scope(prefix, v, *r));
+    Resources::from_items(prefix, anchors(prefix).into_iter().chain(vehicles))
+}
+
+/// One scope per route table, under a key no vehicle id can be (`!` is not allowed in
+/// one), so Envoy keeps every table loaded: a vehicle whose scope moves to a table no
+/// other vehicle used would otherwise find no route (`vehicle-unknown`) for the few
+/// milliseconds Envoy takes to fetch it. A request naming such a key is routed like a
+/// vehicle without a tunnel.
+pub fn anchors(prefix: &str) -> Vec<Arc<Resource>> {
+    Reach::ALL
+        .iter()
+        .map(|r| scope(prefix, &format!("!{}", r.as_str()), *r))
+        .collect()
 }
 
 /// `x-misaki-reason` of a cloud call to an offline vehicle with no replica to take it.

@@ -108,8 +108,8 @@ struct Inner {
     entries: HashMap<CompileKey, watch::Sender<Arc<Snapshot>>>,
     relays: HashMap<String, Vec<Relay>>,
     fleet: BTreeMap<String, VehicleFacts>,
-    /// The gateway's scope of each vehicle in `fleet`, and all of them as cloud
-    /// sidecars' SRDS content.
+    /// The gateway's scope of each vehicle in `fleet` (by scope name) and its anchors,
+    /// and all of them as cloud sidecars' SRDS content.
     scopes: BTreeMap<String, Arc<Resource>>,
     scope_resources: Resources,
 }
@@ -214,8 +214,11 @@ impl SnapshotCache {
                 entries: HashMap::new(),
                 relays: HashMap::new(),
                 fleet: BTreeMap::new(),
-                scopes: BTreeMap::new(),
-                scope_resources: Resources::from_items(&prefix, []),
+                scopes: gateway::anchors(&prefix)
+                    .into_iter()
+                    .map(|r| (r.name.to_string(), r))
+                    .collect(),
+                scope_resources: gateway::scopes(&prefix, &BTreeMap::new()),
             })),
             prefix,
         }
@@ -263,7 +266,7 @@ impl SnapshotCache {
         let mut changed = 0;
         if before.map(VehicleFacts::reach) != Some(facts.reach()) {
             let scope = gateway::scope(&self.prefix, vehicle, facts.reach());
-            inner.scopes.insert(vehicle.to_string(), scope);
+            inner.scopes.insert(scope.name.to_string(), scope);
             let all = inner.scopes.values().cloned().collect::<Vec<_>>();
             inner.scope_resources = Resources::from_items(&self.prefix, all);
             let clouds: Vec<CompileKey> = inner
@@ -390,8 +393,14 @@ services:
         low_power: false,
     };
 
+    /// Resource names of type `t`, without the gateway's anchor scopes (`!` keys).
     fn names(s: &Snapshot, t: ResourceType) -> Vec<String> {
-        s.get(t).items.keys().cloned().collect()
+        s.get(t)
+            .items
+            .keys()
+            .filter(|n| !n.contains('!'))
+            .cloned()
+            .collect()
     }
 
     fn scope_names(rx: &watch::Receiver<Arc<Snapshot>>) -> Vec<String> {

@@ -42,6 +42,10 @@ pub enum RegistryError {
     EmptyVehicleId,
     #[error("Hello.vehicle_id {0:?} is longer than 128 bytes")]
     VehicleIdTooLong(usize),
+    #[error(
+        "Hello.vehicle_id {0:?} is not a vehicle id: 1 to 128 of A-Z a-z 0-9 . _ - (not . or ..)"
+    )]
+    InvalidVehicleId(String),
     #[error("vehicle {0:?} is not registered")]
     UnknownVehicle(String),
 }
@@ -234,6 +238,10 @@ impl FleetRegistry {
         }
         if hello.vehicle_id.len() > 128 {
             return Err(RegistryError::VehicleIdTooLong(hello.vehicle_id.len()));
+        }
+        // The spelling a certificate can carry; the gateway's routes key on it too.
+        if !misaki_identity::valid_name(&hello.vehicle_id) {
+            return Err(RegistryError::InvalidVehicleId(hello.vehicle_id.clone()));
         }
         self.count("hello");
         let stream = self
@@ -481,6 +489,28 @@ fn record_json(id: &str, v: &VehicleRecord) -> Value {
 mod tests {
     use super::*;
     use pb::vehicle_report::Report;
+
+    #[test]
+    fn a_hello_must_name_a_vehicle_id_a_certificate_could_carry() {
+        let registry = FleetRegistry::new();
+        let hello = |id: &str| pb::Hello {
+            vehicle_id: id.to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            registry.hello(&hello(""), None),
+            Err(RegistryError::EmptyVehicleId)
+        );
+        for bad in ["!online", "car 1", "car/1", "..", "car-1\n"] {
+            assert_eq!(
+                registry.hello(&hello(bad), None),
+                Err(RegistryError::InvalidVehicleId(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        assert!(registry.hello(&hello("car-1.eu_2"), None).is_ok());
+        assert_eq!(registry.vehicle_ids(), ["car-1.eu_2"]);
+    }
 
     fn report(r: Report) -> pb::VehicleReport {
         pb::VehicleReport {
