@@ -1,12 +1,16 @@
 //! `edit-latency`: policy edit → new route live through one real Envoy, for misaki and
 //! its peers; prints one Markdown table. Run it through `bench/edit_latency.sh`.
+//! `edit-latency vehicle-gateway`: cloud → vehicle through the reverse tunnel
+//! (`bench/vehicle_gateway.sh`, [`vehicle_gateway`]).
+
+mod vehicle_gateway;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use misaki_bench::measure::{Plan, Sample};
 use misaki_bench::misaki::{self, Flavour};
 use misaki_bench::rss::fmt_kib;
@@ -25,7 +29,10 @@ enum Setup {
 
 #[derive(Debug, Parser)]
 #[command(about = "policy edit -> new route live through one real Envoy")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Measured edits per setup.
     #[arg(long, default_value_t = 20)]
     edits: usize,
@@ -69,6 +76,12 @@ struct Args {
     keep_logs: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Cloud -> vehicle through the reverse tunnel: latency vs direct, offline, low power.
+    VehicleGateway(vehicle_gateway::Args),
+}
+
 /// One table row.
 struct Row {
     setup: String,
@@ -79,6 +92,13 @@ struct Row {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Cmd::VehicleGateway(a)) = &args.cmd {
+        if let Err(e) = vehicle_gateway::run(a, &envoy_version()) {
+            eprintln!("vehicle-gateway: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let all = [
         Setup::MisakiSotw,
         Setup::MisakiDelta,

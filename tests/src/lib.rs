@@ -8,6 +8,7 @@
 //! test failure that says what is missing, never a skip.
 
 pub mod fleet_lab;
+pub mod gateway;
 pub mod http;
 pub mod mtls_lab;
 pub mod netns;
