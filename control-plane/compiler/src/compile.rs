@@ -39,20 +39,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection, circuit_breakers, cluster,
-};
-use envoy_types::pb::envoy::config::core::v3::{
-    BindConfig, HeaderValue, HeaderValueOption, Http2ProtocolOptions, Locality, SocketOption,
-    socket_option,
-};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
+use envoy_types::pb::envoy::config::core::v3::{BindConfig, SocketOption, socket_option};
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, RuntimeFeatureFlag, TypedExtensionConfig, data_source,
 };
 use envoy_types::pb::envoy::config::core::v3::{RoutingPriority, TransportSocket};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
-};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
@@ -68,16 +61,16 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    HttpProtocolOptions, http_protocol_options,
-};
-use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use misaki_policy::{
     Location, LowPowerAction, MtlsMode, Policy, Protocol, RoutePriority, Service, TrafficClass,
 };
 use prost::{Message, Name};
 
-use crate::envoy::{ads, any, hcm, hcm_chain, hcm_routed, socket};
+use crate::envoy::{
+    ads, any, direct_response, failover_retry_limit, hcm, hcm_chain, hcm_routed, header,
+    http2_upstream, load_assignment, pb_duration, socket,
+};
 use crate::gateway::{self, Reach, VehicleConditions};
 use crate::local::VehicleState;
 use crate::mtls::{self, SecretSource};
@@ -94,8 +87,7 @@ pub const CLOUD_INBOUND: &str = "cloud_inbound";
 /// Request header carrying the traffic class, so upstreams (and edge-netd) see it.
 pub const CLASS_HEADER: &str = "x-misaki-class";
 
-/// Response header saying why the mesh itself answered (e.g. `no-uplink`).
-pub const REASON_HEADER: &str = "x-misaki-reason";
+pub use crate::envoy::REASON_HEADER;
 
 /// `x-misaki-reason` of a request for a service outside a closed vehicle scope.
 pub const NOT_IN_SCOPE: &str = "not-in-scope";
@@ -704,28 +696,6 @@ fn defer_cluster(addr: std::net::SocketAddr) -> Cluster {
     }
 }
 
-/// When an uplink dies, Envoy fails every request waiting for a connection on it at
-/// once, and they all want their retry together: Envoy's default limit of 3 concurrent
-/// retries per cluster fails the rest (measured: 811 of 814 caught requests), and a
-/// retry budget does no better (it shrinks as those requests fail: 824 of 885). So the
-/// limit is raised to what a vehicle's Envoy can carry; the class's `retries` still
-/// bounds how often one request is retried.
-pub(crate) fn failover_retry_limit() -> CircuitBreakers {
-    const MAX_RETRIES: u32 = 1024;
-    let threshold = |priority: RoutingPriority| circuit_breakers::Thresholds {
-        priority: priority as i32,
-        max_retries: Some(UInt32Value { value: MAX_RETRIES }),
-        ..Default::default()
-    };
-    CircuitBreakers {
-        thresholds: vec![
-            threshold(RoutingPriority::Default),
-            threshold(RoutingPriority::High),
-        ],
-        ..Default::default()
-    }
-}
-
 /// The class's timeout shared among its tries (with cross-uplink retries).
 fn per_try_timeout(class: &TrafficClass) -> Duration {
     class.timeout / class.retries.saturating_add(1)
@@ -1020,31 +990,6 @@ fn route(svc: &Service, class: &TrafficClass, target: &Target, prefix: &str) -> 
     }
 }
 
-/// Envoy answers itself, with `body`.
-pub(crate) fn direct_response(status: u32, body: String) -> route::Action {
-    route::Action::DirectResponse(DirectResponseAction {
-        status,
-        body: Some(DataSource {
-            specifier: Some(data_source::Specifier::InlineString(body)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-}
-
-/// A header set on a request or response, replacing any value it had.
-pub(crate) fn header(key: &str, value: &str) -> HeaderValueOption {
-    HeaderValueOption {
-        header: Some(HeaderValue {
-            key: key.to_string(),
-            value: value.to_string(),
-            ..Default::default()
-        }),
-        append_action: 2, // OVERWRITE_IF_EXISTS_OR_ADD
-        ..Default::default()
-    }
-}
-
 fn route_action(svc: &Service, class: &TrafficClass, cluster: &str) -> RouteAction {
     let mut action = RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
@@ -1113,35 +1058,6 @@ fn zstd_request_decompressor() -> HttpFilter {
     }
 }
 
-pub(crate) fn load_assignment(
-    cluster: &str,
-    location: Location,
-    endpoints: &[(String, u16)],
-) -> ClusterLoadAssignment {
-    ClusterLoadAssignment {
-        cluster_name: cluster.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            locality: Some(Locality {
-                region: location.as_str().to_string(),
-                ..Default::default()
-            }),
-            load_balancing_weight: Some(UInt32Value { value: 1 }),
-            lb_endpoints: endpoints
-                .iter()
-                .map(|(host, port)| LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
-                        address: Some(socket(host, *port)),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
 /// Pin a cluster's connections to one uplink's interface. Works unprivileged on Linux
 /// ≥ 5.7; older kernels need CAP_NET_RAW (see docs/edge-netd.md).
 pub(crate) fn bind_to_device(interface: &str) -> SocketOption {
@@ -1170,29 +1086,5 @@ fn dscp_option(dscp: u8) -> SocketOption {
         value: Some(socket_option::Value::IntValue(i64::from(dscp) << 2)),
         state: socket_option::SocketState::StatePrebind as i32,
         ..Default::default()
-    }
-}
-
-pub(crate) fn http2_upstream() -> HttpProtocolOptions {
-    HttpProtocolOptions {
-        upstream_protocol_options: Some(
-            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(
-                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions::default(),
-                        ),
-                    ),
-                },
-            ),
-        ),
-        ..Default::default()
-    }
-}
-
-pub(crate) fn pb_duration(d: Duration) -> PbDuration {
-    PbDuration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
     }
 }

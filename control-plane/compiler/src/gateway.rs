@@ -51,11 +51,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
 use envoy_types::pb::google::protobuf::UInt32Value;
 use misaki_policy::{Location, MtlsMode, Policy, TrustDomain};
 
-use crate::compile::{
-    REASON_HEADER, direct_response, failover_retry_limit, header, http2_upstream, load_assignment,
-    pb_duration,
+use crate::envoy::{
+    REASON_HEADER, any, direct_response, failover_retry_limit, hcm_chain, hcm_routed, header,
+    http2_upstream, load_assignment, pb_duration, socket,
 };
-use crate::envoy::{any, hcm_chain, hcm_routed, socket};
 use crate::snapshot::{Resource, Resources};
 use crate::{mtls, on_demand};
 

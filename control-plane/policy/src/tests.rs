@@ -210,7 +210,10 @@ fn the_vehicle_gateway_example_is_valid() {
     let p = parse("examples/vehicle-gateway/mesh.yaml", text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(p.mesh.vehicle_gateways, ["gateway.cloud.example.net"]);
     assert_eq!(p.mesh.vehicle_tunnel_class.as_deref(), Some("standard"));
-    assert_eq!((p.mesh.vehicle_gateway_port, p.mesh.vehicle_tunnel_port), (15444, 15445));
+    assert_eq!(
+        (p.mesh.vehicle_gateway_port, p.mesh.vehicle_tunnel_port),
+        (15444, 15445)
+    );
     let diag = &p.services["diag"];
     assert_eq!(diag.on_low_power, LowPowerAction::Cloud);
     assert_eq!(diag.cloud_replica.len(), 1);
