@@ -3,7 +3,7 @@
 //! | route              | what                                                          |
 //! |--------------------|---------------------------------------------------------------|
 //! | `/healthz`         | 200 while the process serves                                  |
-//! | `/readyz`          | 200 once the policy is loaded and the xDS port is bound, else 503 |
+//! | `/readyz`          | 200 once the policy is loaded and the xDS port is bound, else 503 (with why) |
 //! | `/metrics`         | Prometheus text                                               |
 //! | `/policy`          | the policy version in force, its source, the last rejected edit |
 //! | `/nodes`           | connected xDS streams: kind, per-type sent/ACKed versions, last NACK |
@@ -71,7 +71,13 @@ impl Admin {
             "/readyz" if self.ready.load(Ordering::Acquire) => {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             }
-            "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            "/readyz" => {
+                let body = match self.policy.waiting_for() {
+                    Some(why) => format!("not ready: {why}\n"),
+                    None => "not ready\n".to_string(),
+                };
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            }
             "/metrics" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -29,6 +29,40 @@ pub enum Command {
     /// The fleet's certificate authority: create it, issue identities, revoke them.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The policy in etcd (shared mode): apply a file, list revisions, roll back.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file or directory (every error, exit 64, nothing written),
+    /// then make it the current policy in etcd as a new revision; "unchanged" if it
+    /// already is.
+    Apply {
+        /// A policy YAML file, or a directory of them.
+        path: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the kept revisions, newest first.
+    History {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Make revision REV's policy current again, as a new revision.
+    Rollback {
+        revision: u64,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArg {
+    /// The etcd cluster holding the policy.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", value_parser = store_url)]
+    pub store: StoreUrl,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -87,9 +121,14 @@ pub struct IssueArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Policy YAML file or directory, watched for edits. Without it the embedded
-    /// quickstart policy (examples/quickstart/mesh.yaml) is served.
+    /// quickstart policy (examples/quickstart/mesh.yaml) is served. With `--store`,
+    /// its valid edits are applied to etcd (`policy apply`) instead.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Shared mode: the policy comes from etcd and is followed live; not ready (and no
+    /// xDS served) until etcd has one.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", value_parser = store_url)]
+    pub store: Option<StoreUrl>,
     /// gRPC address for xDS (ADS) and the fleet API.
     #[arg(long, default_value = "127.0.0.1:18000")]
     pub xds_addr: SocketAddr,
@@ -153,6 +192,47 @@ fn duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+fn store_url(s: &str) -> Result<StoreUrl, String> {
+    s.parse()
+}
+
+/// `--store`: the etcd endpoints, as `http://HOST:PORT` URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl(pub Vec<String>);
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{url:?}: {why} (expected etcd://HOST:PORT[,HOST:PORT...])");
+        let hosts = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("it must start with etcd://"))?;
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| bad("each endpoint needs a port"))?;
+            if name.is_empty() || name.contains('/') || port.parse::<u16>().is_err() {
+                return Err(bad("each endpoint must be HOST:PORT"));
+            }
+            endpoints.push(format!("http://{host}"));
+        }
+        Ok(StoreUrl(endpoints))
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self
+            .0
+            .iter()
+            .map(|e| e.strip_prefix("http://").unwrap_or(e))
+            .collect();
+        write!(f, "etcd://{}", hosts.join(","))
     }
 }
 
@@ -243,9 +323,29 @@ mod tests {
             "serve --tls-cert c --tls-key k --client-ca a --max-handshakes 0",
             "serve --tls-cert c --tls-key k --client-ca a --enrol-valid-for 24h",
             "serve --tls-cert c --tls-key k --client-ca a --ca d --enrol-valid-for 7d",
+            "serve --store http://127.0.0.1:2379",
+            "policy apply p.yaml",
+            "policy apply p.yaml --store etcd://x",
+            "policy rollback x --store etcd://x:1",
         ] {
             let e = parse(bad).map(|_| ()).unwrap_err();
             assert!(e.use_stderr(), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn store_urls() {
+        let u: StoreUrl = "etcd://127.0.0.1:2379,etcd-1:2379".parse().unwrap();
+        assert_eq!(u.0, ["http://127.0.0.1:2379", "http://etcd-1:2379"]);
+        assert_eq!(u.to_string(), "etcd://127.0.0.1:2379,etcd-1:2379");
+        for bad in [
+            "http://x:1",
+            "etcd://x",
+            "etcd://x:port",
+            "etcd://:1",
+            "etcd://a:1,",
+        ] {
+            assert!(bad.parse::<StoreUrl>().is_err(), "{bad}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! misaki control plane runtime: policy watcher, snapshot cache, admin HTTP, and the
 //! glue that feeds compiled snapshots to the xDS server; the fleet CA (`ca`), mutual
-//! TLS on the gRPC port (`tls`) and certificate enrolment over it (`enroll`).
+//! TLS on the gRPC port (`tls`), certificate enrolment over it (`enroll`), and the
+//! policy in etcd for replicas in shared mode (`store`).
 
 pub mod admin;
 pub mod ca;
@@ -11,5 +12,6 @@ pub mod fleet_state;
 pub mod metrics;
 pub mod policy_state;
 pub mod run;
+pub mod store;
 pub mod tls;
 pub mod watcher;

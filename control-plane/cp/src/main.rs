@@ -41,6 +41,28 @@ fn main() {
                 }
             }
         },
+        Command::Policy(cmd) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(misaki_cp::store::run_command(&cmd)) {
+                Ok(done) => {
+                    println!("{done}");
+                    0
+                }
+                Err(misaki_cp::store::StoreError::Invalid(errors)) => {
+                    eprintln!("{errors}");
+                    eprintln!("misaki-cp policy: invalid policy, nothing written");
+                    misaki_cp::cli::EXIT_USAGE
+                }
+                Err(e) => {
+                    eprintln!("misaki-cp policy: {e}");
+                    if e.is_usage() {
+                        misaki_cp::cli::EXIT_USAGE
+                    } else {
+                        1
+                    }
+                }
+            }
+        }
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             match rt.block_on(run::serve(args, shutdown_signal())) {

@@ -2,7 +2,9 @@
 //!
 //! Invariant: `current` only ever changes to a policy that validated; a rejected edit
 //! is recorded in `last_error` (admin `/policy`, metric `misaki_policy_valid` = 0) and
-//! the previous policy keeps serving.
+//! the previous policy keeps serving. In shared mode (`--store`) a replica starts
+//! [`PolicyState::awaiting`] its first policy from etcd: its cache holds a placeholder
+//! that is never served (the gRPC port is served only once [`PolicyState::loaded`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -28,6 +30,8 @@ struct Status {
     version: String,
     source: String,
     loaded_at: SystemTime,
+    /// Why there is no policy in force yet (shared mode before the first one).
+    waiting: Option<String>,
     last_error: Option<(SystemTime, PolicyErrors)>,
 }
 
@@ -44,22 +48,40 @@ pub struct PolicyState {
     status: Arc<Mutex<Status>>,
     /// Followers of the policy in force (the fleet service sends it to vehicles).
     tx: watch::Sender<Arc<Policy>>,
+    /// True once a policy is in force (always, outside of shared mode).
+    loaded: watch::Sender<bool>,
     metrics: Metrics,
 }
 
 impl PolicyState {
     pub fn new(cache: SnapshotCache, source: impl Into<String>) -> Self {
+        Self::with(cache, source.into(), None)
+    }
+
+    /// No policy in force yet: `cache` holds a placeholder, `/policy` shows no version
+    /// and `why`, until the first valid [`PolicyState::apply`].
+    pub fn awaiting(
+        cache: SnapshotCache,
+        source: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
+        Self::with(cache, source.into(), Some(why.into()))
+    }
+
+    fn with(cache: SnapshotCache, source: String, waiting: Option<String>) -> Self {
         let policy = cache.policy();
         let metrics = Metrics::default();
         metrics.valid.set(1);
         PolicyState {
             status: Arc::new(Mutex::new(Status {
                 version: policy_version(&policy),
-                source: source.into(),
+                source,
                 loaded_at: SystemTime::now(),
+                waiting: waiting.clone(),
                 last_error: None,
             })),
             tx: watch::channel(policy).0,
+            loaded: watch::channel(waiting.is_none()).0,
             cache,
             metrics,
         }
@@ -86,16 +108,49 @@ impl PolicyState {
         self.cache.policy()
     }
 
+    /// The cache this state feeds.
+    pub fn cache(&self) -> &SnapshotCache {
+        &self.cache
+    }
+
+    /// Why no policy is in force yet; `None` once one is.
+    pub fn waiting_for(&self) -> Option<String> {
+        self.status.lock().expect("status lock").waiting.clone()
+    }
+
+    /// Resolves once a policy is in force.
+    pub async fn loaded(&self) {
+        let mut rx = self.loaded.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
     /// Apply the result of loading an edit. Returns the number of compile keys whose
     /// snapshot changed (0 for a rejected or no-op edit).
     pub fn apply(&self, loaded: Result<Policy, PolicyErrors>) -> usize {
+        self.apply_from(loaded, None)
+    }
+
+    /// [`PolicyState::apply`], naming where a valid policy came from (`/policy`'s
+    /// `source`; unchanged when `None`).
+    pub fn apply_from(
+        &self,
+        loaded: Result<Policy, PolicyErrors>,
+        source: Option<String>,
+    ) -> usize {
         match loaded {
             Ok(policy) => {
                 let version = policy_version(&policy);
                 let mut st = self.status.lock().expect("status lock");
                 st.last_error = None;
                 self.metrics.valid.set(1);
-                if version == st.version {
+                if let Some(source) = source {
+                    st.source = source;
+                }
+                let first = st.waiting.take().is_some();
+                if first {
+                    self.loaded.send_replace(true);
+                }
+                if version == st.version && !first {
                     self.metrics
                         .reloads
                         .get_or_create(&[("result", "unchanged")])
@@ -142,7 +197,8 @@ impl PolicyState {
         };
         let policy = self.cache.policy();
         json!({
-            "version": st.version,
+            "version": st.waiting.is_none().then_some(&st.version),
+            "waiting_for": st.waiting,
             "source": st.source,
             "loaded_at_unix": secs(st.loaded_at),
             "services": policy.services.len(),

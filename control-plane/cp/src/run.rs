@@ -1,6 +1,7 @@
 //! `misaki-cp serve`: wire policy, cache, xDS server, watcher and admin together, with
 //! mutual TLS on the gRPC port when `--client-ca` is given, and certificate enrolment
-//! on it (`crate::enroll`) when `--ca` and `--crl` are given too.
+//! on it (`crate::enroll`) when `--ca` and `--crl` are given too. With `--store` the
+//! policy comes from etcd (`crate::store`) and `--policy` is pushed there.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::cache::SnapshotCache;
 use crate::cli::{ServeArgs, TlsArgs};
 use crate::enroll::{self, Enrollment};
 use crate::policy_state::PolicyState;
+use crate::store::{Store, StoreError};
 use crate::tls::{Limits, TlsError, TlsFiles, TlsServer};
 use crate::watcher;
 
@@ -47,6 +49,8 @@ pub enum RunError {
     Ca(#[from] CaError),
     #[error("--ca {dir}: {why}")]
     CaUnusable { dir: PathBuf, why: String },
+    #[error("--store: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl RunError {
@@ -55,7 +59,7 @@ impl RunError {
         matches!(
             self,
             RunError::Policy(_) | RunError::Tls(_) | RunError::Ca(_) | RunError::CaUnusable { .. }
-        )
+        ) || matches!(self, RunError::Store(e) if e.is_usage())
     }
 }
 
@@ -218,8 +222,25 @@ pub async fn serve(
     // Parse everything before binding anything.
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
     let (tls, enrollment) = enrolment(&args.tls, load_tls(&args.tls)?);
-    let cache = SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix());
-    let policy_state = PolicyState::new(cache.clone(), source);
+    let store = match &args.store {
+        Some(url) => Some(Store::connect(url).await?),
+        None => None,
+    };
+    let policy_state = match &args.store {
+        // A placeholder until etcd's policy arrives; never served (see below).
+        Some(url) => PolicyState::awaiting(
+            SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix()),
+            format!("{url}{}", crate::store::CURRENT),
+            format!(
+                "no policy from etcd yet (misaki-cp policy apply FILE --store {url}, or serve --policy FILE --store {url})"
+            ),
+        ),
+        None => PolicyState::new(
+            SnapshotCache::new(Arc::new(policy), misaki_xds::version_prefix()),
+            source,
+        ),
+    };
+    let cache = policy_state.cache().clone();
 
     let fleet = FleetRegistry::new();
     let streams = StreamRegistry::new();
@@ -253,10 +274,22 @@ pub async fn serve(
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
 
-    let watch_task = args
-        .policy
-        .clone()
-        .map(|path| tokio::spawn(watcher::run(path, policy_state.clone(), stopped())));
+    let watch_task = match &store {
+        // Shared mode: follow etcd; push the file's valid edits there.
+        Some(store) => {
+            tokio::spawn(store.clone().follow(policy_state.clone(), stopped()));
+            args.policy.clone().map(|path| {
+                let push = store
+                    .clone()
+                    .push_file(path, policy_state.clone(), stopped());
+                tokio::spawn(push)
+            })
+        }
+        None => args
+            .policy
+            .clone()
+            .map(|path| tokio::spawn(watcher::run(path, policy_state.clone(), stopped()))),
+    };
 
     if let Some(socket) = probe_socket {
         tracing::info!(addr = ?socket.local_addr().ok(), "probe echo listening");
@@ -274,6 +307,15 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
+    // Shared mode: nothing is served before etcd's policy is in force.
+    let has_policy = tokio::select! {
+        () = policy_state.loaded() => true,
+        () = stopped() => false,
+    };
+    if !has_policy {
+        let _ = admin_task.await;
+        return Ok(());
+    }
     ready.store(true, Ordering::Release);
     let routes = tonic::service::Routes::new(misaki_fleet::service(
         fleet.clone(),

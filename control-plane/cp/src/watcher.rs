@@ -50,7 +50,7 @@ fn urgency(kind: &EventKind) -> Option<Urgency> {
     }
 }
 
-fn relevant(policy: &Path, is_dir: bool, event: &notify::Event) -> bool {
+pub(crate) fn relevant(policy: &Path, is_dir: bool, event: &notify::Event) -> bool {
     event.paths.iter().any(|p| {
         if is_dir {
             matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
@@ -108,8 +108,37 @@ pub(crate) fn parent(file: &Path) -> &Path {
 pub(crate) async fn follow<R, F>(
     dirs: &[PathBuf],
     relevant: impl Fn(&notify::Event) -> bool + Send + 'static,
+    reload: R,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WatchError>
+where
+    R: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    follow_inner(dirs, relevant, reload, shutdown, false).await
+}
+
+/// [`follow`], with one `reload` as soon as the watch is in place (so no edit made
+/// during that first reload is missed).
+pub(crate) async fn follow_from_now<R, F>(
+    dirs: &[PathBuf],
+    relevant: impl Fn(&notify::Event) -> bool + Send + 'static,
+    reload: R,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WatchError>
+where
+    R: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    follow_inner(dirs, relevant, reload, shutdown, true).await
+}
+
+async fn follow_inner<R, F>(
+    dirs: &[PathBuf],
+    relevant: impl Fn(&notify::Event) -> bool + Send + 'static,
     mut reload: R,
     shutdown: impl std::future::Future<Output = ()>,
+    reload_first: bool,
 ) -> Result<(), WatchError>
 where
     R: FnMut() -> F,
@@ -138,6 +167,12 @@ where
     }
 
     tokio::pin!(shutdown);
+    if reload_first {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            () = reload() => {}
+        }
+    }
     loop {
         let mut urgency = tokio::select! {
             _ = &mut shutdown => return Ok(()),

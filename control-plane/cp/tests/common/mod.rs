@@ -3,6 +3,8 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -106,6 +108,7 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
     let (xds, admin) = (free_addr(), free_addr());
     let args = ServeArgs {
         policy: Some(policy.clone()),
+        store: None,
         xds_addr: xds,
         admin_addr: admin,
         probe_addr: None,
@@ -128,6 +131,26 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
     cp
 }
 
+/// `misaki-cp serve` with these arguments in this process, stopped on drop; not
+/// waited for (a shared-mode replica is not ready until etcd has a policy).
+pub fn spawn_serve(args: ServeArgs) -> Cp {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let cp = Cp {
+        xds: args.xds_addr,
+        admin: args.admin_addr,
+        policy: args.policy.clone().unwrap_or_default(),
+        _stop: stop,
+    };
+    tokio::spawn(misaki_cp::run::serve(args, async {
+        let _ = stopped.await;
+    }));
+    cp
+}
+
 pub async fn wait_until<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
@@ -143,13 +166,20 @@ where
 impl Cp {
     /// An admin GET; `None` unless 200.
     pub async fn get(&self, path: &str) -> Option<String> {
+        let (status, body) = self.get_any(path).await?;
+        (status == 200).then_some(body)
+    }
+
+    /// An admin GET: status and body.
+    pub async fn get_any(&self, path: &str) -> Option<(u16, String)> {
         let mut s = tokio::net::TcpStream::connect(self.admin).await.ok()?;
         let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).await.ok()?;
         let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        let status = head.get(9..12)?.parse().ok()?;
+        Some((status, body.to_string()))
     }
 
     pub async fn json(&self, path: &str) -> serde_json::Value {
