@@ -193,6 +193,20 @@ impl Envoy {
     pub fn start(bootstrap: &str, node_id: &str, xds_port: u16, dir: &Path) -> Envoy {
         let template = fs::read_to_string(repo_root().join("envoy-configs").join(bootstrap))
             .expect("read bootstrap template");
+        Self::start_template(&template, node_id, xds_port, dir)
+    }
+
+    /// [`Envoy::start`] with the `misaki_xds` cluster holding one endpoint per port of
+    /// `xds_ports` (misaki-cp replicas), in that order ([`with_control_planes`]).
+    pub fn start_multi(bootstrap: &str, node_id: &str, xds_ports: &[u16], dir: &Path) -> Envoy {
+        let template = fs::read_to_string(repo_root().join("envoy-configs").join(bootstrap))
+            .expect("read bootstrap template");
+        let template = with_control_planes(&template, xds_ports);
+        // The ports are in place already; 18000 is left nowhere to rewrite.
+        Self::start_template(&template, node_id, xds_ports[0], dir)
+    }
+
+    fn start_template(template: &str, node_id: &str, xds_port: u16, dir: &Path) -> Envoy {
         let admin_port = free_port();
         let mut cfg = String::new();
         for line in template.lines() {
@@ -274,6 +288,31 @@ impl Envoy {
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
     }
+}
+
+/// `template` (a bootstrap of `envoy-configs/`) with its control-plane endpoint (the
+/// `lb_endpoints` entry on `port_value: 18000`) repeated once per port of `ports`, on
+/// the same address: the `misaki_xds` cluster then holds every replica, and Envoy's ADS
+/// reconnect goes to the next one when its connection dies.
+pub fn with_control_planes(template: &str, ports: &[u16]) -> String {
+    let lines: Vec<&str> = template.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("port_value: 18000"))
+        .expect("a bootstrap with the control plane on port 18000");
+    let start = (0..at)
+        .rev()
+        .find(|&i| lines[i].trim_start().starts_with("- endpoint:"))
+        .expect("the control plane's `- endpoint:`");
+    let block = lines[start..=at].join("\n");
+    let endpoints: Vec<String> = ports
+        .iter()
+        .map(|p| block.replace("port_value: 18000", &format!("port_value: {p}")))
+        .collect();
+    let mut out: Vec<String> = lines[..start].iter().map(|l| l.to_string()).collect();
+    out.extend(endpoints);
+    out.extend(lines[at + 1..].iter().map(|l| l.to_string()));
+    out.join("\n") + "\n"
 }
 
 /// An HTTP/1.1 upstream standing in for a service: answers every request with

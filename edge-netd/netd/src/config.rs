@@ -5,7 +5,8 @@
 //! - A [`Config`] value is always valid: at least one uplink, unique uplink names and
 //!   interfaces, probe targets as `IP:port`, the local API and the store-and-forward
 //!   ingest on loopback, durations > 0, sizes > 0 with `max_body` ≤ `budget`,
-//!   destination URLs `http://host:port[/base]`; `control_plane` is `https://` exactly
+//!   destination URLs `http://host:port[/base]`; `control_plane` (one URL or a list, all
+//!   of one scheme) is `https://` exactly
 //!   when a `tls:` section is given, whose two written files (`cert`, `key`) are
 //!   distinct from each other and from the files it only reads.
 //! - Every problem in the file is reported at once, each as
@@ -216,7 +217,12 @@ pub struct Config {
     pub vehicle_id: String,
     /// `http://host:port` or (with `tls`) `https://host:port` of the control plane's
     /// gRPC port.
+    /// The first of `control_planes`.
     pub control_plane: http::Uri,
+    /// Every control-plane address (misaki-cp replicas), at least one, all of
+    /// `control_plane`'s scheme: the reporter and enrolment use one at a time and move
+    /// to the next (round robin) when it fails.
+    pub control_planes: Vec<http::Uri>,
     /// Mutual TLS to the control plane; present exactly when `control_plane` is https.
     pub tls: Option<TlsConfig>,
     /// Loopback address of the local HTTP API.
@@ -513,6 +519,57 @@ selection:
     fn good_tls() -> String {
         let https = GOOD.replace("http://198.18.0.1:18000", "https://cp.fleet.example:18000");
         format!("{https}{TLS}")
+    }
+
+    const CP: &str = "control_plane: http://198.18.0.1:18000\n";
+
+    #[test]
+    fn control_plane_is_one_url_or_a_list() {
+        let one = Config::parse("t.yaml", GOOD).unwrap();
+        assert_eq!(one.control_planes, vec![one.control_plane.clone()]);
+        let list = GOOD.replace(
+            CP,
+            "control_plane: [http://198.18.0.1:18000, http://198.18.0.2:18000]\n",
+        );
+        let c = Config::parse("t.yaml", &list).unwrap();
+        let shown: Vec<String> = c.control_planes.iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["http://198.18.0.1:18000/", "http://198.18.0.2:18000/"]
+        );
+        assert_eq!(c.control_plane, c.control_planes[0]);
+        // A block list, over TLS: `tls:` goes with every address.
+        let block = good_tls().replace(
+            "control_plane: https://cp.fleet.example:18000\n",
+            "control_plane:\n  - https://cp-a.fleet.example:18000\n  - https://cp-b.fleet.example:18000\n",
+        );
+        let c = Config::parse("t.yaml", &block).unwrap();
+        assert_eq!(c.control_planes.len(), 2);
+        assert!(c.tls.is_some());
+    }
+
+    #[test]
+    fn control_plane_list_problems_are_located() {
+        let bad = GOOD.replace(
+            CP,
+            "control_plane: [http://198.18.0.1:18000, 198.18.0.2:18000]\n",
+        );
+        assert_names(&bad, "control_plane[1]");
+        let mixed = GOOD.replace(
+            CP,
+            "control_plane:\n  - http://198.18.0.1:18000\n  - https://198.18.0.2:18000\n",
+        );
+        assert_names(&mixed, "control_plane[1]");
+        let e = err(&mixed);
+        assert!(e.contains("t.yaml:5:5: control_plane[1]: "), "{e}");
+        assert!(e.contains("share one scheme"), "{e}");
+        assert_names(&GOOD.replace(CP, "control_plane: []\n"), "control_plane");
+        // The tls check follows the list's scheme.
+        let tls_with_http = format!(
+            "{}{TLS}",
+            GOOD.replace(CP, "control_plane: [http://a:1, http://b:1]\n")
+        );
+        assert_names(&tls_with_http, "control_plane");
     }
 
     #[test]

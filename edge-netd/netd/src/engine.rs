@@ -159,6 +159,11 @@ pub(crate) struct ResultLabel {
     pub(crate) result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AddressLabel {
+    pub(crate) address: String,
+}
+
 /// The daemon's metrics (names follow `edge_netd_<name>_<unit>[_total]`).
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
@@ -170,6 +175,7 @@ pub struct Metrics {
     pub(crate) policy_updates: Family<ResultLabel, Counter>,
     pub(crate) reporter_connected: Gauge,
     pub(crate) reporter_connects: Family<ResultLabel, Counter>,
+    pub(crate) reporter_control_plane: Family<AddressLabel, Gauge>,
     pub(crate) power: PowerMetrics,
 }
 
@@ -184,6 +190,7 @@ impl Metrics {
             "edge_netd_policy_updates", "Policy updates received, by result (applied, invalid, base_mismatch, version_mismatch)" => self.policy_updates;
             "edge_netd_reporter_connected", "1 while the report stream is open" => self.reporter_connected;
             "edge_netd_reporter_connects", "Report stream connection attempts, by result" => self.reporter_connects;
+            "edge_netd_reporter_control_plane", "1 for the control-plane address the report stream uses (or tries), 0 for the others" => self.reporter_control_plane;
         );
         self.power.register(r);
     }

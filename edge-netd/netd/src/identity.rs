@@ -149,10 +149,7 @@ pub fn start(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> IdentityHandle {
     let tls = config.tls.clone().expect("identity::start needs tls:");
-    let enroller = GrpcEnroller {
-        config: config.clone(),
-        views,
-    };
+    let enroller = GrpcEnroller::new(config.clone(), views);
     let (manager, handle) = Manager::new(
         &config.vehicle_id,
         tls,

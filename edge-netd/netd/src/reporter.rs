@@ -10,6 +10,10 @@
 //!   uplink (so a silently blackholed default route cannot hide the vehicle), or
 //!   unbound when none is selected. When that selection moves, the reporter
 //!   reconnects over the new uplink.
+//! - `control_plane` may list several addresses (misaki-cp replicas): a stream goes to
+//!   one; when it fails (connect, the stream ends or errors, the heartbeat gives up)
+//!   the next attempt goes to the next address, round robin from the first, after the
+//!   same backoff. A move to a new uplink or credential keeps the address.
 //! - Reconnects back off exponentially with jitter (200 ms doubling to 5 s, each
 //!   delay drawn from [d/2, d]); a stream whose Hello was acknowledged resets it.
 //! - Over mutual TLS (`https://` control plane), a stream is opened only with a usable
@@ -40,7 +44,7 @@
 
 use crate::channel;
 use crate::config::Config;
-use crate::engine::{EngineView, Input, LinkView, Metrics, ResultLabel};
+use crate::engine::{AddressLabel, EngineView, Input, LinkView, Metrics, ResultLabel};
 use crate::identity::{Credential, CredentialRx};
 use crate::policy::DEFAULT_CLASS;
 use misaki_compiler::snapshot::ResourceType;
@@ -218,7 +222,11 @@ pub async fn run_reporter(
 ) {
     tokio::pin!(shutdown);
     let mut backoff = BACKOFF_MIN;
+    // Which of the control planes this attempt goes to; a failure moves to the next.
+    let mut turn = 0usize;
     loop {
+        let address = &config.control_planes[turn % config.control_planes.len()];
+        show_address(&metrics, &config.control_planes, address);
         // Wait for the first selection so the stream can be bound to an uplink.
         let _ = views.wait_for(|s| s.ready).await;
         let interface = channel::default_interface(&config, &views.borrow());
@@ -235,7 +243,7 @@ pub async fn run_reporter(
         let result = tokio::select! {
             _ = &mut shutdown => return,
             r = one_stream(
-                StreamDeps { config: &config, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref(), xds: xds.as_ref() },
+                StreamDeps { config: &config, address, engine: &engine, metrics: &metrics, connected: &connected, saf: saf.as_ref(), xds: xds.as_ref() },
                 interface.as_deref(),
                 &mut views,
                 &mut acked,
@@ -259,6 +267,11 @@ pub async fn run_reporter(
             tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, "report stream down");
         }
         if !err.is_move() {
+            if config.control_planes.len() > 1 {
+                turn = turn.wrapping_add(1);
+                let next = &config.control_planes[turn % config.control_planes.len()];
+                tracing::info!(failed = %address, next = %next, "moving to the next control plane");
+            }
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -268,10 +281,23 @@ pub async fn run_reporter(
     }
 }
 
+/// `edge_netd_reporter_control_plane`: 1 for `address`, 0 for the other addresses.
+fn show_address(metrics: &Metrics, all: &[http::Uri], address: &http::Uri) {
+    for a in all {
+        let label = AddressLabel {
+            address: a.to_string(),
+        };
+        let g = metrics.reporter_control_plane.get_or_create(&label);
+        g.set(i64::from(a == address));
+    }
+}
+
 /// What one stream reads and updates besides the views.
 #[derive(Clone, Copy)]
 struct StreamDeps<'a> {
     config: &'a Config,
+    /// The control plane this stream goes to (one of `config.control_planes`).
+    address: &'a http::Uri,
     engine: &'a mpsc::Sender<Input>,
     metrics: &'a Metrics,
     connected: &'a AtomicBool,
@@ -318,13 +344,13 @@ async fn credential_replaced(rx: &mut CredentialRx) {
 /// Open the channel to the control plane, bound to `interface` when given, presenting
 /// `credential` over TLS.
 async fn connect(
-    config: &Config,
+    address: &http::Uri,
     interface: Option<&str>,
     metrics: &Metrics,
     credential: Option<&Credential>,
 ) -> Result<FleetServiceClient<tonic::transport::Channel>, StreamError> {
     let tls = credential.map(Credential::client_tls);
-    let channel = channel::connect(&config.control_plane, interface, tls).await;
+    let channel = channel::connect(address, interface, tls).await;
     let result = if channel.is_ok() { "ok" } else { "error" };
     metrics
         .reporter_connects
@@ -512,7 +538,8 @@ async fn one_stream(
     tls: Option<(&Credential, &mut CredentialRx)>,
 ) -> Result<(), StreamError> {
     let (credential, renewed) = tls.unzip();
-    let mut client = connect(deps.config, interface, deps.metrics, credential).await?;
+    tracing::info!(control_plane = %deps.address, ?interface, "connecting the report stream");
+    let mut client = connect(deps.address, interface, deps.metrics, credential).await?;
     let (tx, rx) = mpsc::channel::<pb::VehicleReport>(32);
     let (mut session, opening) = Session::open(deps, interface, views);
     for report in opening {
@@ -1107,6 +1134,7 @@ mod tests {
         let (out, reports) = mpsc::channel(8);
         let deps = StreamDeps {
             config,
+            address: &config.control_plane,
             engine: engine_tx,
             metrics,
             connected,

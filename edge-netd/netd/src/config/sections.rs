@@ -83,10 +83,14 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
     let vehicle_id = f
         .required(r, "vehicle_id", "the vehicle's id in the fleet")
         .and_then(|n| vehicle_id(r, n));
-    let control_plane = f
-        .required(r, "control_plane", "http(s)://host:port of misaki-cp")
-        .and_then(|n| control_plane(r, n));
-    let tls = tls(r, &f, control_plane.as_ref());
+    let control_planes = f
+        .required(
+            r,
+            "control_plane",
+            "http(s)://host:port of misaki-cp, or a list of them",
+        )
+        .and_then(|n| control_planes(r, n));
+    let tls = tls(r, &f, control_planes.as_ref().map(|c| &c[0]));
     let api = f
         .required(r, "api", "a loopback IP:port")
         .and_then(|n| loopback(r, n, "api", "the local API has no authentication"));
@@ -124,7 +128,8 @@ pub(super) fn config(r: &mut Reader, root: &Node<'_>) -> Option<Config> {
     };
     Some(Config {
         vehicle_id: vehicle_id?,
-        control_plane: control_plane?,
+        control_plane: control_planes.as_ref().map(|c| c[0].clone())?,
+        control_planes: control_planes?,
         tls: tls?,
         api: api?,
         state_dir: state_dir?,
@@ -186,12 +191,41 @@ fn vehicle_id(r: &mut Reader, node: &Node<'_>) -> Option<String> {
     ok.then(|| id.to_owned())
 }
 
-fn control_plane(r: &mut Reader, node: &Node<'_>) -> Option<http::Uri> {
-    let text = r.text(
-        node,
-        "control_plane",
-        "http://host:port or https://host:port",
-    )?;
+/// `control_plane:`, one URL or a non-empty list of them (misaki-cp replicas, tried in
+/// turn); all of one scheme, so `tls:` applies to every one.
+fn control_planes(r: &mut Reader, node: &Node<'_>) -> Option<Vec<http::Uri>> {
+    if !node.data.is_sequence() {
+        return control_plane(r, node, "control_plane").map(|u| vec![u]);
+    }
+    let items = r.seq(node, "control_plane", "a list of URLs")?;
+    if items.is_empty() {
+        let message = "needs at least one http(s)://host:port";
+        r.error(node, "control_plane", ErrorKind::InvalidValue, message);
+        return None;
+    }
+    let read: Vec<Option<http::Uri>> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| control_plane(r, item, &format!("control_plane[{i}]")))
+        .collect();
+    let uris: Vec<http::Uri> = read.into_iter().collect::<Option<_>>()?;
+    let first = uris[0].scheme_str();
+    if let Some(i) = uris.iter().position(|u| u.scheme_str() != first) {
+        let message = format!(
+            "is {}:// but control_plane[0] is {}://: all control planes share one scheme \
+             (and `tls:`)",
+            uris[i].scheme_str().unwrap_or(""),
+            first.unwrap_or("")
+        );
+        let path = format!("control_plane[{i}]");
+        r.error(&items[i], &path, ErrorKind::Conflict, message);
+        return None;
+    }
+    Some(uris)
+}
+
+fn control_plane(r: &mut Reader, node: &Node<'_>, path: &str) -> Option<http::Uri> {
+    let text = r.text(node, path, "http://host:port or https://host:port")?;
     let problem = match text.parse::<http::Uri>() {
         Err(e) => format!("{text:?}: {e}"),
         Ok(uri)
@@ -201,7 +235,7 @@ fn control_plane(r: &mut Reader, node: &Node<'_>) -> Option<http::Uri> {
         }
         Ok(_) => format!("{text:?} must be http://host:port or https://host:port"),
     };
-    r.error(node, "control_plane", ErrorKind::InvalidValue, problem);
+    r.error(node, path, ErrorKind::InvalidValue, problem);
     None
 }
 

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use misaki_proto::fleet_v1 as pb;
@@ -33,6 +34,25 @@ pub(crate) trait Enroller {
 pub(crate) struct GrpcEnroller {
     pub config: Arc<Config>,
     pub views: watch::Receiver<Arc<EngineView>>,
+    /// Which of `config.control_planes` the next call goes to: a failed call moves to
+    /// the next one (round robin, from the first).
+    pub turn: Arc<AtomicUsize>,
+}
+
+impl GrpcEnroller {
+    pub(crate) fn new(config: Arc<Config>, views: watch::Receiver<Arc<EngineView>>) -> Self {
+        let turn = Arc::default();
+        GrpcEnroller {
+            config,
+            views,
+            turn,
+        }
+    }
+
+    fn address(&self) -> &http::Uri {
+        let all = &self.config.control_planes;
+        &all[self.turn.load(Ordering::Relaxed) % all.len()]
+    }
 }
 
 impl Enroller for GrpcEnroller {
@@ -48,13 +68,11 @@ impl Enroller for GrpcEnroller {
                 Ok(v) => channel::default_interface(&self.config, &v),
                 Err(_) => None,
             };
-            let channel = channel::connect(
-                &self.config.control_plane,
-                interface.as_deref(),
-                Some(client),
-            )
-            .await
-            .map_err(|e| format!("connect: {}", channel::error_chain(&e)))?;
+            let address = self.address();
+            tracing::info!(control_plane = %address, "enrolment: connecting");
+            let channel = channel::connect(address, interface.as_deref(), Some(client))
+                .await
+                .map_err(|e| format!("connect: {}", channel::error_chain(&e)))?;
             let reply = EnrollmentServiceClient::new(channel)
                 .enroll(pb::EnrollRequest { csr_pem })
                 .await
@@ -62,9 +80,14 @@ impl Enroller for GrpcEnroller {
             Ok(reply.into_inner().certificate_pem)
         };
         async move {
-            tokio::time::timeout(ENROL_TIMEOUT, call)
+            let result = tokio::time::timeout(ENROL_TIMEOUT, call)
                 .await
-                .unwrap_or_else(|_| Err(format!("no answer within {ENROL_TIMEOUT:?}")))
+                .unwrap_or_else(|_| Err(format!("no answer within {ENROL_TIMEOUT:?}")));
+            if result.is_err() && self.config.control_planes.len() > 1 {
+                // The next attempt (after the manager's backoff) tries another replica.
+                self.turn.fetch_add(1, Ordering::Relaxed);
+            }
+            result
         }
     }
 }
