@@ -444,13 +444,14 @@ impl Snapshot {
     }
 
     /// This snapshot with `resources` as its content of type `t`.
-    pub fn with(mut self, t: ResourceType, resources: Resources) -> Self {
-        self.by_type[t.index()] = Arc::new(resources);
+    /// An `Arc` is shared as it is (the cloud's SRDS of every vehicle is not copied).
+    pub fn with(mut self, t: ResourceType, resources: impl Into<Arc<Resources>>) -> Self {
+        self.by_type[t.index()] = resources.into();
         self
     }
 
     /// This snapshot with `scoped_routes` as its SRDS content.
-    pub fn with_scoped_routes(self, scoped_routes: Resources) -> Self {
+    pub fn with_scoped_routes(self, scoped_routes: impl Into<Arc<Resources>>) -> Self {
         self.with(ResourceType::ScopedRoute, scoped_routes)
     }
 

@@ -111,7 +111,7 @@ struct Inner {
     /// The gateway's scope of each vehicle in `fleet` (by scope name) and its anchors,
     /// and all of them as cloud sidecars' SRDS content.
     scopes: BTreeMap<String, Arc<Resource>>,
-    scope_resources: Resources,
+    scope_resources: Arc<Resources>,
 }
 
 /// Cheap to clone.
@@ -218,7 +218,7 @@ impl SnapshotCache {
                     .into_iter()
                     .map(|r| (r.name.to_string(), r))
                     .collect(),
-                scope_resources: gateway::scopes(&prefix, &BTreeMap::new()),
+                scope_resources: Arc::new(gateway::scopes(&prefix, &BTreeMap::new())),
             })),
             prefix,
         }
@@ -258,17 +258,33 @@ impl SnapshotCache {
     /// every cloud snapshot when its reach changed, and its own snapshot when its power
     /// matters; returns how many channels changed.
     pub fn set_vehicle(&self, vehicle: &str, facts: VehicleFacts) -> usize {
+        self.set_vehicles([(vehicle.to_string(), facts)])
+    }
+
+    /// [`set_vehicle`](Self::set_vehicle) for several vehicles at once: cloud snapshots
+    /// are rebuilt once for all of them (a fleet's first reports arrive in bursts, and
+    /// each rebuild is O(vehicles)).
+    pub fn set_vehicles(&self, batch: impl IntoIterator<Item = (String, VehicleFacts)>) -> usize {
         let mut inner = self.inner.lock().expect("cache lock");
-        let before = inner.fleet.insert(vehicle.to_string(), facts);
-        if before == Some(facts) {
-            return 0;
+        let (mut reach_changed, mut powered) = (false, Vec::new());
+        for (vehicle, facts) in batch {
+            let before = inner.fleet.insert(vehicle.clone(), facts);
+            if before == Some(facts) {
+                continue;
+            }
+            if before.map(VehicleFacts::reach) != Some(facts.reach()) {
+                let scope = gateway::scope(&self.prefix, &vehicle, facts.reach());
+                inner.scopes.insert(scope.name.to_string(), scope);
+                reach_changed = true;
+            }
+            if inner.power_matters && before.map(|f| f.low_power) != Some(facts.low_power) {
+                powered.push(vehicle);
+            }
         }
         let mut changed = 0;
-        if before.map(VehicleFacts::reach) != Some(facts.reach()) {
-            let scope = gateway::scope(&self.prefix, vehicle, facts.reach());
-            inner.scopes.insert(scope.name.to_string(), scope);
+        if reach_changed {
             let all = inner.scopes.values().cloned().collect::<Vec<_>>();
-            inner.scope_resources = Resources::from_items(&self.prefix, all);
+            inner.scope_resources = Arc::new(Resources::from_items(&self.prefix, all));
             let clouds: Vec<CompileKey> = inner
                 .entries
                 .keys()
@@ -281,8 +297,8 @@ impl SnapshotCache {
                 changed += usize::from(send(&inner.entries[&key], Arc::new(next)));
             }
         }
-        if inner.power_matters && before.map(|f| f.low_power) != Some(facts.low_power) {
-            changed += inner.refresh_relays(vehicle, &self.prefix);
+        for vehicle in powered {
+            changed += inner.refresh_relays(&vehicle, &self.prefix);
         }
         changed
     }
@@ -738,6 +754,28 @@ services:
             car1_before.get(ResourceType::Route).version,
             a.get(ResourceType::Route).version
         );
+    }
+
+    #[test]
+    fn a_batch_is_one_cloud_change_and_ends_where_single_steps_end() {
+        let one_by_one = SnapshotCache::new(power_policy(), "p-");
+        let batched = SnapshotCache::new(power_policy(), "p-");
+        let (single_rx, batch_rx) = (one_by_one.watch(&cloud()), batched.watch(&cloud()));
+        let mut car1 = batched.watch(&vehicle(Some("car-1")));
+        car1.mark_unchanged();
+        let batch = [("car-1", LOW_POWER), ("car-2", ONLINE), ("car-3", OFFLINE)];
+        for (v, f) in batch {
+            one_by_one.set_vehicle(v, f);
+        }
+        let owned = batch.map(|(v, f)| (v.to_string(), f));
+        assert_eq!(
+            batched.set_vehicles(owned.clone()),
+            2,
+            "the cloud key once, car-1"
+        );
+        assert!(car1.has_changed().expect("open"), "low power");
+        assert!(batch_rx.borrow().same_versions(&single_rx.borrow()));
+        assert_eq!(batched.set_vehicles(owned), 0, "nothing new");
     }
 
     #[test]

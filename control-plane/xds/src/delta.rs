@@ -162,6 +162,10 @@ pub(crate) struct TypeState {
     names: BTreeSet<SharedStr>,
     /// What the client holds: name → version.
     has: HashMap<SharedStr, SharedStr>,
+    /// The version of this type's resources the client holds all of (everything the
+    /// subscription covers, at that version): set when a complete plan is committed,
+    /// cleared by subscription changes. An ACK of it then costs no O(resources) pass.
+    synced: Option<SharedStr>,
 }
 
 /// Whether a subscription (`names`, `wildcard`) covers `name` of `res`'s type: by
@@ -186,6 +190,15 @@ impl TypeState {
         req: DeltaDiscoveryRequest,
     ) -> BTreeSet<SharedStr> {
         let items = &res.items;
+        if first
+            || !req.resource_names_subscribe.is_empty()
+            || !req.resource_names_unsubscribe.is_empty()
+        {
+            self.synced = None;
+        } else {
+            // A plain ACK/NACK changes no subscription: nothing to retain or force.
+            return BTreeSet::new();
+        }
         if first {
             self.has = req
                 .initial_resource_versions
@@ -238,6 +251,8 @@ impl TypeState {
 pub(crate) struct Plan {
     items: Vec<Arc<Resource>>,
     removed: Vec<SharedStr>,
+    /// Everything the client lacks of the type (not one half of a split plan).
+    complete: bool,
 }
 
 impl Plan {
@@ -249,11 +264,11 @@ impl Plan {
     fn split_removals(self) -> (Option<Plan>, Option<Plan>) {
         let items = Plan {
             items: self.items,
-            removed: Vec::new(),
+            ..Plan::default()
         };
         let removals = Plan {
-            items: Vec::new(),
             removed: self.removed,
+            ..Plan::default()
         };
         let some = |p: Plan| (!p.is_empty()).then_some(p);
         (some(items), some(removals))
@@ -324,8 +339,12 @@ impl Delta {
         let res = self.snapshot.get(t);
         let items = &res.items;
         let mut seen = BTreeSet::new();
+        // How many of the resources looked at the client holds (at any version).
+        let mut held = 0;
         let mut consider = |r: &Arc<Resource>| {
-            let changed = force.contains(&r.name) || st.has.get(&r.name) != Some(&r.version);
+            let has = st.has.get(&r.name);
+            held += usize::from(has.is_some());
+            let changed = force.contains(&r.name) || has != Some(&r.version);
             if changed && seen.insert(r.name.clone()) {
                 plan.items.push(r.clone());
             }
@@ -342,18 +361,25 @@ impl Delta {
             }
             res.companions(n).for_each(&mut consider);
         }
-        // Held resources that are gone, or that the subscription no longer covers.
-        let mut removed: BTreeSet<&SharedStr> = st
-            .has
-            .keys()
-            .filter(|n| !items.contains_key(n.as_str()) || !st.subscribed(res, n))
-            .collect();
+        // Held resources that are gone, or that the subscription no longer covers. A
+        // plain wildcard over eager resources that saw every held name among them has
+        // none: skip the lookup per held name (cloud sidecars hold a scope per vehicle).
+        let plain_wildcard = st.wildcard && st.names.is_empty() && !res.has_on_demand();
+        let mut removed: BTreeSet<&SharedStr> = if plain_wildcard && held == st.has.len() {
+            BTreeSet::new()
+        } else {
+            st.has
+                .keys()
+                .filter(|n| !items.contains_key(n.as_str()) || !st.subscribed(res, n))
+                .collect()
+        };
         removed.extend(
             force
                 .iter()
                 .filter(|n| st.subscribed(res, n) && !items.contains_key(n.as_str())),
         );
         plan.removed = removed.into_iter().cloned().collect();
+        plan.complete = true;
         plan
     }
 
@@ -410,6 +436,10 @@ impl Machine for Delta {
     }
 
     fn plan(&mut self, t: ResourceType, force: &Forced) -> Option<Plan> {
+        let synced = self.types[t.index()].synced.as_ref();
+        if force.names.is_empty() && synced == Some(&self.snapshot.get(t).version) {
+            return force.always.then(Plan::default);
+        }
         let plan = self.changes(t, &force.names);
         (force.always || !plan.is_empty()).then_some(plan)
     }
@@ -457,6 +487,11 @@ impl Machine for Delta {
         }
         for n in &plan.removed {
             st.has.remove(n);
+        }
+        if plan.complete {
+            st.synced = Some(system_version.clone());
+        } else if !plan.items.is_empty() || !plan.removed.is_empty() {
+            st.synced = None;
         }
         DeltaReply {
             t,
@@ -578,6 +613,39 @@ mod tests {
                 (r.t, names, r.removed.iter().map(|n| n.as_str()).collect())
             })
             .collect()
+    }
+
+    #[test]
+    fn wildcard_swaps_and_acks_after_a_complete_plan() {
+        use ResourceType::Cluster as C;
+        let ctx = StreamCtx::for_test(StreamKind::Delta);
+        let cds = |cs: &[(&str, &str)]| {
+            clusters(Resources::from_items(
+                "v-",
+                cs.iter().map(|(n, tag)| cluster(n, tag)),
+            ))
+        };
+        let ack = |out: &[DeltaReply]| DeltaDiscoveryRequest {
+            response_nonce: out[0].nonce.to_string(),
+            ..request(C, &[], &[])
+        };
+        let mut d = Delta::new(cds(&[("a", "1"), ("b", "1")]));
+        let out = d.on_request(request(C, &["*"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["a", "b"], vec![])]);
+        assert!(d.on_request(ack(&out), &ctx).is_empty());
+        // As many resources as the client holds, but one of them another: both told.
+        let out = d.on_snapshot(cds(&[("a", "1"), ("c", "1")]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["c"], vec!["b"])]);
+        assert!(d.on_request(ack(&out), &ctx).is_empty());
+        let out = d.on_snapshot(cds(&[("a", "2"), ("c", "1")]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["a"], vec![])]);
+        // A NACK leaves the rejected version marked as held: nothing resent.
+        let mut nack = ack(&out);
+        nack.error_detail = Some(Default::default());
+        assert!(d.on_request(nack, &ctx).is_empty());
+        // Re-subscribing by name is answered even though the client holds it.
+        let out = d.on_request(request(C, &["c"], &[]), &ctx);
+        assert_eq!(summary(&out), [(C, vec!["c"], vec![])]);
     }
 
     #[test]
