@@ -158,6 +158,7 @@ pub async fn run_row(cp_bin: &Path, dir: &Path, spec: &RowSpec) -> Result<Row> {
         mode: spec.mode,
         nack_every: spec.nack_every,
         nack_version: spec.nack_version.clone(),
+        cluster: "vehicle",
     });
     let mut row = Row {
         mode: spec.mode.as_str(),

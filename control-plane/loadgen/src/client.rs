@@ -66,7 +66,8 @@ pub const SHORT: [&str; N] = ["cds", "eds", "lds", "srds", "rds"];
 const C: usize = 0;
 const E: usize = 1;
 const L: usize = 2;
-const S: usize = 3;
+/// SRDS: what a vehicle's reach changes in cloud snapshots.
+pub const S: usize = 3;
 /// RDS: the type a fleet-wide route edit surely changes.
 pub const R: usize = 4;
 /// In derived names: a wildcard subscription (SRDS), sent as no names at all.
@@ -103,6 +104,8 @@ pub struct ClientConfig {
     pub nack_every: u64,
     /// NACK every response whose version contains this string.
     pub nack_version: Option<String>,
+    /// `node.cluster`, i.e. the role: `vehicle`, or `cloud` for a cloud sidecar.
+    pub cluster: &'static str,
 }
 
 /// What one stream has seen, readable by the driver while the stream runs.
@@ -115,12 +118,40 @@ pub struct StreamRec {
     /// Woken once when `ready` becomes true (single-vehicle trials wait on it).
     pub ready_notify: tokio::sync::Notify,
     pub nacks: AtomicU64,
+    /// Responses received per type.
+    pub count: [AtomicU64; N],
+    /// When the ACK of the latest accepted response per type was queued on the stream,
+    /// ns since [`Shared::epoch`] (0: none).
+    pub acked: [AtomicU64; N],
+    /// Hash of the version of the latest response per type (SotW `version_info`, delta
+    /// `system_version_info`).
+    pub version: [AtomicU64; N],
 }
 
 impl StreamRec {
     pub fn last_ns(&self, t: usize) -> u64 {
         self.last[t].load(Ordering::Acquire)
     }
+
+    pub fn acked_ns(&self, t: usize) -> u64 {
+        self.acked[t].load(Ordering::Acquire)
+    }
+
+    pub fn version_hash(&self, t: usize) -> u64 {
+        self.version[t].load(Ordering::Acquire)
+    }
+
+    /// Responses received, all types.
+    pub fn responses(&self) -> u64 {
+        self.count.iter().map(|c| c.load(Ordering::Acquire)).sum()
+    }
+}
+
+fn hash_str(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 /// State shared by every stream of one run.
@@ -239,10 +270,10 @@ fn is_parent(t: usize) -> bool {
     matches!(t, C | L | S)
 }
 
-pub fn node(id: &str) -> Node {
+pub fn node(id: &str, cluster: &str) -> Node {
     Node {
         id: id.to_string(),
-        cluster: "vehicle".to_string(),
+        cluster: cluster.to_string(),
         user_agent_name: "misaki-loadgen".to_string(),
         ..Default::default()
     }
@@ -386,7 +417,9 @@ struct Change {
 
 impl Subs {
     /// A response of type `t` arrived: stamp it for the driver.
-    fn arrived(&mut self, t: usize, rec: &StreamRec, shared: &Shared) {
+    fn arrived(&mut self, t: usize, version: &str, rec: &StreamRec, shared: &Shared) {
+        rec.version[t].store(hash_str(version), Ordering::Release);
+        rec.count[t].fetch_add(1, Ordering::AcqRel);
         rec.last[t].store(shared.now_ns(), Ordering::Release);
         shared.responses.fetch_add(1, Ordering::Relaxed);
         self.answered[t] = true;
@@ -496,7 +529,11 @@ async fn run_sotw(
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
     let mut types: [SotwType; N] = Default::default();
     let mut subs = Subs::default();
-    send(&tx, sotw_req(C, &types[C], &subs, Some(node(node_id)))).await?;
+    send(
+        &tx,
+        sotw_req(C, &types[C], &subs, Some(node(node_id, cfg.cluster))),
+    )
+    .await?;
     send(&tx, sotw_req(L, &types[L], &subs, None)).await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
@@ -517,7 +554,7 @@ async fn run_sotw(
         let Some(t) = type_index(&type_url) else {
             continue;
         };
-        subs.arrived(t, rec, shared);
+        subs.arrived(t, &version_info, rec, shared);
         n += 1;
         types[t].nonce = nonce;
         if must_nack(cfg, n, &version_info) {
@@ -538,6 +575,7 @@ async fn run_sotw(
         }
         types[t].accepted = version_info;
         send(&tx, sotw_req(t, &types[t], &subs, None)).await?;
+        rec.acked[t].store(shared.now_ns(), Ordering::Release);
         for c in subs.resync(t) {
             send(&tx, sotw_req(c.t, &types[c.t], &subs, None)).await?;
         }
@@ -558,7 +596,7 @@ async fn run_delta(
     send(
         &tx,
         DeltaDiscoveryRequest {
-            node: Some(node(node_id)),
+            node: Some(node(node_id, cfg.cluster)),
             type_url: CDS.to_string(),
             ..Default::default()
         },
@@ -593,7 +631,7 @@ async fn run_delta(
         let Some(t) = type_index(&type_url) else {
             continue;
         };
-        subs.arrived(t, rec, shared);
+        subs.arrived(t, &system_version_info, rec, shared);
         n += 1;
         let mut ack = DeltaDiscoveryRequest {
             type_url: type_url.clone(),
@@ -621,6 +659,7 @@ async fn run_delta(
             subs.from[t].remove(&name);
         }
         send(&tx, ack).await?;
+        rec.acked[t].store(shared.now_ns(), Ordering::Release);
         for c in subs.resync(t) {
             send(
                 &tx,
@@ -750,6 +789,7 @@ mod tests {
             mode: Mode::Sotw,
             nack_every: 3,
             nack_version: Some("bad".into()),
+            cluster: "vehicle",
         };
         let nacked: Vec<u64> = (1..=7).filter(|n| must_nack(&cfg, *n, "v1")).collect();
         assert_eq!(nacked, vec![3, 6]);
@@ -758,6 +798,7 @@ mod tests {
             mode: Mode::Delta,
             nack_every: 0,
             nack_version: Some(String::new()),
+            cluster: "vehicle",
         };
         assert!(!(1..100).any(|n| must_nack(&never, n, "anything")));
     }

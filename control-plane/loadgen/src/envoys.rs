@@ -238,6 +238,7 @@ pub async fn run(
                     mode,
                     nack_every: 0,
                     nack_version: None,
+                    cluster: "vehicle",
                 });
                 let f = Fleet::connect(
                     &Target::plain(format!("127.0.0.1:{xds}")),

@@ -12,6 +12,11 @@
 //!   1,000 vehicles connecting, a whole fleet reconnecting at once, RSS per vehicle,
 //!   every vehicle on its own connection with its own client certificate.
 //!
+//! - `vehicle-state`: one vehicle's state change (power low/on, report stream closed /
+//!   opened) with N vehicles reporting over FleetService and connected over ADS, and a
+//!   few cloud sidecars on SRDS: latency until every cloud stream and the vehicle's own
+//!   stream have the new config, CPU per change, pushes to anyone else.
+//!
 //! Everything it starts is killed when it exits, on error and on SIGINT/SIGTERM too.
 //! `bench/fleet_scale.sh` builds it and misaki-cp in release and runs both tables;
 //! `bench/mtls.sh` runs `mtls`.
@@ -26,6 +31,7 @@ mod probe;
 mod stats;
 mod sys;
 mod tls;
+mod vehicle_state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -148,6 +154,35 @@ enum Cmd {
         client_ca: Option<PathBuf>,
         #[arg(long)]
         crl: Option<PathBuf>,
+    },
+    /// One vehicle's state change at fleet scale: N vehicles (fleet reports + ADS), a
+    /// few cloud sidecars (SRDS); prints two Markdown tables.
+    VehicleState {
+        #[command(flatten)]
+        common: Common,
+        /// Vehicle counts, one row each (per mode).
+        #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
+        streams: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_values_t = [Mode::Sotw, Mode::Delta])]
+        modes: Vec<Mode>,
+        /// Cloud sidecar streams (`node.cluster: cloud`).
+        #[arg(long, default_value_t = 4)]
+        clouds: usize,
+        /// HTTP/2 connections the vehicles' ADS streams share; 0 = one per stream.
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        /// HTTP/2 connections the vehicles' report streams share.
+        #[arg(long, default_value_t = 64)]
+        fleet_conns: usize,
+        /// Trials per kind of change (power low, power on, offline, online).
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        /// Vehicles' heartbeat interval (the registry's offline timeout is 3×).
+        #[arg(long, default_value_t = 20_000)]
+        heartbeat_ms: u64,
+        /// After a trial's change has arrived: wait until nothing arrives for this long.
+        #[arg(long, default_value_t = 50)]
+        quiet_ms: u64,
     },
     /// Hold N simulated streams against a running misaki-cp (for profiling it).
     Connect {
@@ -339,6 +374,43 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::VehicleState {
+            common,
+            streams,
+            modes,
+            clouds,
+            conns,
+            fleet_conns,
+            trials,
+            heartbeat_ms,
+            quiet_ms,
+        } => {
+            let cp = cp_bin(&common)?;
+            let (dir, _tmp) = work_dir(common.out_dir.clone())?;
+            let quiet = Duration::from_millis(quiet_ms);
+            let (mut infos, mut rows) = (Vec::new(), Vec::new());
+            for &n in &streams {
+                let spec = vehicle_state::Spec {
+                    streams: n,
+                    clouds,
+                    conns,
+                    fleet_conns,
+                    trials,
+                    extra_services: common.extra_services,
+                    heartbeat: Duration::from_millis(heartbeat_ms),
+                    quiet,
+                };
+                let r = vehicle_state::run_streams(&cp, &dir, &spec, &modes, &mut infos, &mut rows)
+                    .await;
+                if let Err(e) = r {
+                    // Print what was measured so far before failing.
+                    vehicle_state::print_tables(&infos, &rows, quiet);
+                    return Err(e.context(format!("streams={n}")));
+                }
+            }
+            vehicle_state::print_tables(&infos, &rows, quiet);
+            Ok(())
+        }
         Cmd::ProbeServer {
             port,
             reply_bytes,
@@ -365,6 +437,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 mode,
                 nack_every,
                 nack_version,
+                cluster: "vehicle",
             });
             let tls = match &ca {
                 Some(dir) => {

@@ -269,6 +269,7 @@ pub async fn run_row(setup: &Setup<'_>, mode: Mode, transport: Transport) -> Res
         mode,
         nack_every: 0,
         nack_version: None,
+        cluster: "vehicle",
     });
 
     // 1. idle
