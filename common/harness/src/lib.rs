@@ -18,11 +18,13 @@
 //! (anyhow in the load generator and benchmarks, panics in the tests).
 
 pub mod cp;
+pub mod etcd;
 pub mod http;
 pub mod process;
 pub mod procfs;
 pub mod wait;
 
 pub use cp::CpLaunch;
+pub use etcd::Etcd;
 pub use process::{Process, free_port, set_pidfile, strip_ansi, tail, try_free_port};
 pub use wait::{poll, wait_for};

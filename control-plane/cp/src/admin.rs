@@ -7,7 +7,7 @@
 //! | `/metrics`         | Prometheus text                                               |
 //! | `/policy`          | the policy version in force, its source, the last rejected edit |
 //! | `/nodes`           | connected xDS streams: kind, per-type sent/ACKed versions, last NACK |
-//! | `/fleet`           | every vehicle's latest reported state (digital twin)          |
+//! | `/fleet`           | every vehicle's latest reported state (digital twin); in shared mode the whole fleet's, with owners |
 //! | `/fleet/{vehicle}` | one vehicle; 404 if unknown                                   |
 
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 
 use crate::policy_state::PolicyState;
 
-type JsonFn = dyn Fn() -> serde_json::Value + Send + Sync;
-type LookupFn = dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync;
+pub type JsonFn = dyn Fn() -> serde_json::Value + Send + Sync;
+pub type LookupFn = dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync;
 
 /// Everything the admin routes read. Cheap to clone.
 #[derive(Clone)]

@@ -129,6 +129,11 @@ pub struct ServeArgs {
     /// xDS served) until etcd has one.
     #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", value_parser = store_url)]
     pub store: Option<StoreUrl>,
+    /// Shared mode: TTL of this replica's etcd lease, under which it writes its
+    /// vehicles' presence. When it dies its vehicles show offline on the others within
+    /// this; cut off from etcd this long, it stops taking vehicles (whole seconds).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = lease_ttl, requires = "store")]
+    pub lease_ttl: Duration,
     /// gRPC address for xDS (ADS) and the fleet API.
     #[arg(long, default_value = "127.0.0.1:18000")]
     pub xds_addr: SocketAddr,
@@ -193,6 +198,16 @@ fn duration(s: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_secs(2) || d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{s}: an etcd lease TTL is whole seconds, at least 2s"
+        ));
+    }
+    Ok(d)
 }
 
 fn store_url(s: &str) -> Result<StoreUrl, String> {

@@ -11,6 +11,7 @@ pub mod enroll;
 pub mod fleet_state;
 pub mod metrics;
 pub mod policy_state;
+pub mod presence;
 pub mod run;
 pub mod store;
 pub mod tls;

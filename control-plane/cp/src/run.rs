@@ -15,12 +15,13 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::{self, Admin};
+use crate::admin::{self, Admin, JsonFn, LookupFn};
 use crate::ca::{Ca, CaError};
 use crate::cache::SnapshotCache;
 use crate::cli::{ServeArgs, TlsArgs};
 use crate::enroll::{self, Enrollment};
 use crate::policy_state::PolicyState;
+use crate::presence::{FleetView, Publisher};
 use crate::store::{Store, StoreError};
 use crate::tls::{Limits, TlsError, TlsFiles, TlsServer};
 use crate::watcher;
@@ -190,27 +191,43 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
 }
 
 /// What the admin routes read: readiness, metrics, policy, streams and fleet.
+/// In shared mode `/fleet` is the whole fleet (`shared`: the view of etcd's records
+/// and this replica's name), else this process's registry.
 fn admin_routes(
     ready: Arc<AtomicBool>,
     metrics: MetricsRegistry,
     policy: &PolicyState,
     streams: &StreamRegistry,
     fleet: &FleetRegistry,
+    shared: Option<(FleetView, String)>,
 ) -> Admin {
     let streams = streams.clone();
+    let (fleet_fn, vehicle_fn): (Arc<JsonFn>, Arc<LookupFn>) = match shared {
+        Some((view, replica)) => {
+            let (f, v, r) = (fleet.clone(), view.clone(), replica.clone());
+            (
+                Arc::new(move || view.fleet_json(&f, &replica)),
+                Arc::new({
+                    let f = fleet.clone();
+                    move |id| v.vehicle_json(&f, &r, id)
+                }),
+            )
+        }
+        None => {
+            let (f, v) = (fleet.clone(), fleet.clone());
+            (
+                Arc::new(move || f.to_json()),
+                Arc::new(move |id| v.vehicle_json(id)),
+            )
+        }
+    };
     Admin {
         ready,
         metrics: Arc::new(metrics),
         policy: policy.clone(),
         nodes: Arc::new(move || streams.to_json()),
-        fleet: Arc::new({
-            let fleet = fleet.clone();
-            move || fleet.to_json()
-        }),
-        vehicle: Arc::new({
-            let fleet = fleet.clone();
-            move |id| fleet.vehicle_json(id)
-        }),
+        fleet: fleet_fn,
+        vehicle: vehicle_fn,
     }
 }
 
@@ -269,8 +286,33 @@ pub async fn serve(
         }
     };
 
+    // Shared mode: this replica's vehicles into etcd, everyone's out of it.
+    let shared = store.as_ref().map(|store| {
+        let (client, url) = store.client();
+        let replica = crate::presence::replica_id();
+        let view = FleetView::default();
+        tokio::spawn(view.clone().follow(client.clone(), url.clone(), stopped()));
+        let publisher = Publisher {
+            client,
+            url,
+            replica: replica.clone(),
+            ttl: args.lease_ttl,
+            fleet: fleet.clone(),
+        };
+        tokio::spawn(publisher.run(stopped()));
+        (view, replica)
+    });
+    let view = shared.as_ref().map(|(v, _)| v.clone());
+
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = admin_routes(ready.clone(), metrics, &policy_state, &streams, &fleet);
+    let admin = admin_routes(
+        ready.clone(),
+        metrics,
+        &policy_state,
+        &streams,
+        &fleet,
+        shared,
+    );
     tracing::info!(addr = %args.admin_addr, "admin listening");
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, stopped()));
 
@@ -296,7 +338,11 @@ pub async fn serve(
         tokio::spawn(misaki_fleet::run_probe_echo(socket, stopped()));
     }
 
-    tokio::spawn(crate::fleet_state::follow(fleet.clone(), cache.clone()));
+    tokio::spawn(crate::fleet_state::follow(
+        fleet.clone(),
+        view.clone(),
+        cache.clone(),
+    ));
 
     let closing = fleet.clone();
     tokio::spawn(async move {
@@ -307,9 +353,15 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
-    // Shared mode: nothing is served before etcd's policy is in force.
+    // Shared mode: nothing is served before etcd's policy is in force and the fleet
+    // view has read etcd's records.
     let has_policy = tokio::select! {
-        () = policy_state.loaded() => true,
+        () = async {
+            policy_state.loaded().await;
+            if let Some(view) = &view {
+                view.synced().await;
+            }
+        } => true,
         () = stopped() => false,
     };
     if !has_policy {

@@ -276,6 +276,11 @@ impl Store {
         })
     }
 
+    /// The etcd client (cheap to clone) and the URL it was made from.
+    pub fn client(&self) -> (Client, StoreUrl) {
+        (self.client.clone(), self.url.clone())
+    }
+
     fn etcd(&self) -> impl Fn(etcd_client::Error) -> StoreError + '_ {
         |source| StoreError::Etcd {
             endpoints: self.url.to_string(),
@@ -442,26 +447,15 @@ impl Store {
     /// Follow `current` into `state` until `shutdown` resolves: read it, then watch it
     /// from the next etcd revision; after an error, start over (with backoff).
     pub async fn follow(self, state: PolicyState, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                result = self.follow_once(&state) => {
-                    let Err(error) = result;
-                    let meanwhile = match state.waiting_for() {
-                        Some(_) => "not ready until it has a policy",
-                        None => "the current policy keeps serving",
-                    };
-                    tracing::warn!(%error, ?backoff, "following the policy in etcd; retrying ({meanwhile})");
-                }
-            }
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
+        let attempt = || self.follow_once(&state);
+        retrying(shutdown, Duration::from_secs(5), attempt, |error, backoff| {
+            let meanwhile = match state.waiting_for() {
+                Some(_) => "not ready until it has a policy",
+                None => "the current policy keeps serving",
+            };
+            tracing::warn!(%error, ?backoff, "following the policy in etcd; retrying ({meanwhile})");
+        })
+        .await;
     }
 
     async fn follow_once(
@@ -598,6 +592,35 @@ fn utc(secs: u64) -> String {
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
         .map_or_else(|| secs.to_string(), crate::ca::utc)
+}
+
+/// Run `attempt` (which only ends with an error) again and again until `shutdown`,
+/// with `report` told of each error and a backoff from 200 ms doubling up to `max`.
+pub(crate) async fn retrying<F, Fut>(
+    shutdown: impl std::future::Future<Output = ()>,
+    max: Duration,
+    attempt: F,
+    report: impl Fn(&StoreError, Duration),
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<std::convert::Infallible, StoreError>>,
+{
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            result = attempt() => {
+                let Err(error) = result;
+                report(&error, backoff);
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
 }
 
 /// `misaki-cp policy …`: what to print on success.

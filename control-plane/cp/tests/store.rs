@@ -85,6 +85,7 @@ fn replica(etcd: &Etcd, policy: Option<PathBuf>) -> Cp {
     spawn_serve(ServeArgs {
         policy,
         store: Some(etcd.url().parse().unwrap()),
+        lease_ttl: std::time::Duration::from_secs(5),
         xds_addr: free_addr(),
         admin_addr: free_addr(),
         probe_addr: None,
@@ -206,7 +207,7 @@ async fn replicas_follow_applies_rollbacks_and_keep_serving_past_bad_values() {
 
     // A value that does not parse, written behind misaki's back: rejected, with its
     // located errors on /policy; the last good policy keeps serving.
-    let mut client = etcd.client().await;
+    let mut client = common::etcd::client(&etcd).await;
     let bad = Record {
         revision: 99,
         version: "whatever".into(),

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use misaki_proto::fleet_v1 as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One uplink as the vehicle last reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -180,8 +180,9 @@ fn uplink_kind(k: i32) -> &'static str {
     }
 }
 
-/// The vehicle's power state as it last reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+/// The vehicle's power state as it last reported it (read back from shared mode's
+/// presence records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Power {
     /// Not reported (or a state this build does not know).

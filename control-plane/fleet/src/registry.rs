@@ -196,8 +196,15 @@ impl FleetRegistry {
 
     /// End every open report stream (UNAVAILABLE, so vehicles reconnect elsewhere).
     /// Call on control-plane shutdown so the gRPC server can drain.
+    /// End every report stream with UNAVAILABLE and refuse new ones (shutdown, or a
+    /// shared-mode replica that lost its lease), until [`reopen_streams`](Self::reopen_streams).
     pub fn close_streams(&self) {
         self.inner.closing.send_replace(true);
+    }
+
+    /// Take report streams again after [`close_streams`](Self::close_streams).
+    pub fn reopen_streams(&self) {
+        self.inner.closing.send_replace(false);
     }
 
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
@@ -372,6 +379,22 @@ impl FleetRegistry {
     }
 
     /// Whether the vehicle is online and the power it last reported (`None`: never seen).
+    /// What `vehicle` last reported, and whether it is online here.
+    pub fn state(&self, vehicle: &str) -> Option<VehicleState> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles.get(vehicle).map(|v| v.state.clone())
+    }
+
+    /// Ids of the vehicles online here.
+    pub fn online_ids(&self) -> Vec<Arc<str>> {
+        let vehicles = self.inner.vehicles.lock().expect("registry lock");
+        vehicles
+            .iter()
+            .filter(|(_, v)| v.state.online)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     pub fn presence(&self, vehicle: &str) -> Option<(bool, Power)> {
         let vehicles = self.inner.vehicles.lock().expect("registry lock");
         vehicles

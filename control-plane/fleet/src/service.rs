@@ -120,6 +120,9 @@ impl FleetService for FleetApi {
             ));
         };
         let identity = authorize(tls.as_ref(), hello)?;
+        if *self.registry.closing().borrow() {
+            return Err(Status::unavailable(CLOSED));
+        }
         let (vehicle, stream) = self
             .registry
             .hello(hello, identity)
@@ -235,6 +238,11 @@ struct StreamTask {
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
 }
 
+/// Why report streams end (and new ones are refused) when the registry closes them:
+/// the vehicle should report to another replica.
+const CLOSED: &str =
+    "control plane not taking vehicles (shutting down, or its lease in the store expired)";
+
 /// Why a stream ends: `Some` status to send the vehicle, `None` when it is gone.
 type End = Option<Status>;
 
@@ -270,7 +278,7 @@ impl StreamTask {
                     }
                 }
                 // wait_for's guard is not Send: drop it inside the branch future.
-                _ = async { let _ = closing.wait_for(|c| *c).await; } => break Some(Status::unavailable("control plane shutting down")),
+                _ = async { let _ = closing.wait_for(|c| *c).await; } => break Some(Status::unavailable(CLOSED)),
                 _ = self.tx.closed() => break None,
             }
         };

@@ -109,6 +109,7 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
     let args = ServeArgs {
         policy: Some(policy.clone()),
         store: None,
+        lease_ttl: std::time::Duration::from_secs(5),
         xds_addr: xds,
         admin_addr: admin,
         probe_addr: None,
