@@ -14,26 +14,45 @@ use crate::free_port;
 pub struct Etcd {
     pub client: SocketAddr,
     peer: SocketAddr,
+    /// Plain HTTP `/health` (and metrics), also when clients must use TLS.
+    metrics: SocketAddr,
+    tls: Option<EtcdTls>,
     child: Child,
     dir: PathBuf,
+}
+
+/// Client TLS for etcd: its certificate and key, and the CA its clients' certificates
+/// must chain to (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 impl Etcd {
     /// Start etcd and wait until `/health` says it is healthy. A missing `etcd` binary
     /// is a failure (never a skip): the tests need it.
     pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// [`start`](Self::start), its client port over TLS when `tls` is given.
+    pub fn start_with(tls: Option<EtcdTls>) -> Etcd {
         let port = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        let (client, peer) = (port(free_port()), port(free_port()));
+        let (client, peer, metrics) = (port(free_port()), port(free_port()), port(free_port()));
         let dir = std::env::temp_dir().join(format!(
             "misaki-etcd-{}-{}",
             std::process::id(),
             client.port()
         ));
         std::fs::create_dir_all(&dir).expect("etcd test directory");
-        let child = spawn(&dir, client, peer);
+        let child = spawn(&dir, [client, peer, metrics], tls.as_ref());
         let mut etcd = Etcd {
             client,
             peer,
+            metrics,
+            tls,
             child,
             dir,
         };
@@ -50,7 +69,8 @@ impl Etcd {
     /// Start it again on the same ports and data, and wait until healthy.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn(&self.dir, self.client, self.peer);
+        let ports = [self.client, self.peer, self.metrics];
+        self.child = spawn(&self.dir, ports, self.tls.as_ref());
         self.wait_healthy();
     }
 
@@ -70,7 +90,7 @@ impl Etcd {
             if let Some(status) = self.child.try_wait().expect("etcd status") {
                 panic!("etcd exited ({status}):\n{}", self.log());
             }
-            if health(self.client).is_ok_and(|b| b.contains(r#""health":"true""#)) {
+            if health(self.metrics).is_ok_and(|b| b.contains(r#""health":"true""#)) {
                 return;
             }
             assert!(
@@ -101,23 +121,35 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
-/// etcd in `dir` on these ports, its output appended to `dir/etcd.log`.
-fn spawn(dir: &Path, client: SocketAddr, peer: SocketAddr) -> Child {
+/// etcd in `dir` on its client, peer and metrics ports, its output appended to
+/// `dir/etcd.log`.
+fn spawn(dir: &Path, [client, peer, metrics]: [SocketAddr; 3], tls: Option<&EtcdTls>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("etcd.log"))
         .expect("etcd log file");
-    Command::new("etcd")
-        .arg("--data-dir")
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--data-dir")
         .arg(dir.join("data"))
         .args(["--name", "default"])
-        .args(["--listen-client-urls", &format!("http://{client}")])
-        .args(["--advertise-client-urls", &format!("http://{client}")])
+        .args(["--listen-client-urls", &format!("{scheme}://{client}")])
+        .args(["--advertise-client-urls", &format!("{scheme}://{client}")])
         .args(["--listen-peer-urls", &format!("http://{peer}")])
         .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
         .args(["--initial-cluster", &format!("default=http://{peer}")])
-        .stdin(Stdio::null())
+        .args(["--listen-metrics-urls", &format!("http://{metrics}")]);
+    if let Some(tls) = tls {
+        cmd.arg("--cert-file")
+            .arg(&tls.cert)
+            .arg("--key-file")
+            .arg(&tls.key)
+            .arg("--trusted-ca-file")
+            .arg(&tls.client_ca)
+            .arg("--client-cert-auth");
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log.try_clone().expect("etcd log file"))
         .stderr(log)
         .spawn()

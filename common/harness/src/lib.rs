@@ -25,6 +25,6 @@ pub mod procfs;
 pub mod wait;
 
 pub use cp::CpLaunch;
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdTls};
 pub use process::{Process, free_port, set_pidfile, strip_ansi, tail, try_free_port};
 pub use wait::{poll, wait_for};

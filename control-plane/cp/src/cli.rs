@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve xDS (ADS, SotW and delta), the fleet API and the admin HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a policy file or directory; print every error. Exit 0 if valid, 1 if not.
     Validate {
         /// A policy YAML file, or a directory of them.
@@ -63,6 +63,23 @@ pub struct StoreArg {
     /// The etcd cluster holding the policy.
     #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]", value_parser = store_url)]
     pub store: StoreUrl,
+    #[command(flatten)]
+    pub tls: StoreTls,
+}
+
+/// TLS to etcd (its client port with `--cert-file`, and `--client-cert-auth`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreTls {
+    /// CA certificates (PEM) etcd's server certificate must chain to; turns on TLS to
+    /// etcd (the endpoints of `--store` are then dialled with https).
+    #[arg(long, value_name = "FILE")]
+    pub store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd, for its `--client-cert-auth`.
+    #[arg(long, value_name = "FILE", requires_all = ["store_ca", "store_key"])]
+    pub store_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["store_ca", "store_cert"])]
+    pub store_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -134,6 +151,8 @@ pub struct ServeArgs {
     /// this; cut off from etcd this long, it stops taking vehicles (whole seconds).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = lease_ttl, requires = "store")]
     pub lease_ttl: Duration,
+    #[command(flatten)]
+    pub store_tls: StoreTls,
     /// gRPC address for xDS (ADS) and the fleet API.
     #[arg(long, default_value = "127.0.0.1:18000")]
     pub xds_addr: SocketAddr,

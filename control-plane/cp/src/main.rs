@@ -65,7 +65,7 @@ fn main() {
         }
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(run::serve(args, shutdown_signal())) {
+            match rt.block_on(run::serve(*args, shutdown_signal())) {
                 Ok(()) => 0,
                 Err(e) if e.is_usage() => {
                     eprintln!("misaki-cp: {e}");

@@ -240,7 +240,7 @@ pub async fn serve(
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
     let (tls, enrollment) = enrolment(&args.tls, load_tls(&args.tls)?);
     let store = match &args.store {
-        Some(url) => Some(Store::connect(url).await?),
+        Some(url) => Some(Store::connect(url, &args.store_tls).await?),
         None => None,
     };
     let policy_state = match &args.store {

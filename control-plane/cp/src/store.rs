@@ -35,13 +35,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, SortOrder,
-    SortTarget, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use misaki_policy::{ErrorKind, Policy, PolicyError, PolicyErrors};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::StoreUrl;
+use crate::cli::{StoreTls, StoreUrl};
 use crate::policy_state::{PolicyState, policy_version};
 
 /// The policy in force.
@@ -69,6 +69,12 @@ pub enum StoreError {
     NoSuchRevision(u64),
     #[error("{CURRENT} kept changing under this apply; gave up after {ATTEMPTS} attempts")]
     Contended,
+    #[error("{}: {source}", path.display())]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the watch on {CURRENT} ended: {0}")]
     WatchEnded(String),
 }
@@ -76,7 +82,10 @@ pub enum StoreError {
 impl StoreError {
     /// A problem with what the operator passed (exit 64), not a failure of etcd.
     pub fn is_usage(&self) -> bool {
-        matches!(self, StoreError::Invalid(_) | StoreError::NoSuchRevision(_))
+        matches!(
+            self,
+            StoreError::Invalid(_) | StoreError::NoSuchRevision(_) | StoreError::TlsFile { .. }
+        )
     }
 }
 
@@ -258,13 +267,32 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connect (lazily: a down etcd fails the first request, not this).
-    pub async fn connect(url: &StoreUrl) -> Result<Store, StoreError> {
-        let options = ConnectOptions::new()
+    /// Connect (lazily: a down etcd fails the first request, not this); over TLS when
+    /// `tls` names a CA. Unreadable TLS files fail here.
+    pub async fn connect(url: &StoreUrl, tls: &StoreTls) -> Result<Store, StoreError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(&url.0, Some(options))
+        let mut endpoints = url.0.clone();
+        if let Some(ca) = &tls.store_ca {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| StoreError::TlsFile {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&tls.store_cert, &tls.store_key) {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(config);
+            endpoints = endpoints
+                .iter()
+                .map(|e| e.replacen("http://", "https://", 1))
+                .collect();
+        }
+        let client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(|source| StoreError::Etcd {
                 endpoints: url.to_string(),
@@ -628,15 +656,15 @@ pub async fn run_command(cmd: &crate::cli::PolicyCommand) -> Result<String, Stor
     use crate::cli::PolicyCommand;
     match cmd {
         PolicyCommand::Apply { path, store } => {
-            let store = Store::connect(&store.store).await?;
+            let store = Store::connect(&store.store, &store.tls).await?;
             Ok(store.apply_path(path).await?.to_string())
         }
         PolicyCommand::Rollback { revision, store } => {
-            let store = Store::connect(&store.store).await?;
+            let store = Store::connect(&store.store, &store.tls).await?;
             Ok(store.rollback(*revision).await?.to_string())
         }
         PolicyCommand::History { store } => {
-            let store = Store::connect(&store.store).await?;
+            let store = Store::connect(&store.store, &store.tls).await?;
             let history = store.history().await?;
             let mut out = format!(
                 "{:>8}  {:<16}  {:<20}  {:>8}  SOURCE",

@@ -8,9 +8,10 @@ use std::process::Output;
 
 use common::etcd::Etcd;
 use common::{Cp, free_addr, spawn_serve, wait_until};
-use misaki_cp::cli::{ServeArgs, TlsArgs};
+use misaki_cp::cli::{ServeArgs, StoreTls, TlsArgs};
 use misaki_cp::run::QUICKSTART;
 use misaki_cp::store::{Applied, CURRENT, KEEP, PolicyFile, Record, Store};
+use misaki_harness::EtcdTls;
 
 /// The quickstart with one vehicle service port changed: a different version.
 fn edited(port: u16) -> String {
@@ -86,6 +87,7 @@ fn replica(etcd: &Etcd, policy: Option<PathBuf>) -> Cp {
         policy,
         store: Some(etcd.url().parse().unwrap()),
         lease_ttl: std::time::Duration::from_secs(5),
+        store_tls: Default::default(),
         xds_addr: free_addr(),
         admin_addr: free_addr(),
         probe_addr: None,
@@ -315,7 +317,7 @@ async fn concurrent_applies_all_land_and_old_revisions_are_trimmed() {
         let path = write(dir.path(), &format!("p{i}.yaml"), &edited(18100 + i));
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
-            let store = Store::connect(&url).await.unwrap();
+            let store = Store::connect(&url, &StoreTls::default()).await.unwrap();
             store.apply_path(&path).await
         }));
     }
@@ -330,7 +332,7 @@ async fn concurrent_applies_all_land_and_old_revisions_are_trimmed() {
     assert_eq!(revisions, (1..=8).collect::<Vec<_>>());
 
     // Past KEEP revisions, the oldest are deleted by the apply that adds one.
-    let store = Store::connect(&url).await.unwrap();
+    let store = Store::connect(&url, &StoreTls::default()).await.unwrap();
     let total = KEEP + 5;
     for i in 8..total {
         let port = 18100 + u16::try_from(i).unwrap();
@@ -416,4 +418,82 @@ async fn an_apply_reaches_open_xds_streams_on_every_replica() {
         let next = ads.next().await.unwrap();
         assert!(mentions(&next, "weather"), "{next:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_and_follow_over_mutual_tls_to_etcd() {
+    // A CA, etcd's server certificate for 127.0.0.1 and a client certificate, all
+    // made by misaki-cp's own CA commands.
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    ok(&cp(&["ca", "init", &path("ca")]));
+    ok(&cp(&[
+        "ca",
+        "issue",
+        &path("ca"),
+        "--server",
+        "127.0.0.1",
+        "--out",
+        &path("etcd"),
+    ]));
+    ok(&cp(&[
+        "ca",
+        "issue",
+        &path("ca"),
+        "--cloud",
+        "misaki-cp",
+        "--out",
+        &path("client"),
+    ]));
+    let etcd = Etcd::start_with(Some(EtcdTls {
+        cert: path("etcd/cert.pem").into(),
+        key: path("etcd/key.pem").into(),
+        client_ca: path("ca/ca.pem").into(),
+    }));
+    let url = etcd.url();
+    let policy = write(dir.path(), "mesh.yaml", QUICKSTART);
+    let policy = policy.to_str().unwrap();
+    let tls = [
+        "--store-ca",
+        &path("ca/ca.pem"),
+        "--store-cert",
+        &path("client/cert.pem"),
+        "--store-key",
+        &path("client/key.pem"),
+    ];
+
+    let apply_with = |extra: &[&str]| {
+        let mut args = vec!["policy", "apply", policy, "--store", &url];
+        args.extend(extra);
+        cp(&args)
+    };
+    // Plaintext, or TLS without a client certificate: etcd refuses, nothing written.
+    assert!(!apply_with(&[]).status.success());
+    assert!(!apply_with(&tls[..2]).status.success());
+    // A missing file is a usage error.
+    let missing = apply_with(&["--store-ca", &path("nope.pem")]);
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.pem"));
+
+    let out = ok(&apply_with(&tls));
+    assert!(out.contains("applied: revision 1"), "{out}");
+
+    // A replica over mutual TLS follows it.
+    let store_tls = StoreTls {
+        store_ca: Some(path("ca/ca.pem").into()),
+        store_cert: Some(path("client/cert.pem").into()),
+        store_key: Some(path("client/key.pem").into()),
+    };
+    let r = spawn_serve(ServeArgs {
+        policy: None,
+        store: Some(url.parse().unwrap()),
+        lease_ttl: std::time::Duration::from_secs(5),
+        store_tls,
+        xds_addr: free_addr(),
+        admin_addr: free_addr(),
+        probe_addr: None,
+        tls: TlsArgs::default(),
+    });
+    all_serve(&[&r], &version_of(QUICKSTART)).await;
+    assert_eq!(r.json("/fleet").await["total"], 0);
 }

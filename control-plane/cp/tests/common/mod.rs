@@ -110,6 +110,7 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
         policy: Some(policy.clone()),
         store: None,
         lease_ttl: std::time::Duration::from_secs(5),
+        store_tls: Default::default(),
         xds_addr: xds,
         admin_addr: admin,
         probe_addr: None,
