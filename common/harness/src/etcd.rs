@@ -102,6 +102,15 @@ impl Etcd {
         }
     }
 
+    /// Its plain-HTTP `/health` and `/metrics` port.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `--store` for it.
     pub fn url(&self) -> String {
         format!("etcd://{}", self.client)
@@ -149,13 +158,16 @@ fn spawn(dir: &Path, [client, peer, metrics]: [SocketAddr; 3], tls: Option<&Etcd
             .arg(&tls.client_ca)
             .arg("--client-cert-auth");
     }
-    cmd.stdin(Stdio::null())
+    let child = cmd
+        .stdin(Stdio::null())
         .stdout(log.try_clone().expect("etcd log file"))
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| {
             panic!("cannot start etcd ({e}): run scripts/setup.sh (Debian etcd-server)")
-        })
+        });
+    crate::process::record_pid(child.id());
+    child
 }
 
 fn health(addr: SocketAddr) -> io::Result<String> {

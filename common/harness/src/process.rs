@@ -17,6 +17,15 @@ pub fn set_pidfile(p: Option<PathBuf>) {
     let _ = PIDFILE.set(p);
 }
 
+/// Append `pid` to the pid file, if one is set (see [`set_pidfile`]).
+pub(crate) fn record_pid(pid: u32) {
+    if let Some(Some(p)) = PIDFILE.get()
+        && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(p)
+    {
+        let _ = writeln!(f, "{pid}");
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped, also when the caller
 /// panics or returns an error; stdout and stderr go to a log file, whose last lines
 /// are printed if the thread is panicking (a failing test).
@@ -44,11 +53,7 @@ impl Process {
             .stderr(err)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
-        if let Some(Some(p)) = PIDFILE.get()
-            && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(p)
-        {
-            let _ = writeln!(f, "{}", child.id());
-        }
+        record_pid(child.id());
         Ok(Process {
             name: name.to_string(),
             child: Some(child),

@@ -39,8 +39,9 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+use crate::cli::StoreTls;
 use crate::cli::StoreUrl;
-use crate::store::{StoreError, retrying};
+use crate::store::{Store, StoreError, retrying};
 
 /// Prefix of the vehicles' records.
 pub const VEHICLES: &str = "/misaki/fleet/vehicles/";
@@ -306,6 +307,8 @@ fn decode(key: &[u8], value: &[u8]) -> Option<(String, Presence)> {
 pub struct Publisher {
     pub client: Client,
     pub url: StoreUrl,
+    /// For the lease's own connection (see [`LeaseThread`]).
+    pub tls: StoreTls,
     pub replica: String,
     pub ttl: Duration,
     pub fleet: FleetRegistry,
@@ -378,7 +381,10 @@ impl Publisher {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let (valid_tx, valid_rx) = watch::channel(Instant::now() + self.ttl);
-        let fence = tokio::spawn(fence(self.fleet.clone(), valid_rx, self.ttl));
+        let lease_thread = LeaseThread::start();
+        let fence = lease_thread
+            .handle
+            .spawn(fence(self.fleet.clone(), valid_rx, self.ttl));
         let mut events = self.fleet.subscribe();
         let mut pacing = Pacing::default();
         let mut backoff = Duration::from_millis(200);
@@ -386,7 +392,7 @@ impl Publisher {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                result = self.session(&valid_tx, &mut events, &mut pacing, &mut lease) => {
+                result = self.session(&lease_thread, &valid_tx, &mut events, &mut pacing, &mut lease) => {
                     let Err(error) = result;
                     tracing::warn!(%error, ?backoff, "fleet presence in etcd; retrying (this replica fences itself once its lease may have expired)");
                 }
@@ -408,6 +414,7 @@ impl Publisher {
     /// until etcd fails or the lease is lost.
     async fn session(
         &self,
+        lease_thread: &LeaseThread,
         valid: &watch::Sender<Instant>,
         events: &mut broadcast::Receiver<misaki_fleet::FleetEvent>,
         pacing: &mut Pacing,
@@ -422,7 +429,13 @@ impl Publisher {
             .map_err(self.etcd())?
             .id();
         *lease = Some(id);
-        let (mut keeper, mut answers) = client.lease_keep_alive(id).await.map_err(self.etcd())?;
+        // Keep-alives run on the lease thread: a busy runtime (a fleet reconnecting)
+        // must not hold them up, or the replica would fence itself while etcd is fine.
+        valid.send_replace(asked + self.ttl);
+        let mut keepalive = lease_thread
+            .handle
+            .spawn(keep_alive(self.clone(), id, valid.clone()));
+        let _stop = AbortOnDrop(keepalive.abort_handle());
         let me = json!({"replica": self.replica, "started_unix_ms": unix_ms(SystemTime::now())});
         client
             .put(
@@ -432,36 +445,42 @@ impl Publisher {
             )
             .await
             .map_err(self.etcd())?;
-        valid.send_replace(asked + self.ttl);
         self.write(id, &self.fleet.online_ids()).await?;
         tracing::info!(replica = %self.replica, lease = id, ttl = ?self.ttl, "fleet presence in etcd");
-        let mut tick = tokio::time::interval(self.ttl / 3);
-        let mut sent = Instant::now();
         loop {
             let next_due = pacing.next_due();
             tokio::select! {
-                _ = tick.tick() => {
-                    sent = Instant::now();
-                    keeper.keep_alive().await.map_err(self.etcd())?;
+                ended = &mut keepalive => {
+                    return Err(match ended {
+                        Ok(Err(why)) => why,
+                        Ok(Ok(never)) => match never {},
+                        Err(e) => StoreError::WatchEnded(format!("keep-alive task: {e}")),
+                    });
                 }
-                answer = answers.message() => match answer.map_err(self.etcd())? {
-                    Some(a) if a.ttl() > 0 => {
-                        let ttl = Duration::from_secs(u64::try_from(a.ttl()).unwrap_or(0));
-                        valid.send_replace(sent + ttl);
-                    }
-                    Some(_) => return Err(StoreError::WatchEnded(format!("lease {id} expired"))),
-                    None => return Err(StoreError::WatchEnded("etcd closed the lease keep-alive stream".into())),
-                },
                 event = events.recv() => {
                     let now = Instant::now();
-                    let changed = match event {
-                        Ok(e) => vec![e.vehicle_id],
-                        // Missed some: every vehicle this replica knows may have changed.
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            self.fleet.vehicle_ids().into_iter().map(Arc::from).collect()
+                    // This event and whatever queued up meanwhile: one write for all.
+                    let mut changed = BTreeSet::new();
+                    let mut next = Some(event);
+                    while let Some(e) = next.take() {
+                        match e {
+                            Ok(e) => {
+                                changed.insert(e.vehicle_id);
+                            }
+                            // Missed some: every vehicle online here may have changed.
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                changed.extend(self.fleet.online_ids());
+                            }
+                            Err(broadcast::error::RecvError::Closed) => {}
                         }
-                        Err(broadcast::error::RecvError::Closed) => Vec::new(),
-                    };
+                        next = match events.try_recv() {
+                            Ok(e) => Some(Ok(e)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Some(Err(broadcast::error::RecvError::Lagged(n)))
+                            }
+                            Err(_) => None,
+                        };
+                    }
                     let now_ones: Vec<Arc<str>> =
                         changed.into_iter().filter(|v| pacing.changed(v.clone(), now)).collect();
                     self.write(id, &now_ones).await?;
@@ -506,6 +525,85 @@ impl Publisher {
                 .map_err(self.etcd())?;
         }
         Ok(())
+    }
+}
+
+/// Keep `lease` alive every third of the TTL; each answer moves `valid` on (from when
+/// the keep-alive was sent). Ends with why once etcd fails or the lease is gone.
+async fn keep_alive(
+    p: Publisher,
+    lease: i64,
+    valid: watch::Sender<Instant>,
+) -> Result<std::convert::Infallible, StoreError> {
+    // Its own connection, made here: its I/O runs on this (the lease) thread.
+    let (mut client, _) = Store::connect(&p.url, &p.tls).await?.client();
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.map_err(p.etcd())?;
+    let mut tick = tokio::time::interval(p.ttl / 3);
+    loop {
+        tick.tick().await;
+        let sent = Instant::now();
+        keeper.keep_alive().await.map_err(p.etcd())?;
+        match answers.message().await.map_err(p.etcd())? {
+            Some(a) if a.ttl() > 0 => {
+                let ttl = Duration::from_secs(u64::try_from(a.ttl()).unwrap_or(0));
+                valid.send_replace(sent + ttl);
+            }
+            Some(_) => return Err(StoreError::WatchEnded(format!("lease {lease} expired"))),
+            None => {
+                return Err(StoreError::WatchEnded(
+                    "etcd closed the lease keep-alive stream".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// A thread of its own running a single-threaded runtime for the lease's keep-alives
+/// and the fence: tokio does not preempt, so on the main runtime, thousands of vehicle
+/// streams at once (a fleet reconnecting) delayed keep-alive answers past the TTL and
+/// the replica fenced itself while etcd was fine (found by bench/shared_fleet.sh).
+struct LeaseThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl LeaseThread {
+    fn start() -> LeaseThread {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a single-threaded tokio runtime");
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("misaki-lease".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .expect("spawning the lease thread");
+        LeaseThread {
+            handle,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for LeaseThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Aborts its task when dropped (a session that ends takes its keep-alives along).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -295,6 +295,7 @@ pub async fn serve(
         let publisher = Publisher {
             client,
             url,
+            tls: args.store_tls.clone(),
             replica: replica.clone(),
             ttl: args.lease_ttl,
             fleet: fleet.clone(),

@@ -28,6 +28,7 @@ mod fleet;
 mod mtls;
 mod policy;
 mod probe;
+mod shared_fleet;
 mod stats;
 mod sys;
 mod tls;
@@ -183,6 +184,31 @@ enum Cmd {
         /// After a trial's change has arrived: wait until nothing arrives for this long.
         #[arg(long, default_value_t = 50)]
         quiet_ms: u64,
+    },
+    /// misaki-cp replicas in shared mode on one etcd (started here): simulated
+    /// vehicles' report streams spread over them; fleet-view convergence after a link
+    /// change, and etcd's load at one change per vehicle per minute. One Markdown row.
+    SharedFleet {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 30_000)]
+        vehicles: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Link changes timed to every other replica.
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        /// HTTP/2 connections each replica's vehicles share.
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        #[arg(long, default_value_t = 20_000)]
+        heartbeat_ms: u64,
+        /// Each replica's `--lease-ttl`.
+        #[arg(long, default_value = "5s")]
+        lease_ttl: String,
+        /// Seconds of steady load (one link change per vehicle per minute).
+        #[arg(long, default_value_t = 60)]
+        steady_secs: u64,
     },
     /// Hold N simulated streams against a running misaki-cp (for profiling it).
     Connect {
@@ -410,6 +436,29 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             vehicle_state::print_tables(&infos, &rows, quiet);
             Ok(())
+        }
+        Cmd::SharedFleet {
+            common,
+            vehicles,
+            replicas,
+            trials,
+            conns,
+            heartbeat_ms,
+            lease_ttl,
+            steady_secs,
+        } => {
+            let cp = cp_bin(&common)?;
+            let (dir, _tmp) = work_dir(common.out_dir.clone())?;
+            let spec = shared_fleet::Spec {
+                vehicles,
+                replicas,
+                trials,
+                conns,
+                heartbeat: Duration::from_millis(heartbeat_ms),
+                lease_ttl,
+                steady: Duration::from_secs(steady_secs),
+            };
+            shared_fleet::run(&cp, &dir, &spec).await
         }
         Cmd::ProbeServer {
             port,

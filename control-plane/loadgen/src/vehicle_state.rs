@@ -245,6 +245,8 @@ pub struct Reporters {
     shared: Arc<ReportShared>,
     heartbeat: Option<JoinHandle<()>>,
     hb_ms: u32,
+    /// Slot `i` is vehicle `car-{first + i}`.
+    first: usize,
 }
 
 impl Drop for Reporters {
@@ -267,6 +269,17 @@ impl Reporters {
         conns: usize,
         heartbeat: Duration,
     ) -> Result<Reporters> {
+        Reporters::connect_from(target, 0, n, conns, heartbeat).await
+    }
+
+    /// [`connect`](Self::connect) for vehicles `car-{first}` … `car-{first + n - 1}`.
+    pub async fn connect_from(
+        target: &Target,
+        first: usize,
+        n: usize,
+        conns: usize,
+        heartbeat: Duration,
+    ) -> Result<Reporters> {
         let mut channels = Vec::new();
         for _ in 0..conns.clamp(1, n.max(1)) {
             channels.push(target.connect("").await?);
@@ -278,6 +291,7 @@ impl Reporters {
             shared: Arc::new(ReportShared::default()),
             heartbeat: None,
             hb_ms: heartbeat.as_millis().clamp(100, 60_000) as u32,
+            first,
         };
         // car-0 first, holding no policy: its PolicyUpdate names the current version,
         // which the others then say they hold (as a running fleet would).
@@ -343,8 +357,9 @@ impl Reporters {
         }
         let (tx, rx) = mpsc::channel(16);
         let mut slot = Slot { tx, seq: 0 };
+        let id = self.first + i;
         slot.send(Report::Hello(pb::Hello {
-            vehicle_id: format!("car-{i}"),
+            vehicle_id: format!("car-{id}"),
             daemon_version: "0.1.0-loadgen".into(),
             policy_version: policy_version.into(),
             heartbeat_interval_ms: self.hb_ms,
@@ -381,14 +396,14 @@ impl Reporters {
             .await;
             if let Err(e) = r {
                 shared.failed.fetch_add(1, Ordering::AcqRel);
-                *shared.last_error.lock().expect("last_error") = Some(format!("car-{i}: {e:#}"));
+                *shared.last_error.lock().expect("last_error") = Some(format!("car-{id}: {e:#}"));
             }
         }));
         Ok(())
     }
 
-    /// Send vehicle `i` a report.
-    fn send(&self, i: usize, r: Report) -> Result<()> {
+    /// Send vehicle `i` (slot `i`) a report.
+    pub(crate) fn send(&self, i: usize, r: Report) -> Result<()> {
         match self.slots[i].lock().expect("slot").as_mut() {
             Some(s) => s.send(r),
             None => bail!("car-{i} has no report stream"),
