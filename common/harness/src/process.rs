@@ -2,10 +2,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 
 static PIDFILE: OnceLock<Option<PathBuf>> = OnceLock::new();
@@ -160,9 +161,37 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// A loopback port the kernel considers free right now (ephemeral range).
+/// Ports handed out: below Linux's default ephemeral range (32768–60999), so the local
+/// end of some outgoing connection (etcd clients, Envoy upstreams, ...) cannot take one
+/// between the check and its use, which made Envoy fail with "Address already in use".
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free right now for TCP and UDP, outside the ephemeral range. Each
+/// call in this process tries the next port of a sequence that starts at a place of its
+/// own per process, so parallel tests never get the same one.
 pub fn try_free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: OnceLock<u32> = OnceLock::new();
+    let span = u32::from(PORTS.end - PORTS.start);
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7919) ^ nanos) % span
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS.start + u16::try_from((start + n) % span).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no free loopback port in {PORTS:?}"),
+    ))
 }
 
 /// [`try_free_port`], panicking if no port can be bound (tests).

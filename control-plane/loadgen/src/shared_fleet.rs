@@ -36,6 +36,7 @@ pub struct Spec {
 
 struct Replica {
     proc: Process,
+    xds: u16,
     admin: u16,
     reporters: Reporters,
     /// Its vehicles are `car-{first}` … `car-{first + n - 1}`.
@@ -116,6 +117,7 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
             .with_context(|| format!("replica {r}'s vehicles"))?;
         replicas.push(Replica {
             proc,
+            xds,
             admin,
             reporters,
             first,
@@ -225,13 +227,14 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
     for r in &replicas {
         r.reporters.check_failed()?;
     }
+    let (reconnected, back) = kill_one(&mut replicas, spec, total).await?;
 
     println!(
-        "| replicas | vehicles | all acknowledged / listed online on every replica (s) | link change → every other replica shows it, p50 / p99 / max (ms), n | steady load: changes/s sent | etcd puts/s | etcd db size (MiB) | replica CPU (ms/s each) | replica RSS (MiB each) |"
+        "| replicas | vehicles | all acknowledged / listed online on every replica (s) | link change → every other replica shows it, p50 / p99 / max (ms), n | steady load: changes/s sent | etcd puts/s | etcd db size (MiB) | replica CPU (ms/s each) | replica RSS (MiB each) | kill -9 of replica 0: its vehicles reconnected to the others / every survivor lists all online, none owned by the dead one (s) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
     println!(
-        "| {} | {} | {:.1} / {:.1} | {} / {} / {}, {} | {:.0} | {:.0} | {:.1} | {} | {} |",
+        "| {} | {} | {:.1} / {:.1} | {} / {} / {}, {} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1} / {:.1} |",
         spec.replicas,
         spec.vehicles,
         acked.as_secs_f64(),
@@ -245,8 +248,70 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
         size / 1048576.0,
         cpus.join(" / "),
         rss.join(" / "),
+        reconnected.as_secs_f64(),
+        back.as_secs_f64(),
     );
     drop(replicas);
     drop(etcd);
     Ok(())
+}
+
+/// Kill replica 0 (SIGKILL). Its vehicles reconnect at once to the others, split evenly
+/// (as vehicles with the next address on their list would). Returns how long until
+/// they were all acknowledged, and until every survivor listed all `total` vehicles
+/// online with none owned by the dead replica.
+async fn kill_one(
+    replicas: &mut Vec<Replica>,
+    spec: &Spec,
+    total: u64,
+) -> Result<(Duration, Duration)> {
+    let mut dead = replicas.remove(0);
+    let dead_name = http::get(dead.admin, "/fleet")
+        .ok()
+        .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
+        .and_then(|v| v["replica"].as_str().map(str::to_string))
+        .context("the replica's name")?;
+    let killed = Instant::now();
+    dead.proc.kill();
+    drop(dead.reporters);
+    let chunk = dead.n.div_ceil(replicas.len());
+    let mut moved = Vec::new();
+    for (k, r) in replicas.iter().enumerate() {
+        let first = dead.first + k * chunk;
+        let n = chunk.min(dead.n.saturating_sub(k * chunk));
+        if n == 0 {
+            continue;
+        }
+        let target = Target::plain(format!("127.0.0.1:{}", r.xds));
+        moved.push(Reporters::connect_from(&target, first, n, spec.conns, spec.heartbeat).await?);
+    }
+    let reconnected = killed.elapsed();
+    let stale = |v: &Value| {
+        v["vehicles"]
+            .as_array()
+            .is_none_or(|vs| vs.iter().any(|x| x["owner"] == dead_name.as_str()))
+    };
+    for r in replicas.iter() {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let f = http::get(r.admin, "/fleet")
+                .ok()
+                .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
+                .unwrap_or(Value::Null);
+            if f["total"] == total && f["online"] == total && !stale(&f) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "a survivor never listed all {total} online: {} online",
+                    f["online"]
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for m in &moved {
+        m.check_failed()?;
+    }
+    Ok((reconnected, killed.elapsed()))
 }

@@ -80,8 +80,7 @@ impl Pki {
 }
 
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], misaki_harness::free_port()))
 }
 
 /// `misaki-cp serve` in this process, stopped on drop.
