@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use misaki_fleet::{FleetRegistry, Power};
+use misaki_fleet::FleetRegistry;
 use tokio::sync::broadcast::{
     self,
     error::{RecvError, TryRecvError},
@@ -20,7 +20,7 @@ use crate::presence::FleetView;
 fn facts(fleet: &FleetRegistry, view: Option<&FleetView>, vehicle: &str) -> Option<VehicleFacts> {
     let local = fleet.presence(vehicle).map(|(online, power)| VehicleFacts {
         online,
-        low_power: matches!(power, Power::Low | Power::ShuttingDown),
+        low_power: power.is_low(),
     });
     if local.is_some_and(|f| f.online) {
         return local;

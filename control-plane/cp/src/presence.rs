@@ -59,7 +59,7 @@ pub struct Presence {
     pub owner: Option<String>,
     pub online: bool,
     /// As `/fleet/{vehicle}` shows it: `on`, `low`, ...
-    pub power: String,
+    pub power: Power,
     /// Selected uplink per traffic class (`None`: no usable uplink).
     pub uplinks: BTreeMap<String, Option<String>>,
     pub policy_version: String,
@@ -70,14 +70,10 @@ pub struct Presence {
 
 impl Presence {
     fn of(state: &VehicleState, owner: &str) -> Presence {
-        let power = serde_json::to_value(state.power)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
         Presence {
             owner: Some(owner.to_string()),
             online: state.online,
-            power,
+            power: state.power,
             uplinks: state
                 .selections
                 .iter()
@@ -92,10 +88,7 @@ impl Presence {
 
     /// Low power as the cache takes it (the registry's rule).
     pub fn low_power(&self) -> bool {
-        matches!(
-            serde_json::from_value::<Power>(Value::String(self.power.clone())),
-            Ok(Power::Low | Power::ShuttingDown)
-        )
+        self.power.is_low()
     }
 
     fn json(&self, vehicle: &str) -> Value {
@@ -666,7 +659,7 @@ mod tests {
         let p = Presence {
             owner: Some("a-1".into()),
             online: true,
-            power: "low".into(),
+            power: Power::Low,
             uplinks: BTreeMap::from([("standard".into(), Some("wwan0".into()))]),
             policy_version: "v1".into(),
             queued_messages: 3,

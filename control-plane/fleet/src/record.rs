@@ -185,13 +185,21 @@ fn uplink_kind(k: i32) -> &'static str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Power {
-    /// Not reported (or a state this build does not know).
-    #[default]
-    Unspecified,
     On,
     Accessory,
     Low,
     ShuttingDown,
+    /// Not reported (or a state this build does not know; last, for `serde(other)`).
+    #[default]
+    #[serde(other)]
+    Unspecified,
+}
+
+impl Power {
+    /// Whether services that move on low power (`on_low_power: cloud`) move now.
+    pub fn is_low(self) -> bool {
+        matches!(self, Power::Low | Power::ShuttingDown)
+    }
 }
 
 impl From<pb::PowerState> for Power {
