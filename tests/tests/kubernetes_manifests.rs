@@ -387,6 +387,46 @@ fn probes_ports_and_services_match_misaki_cp() {
         }
     }
 
+    // The peer port: bound on every address, advertised as the pod's IP (Downward
+    // API), and reachable from misaki-cp pods only.
+    let peer: std::net::SocketAddr = flag_value(&args, "--peer-addr")
+        .expect("--peer-addr")
+        .parse()
+        .expect("--peer-addr is IP:port");
+    assert_eq!(u64::from(peer.port()), container_port(container, "peer"));
+    assert_eq!(
+        flag_value(&args, "--peer-advertise").as_deref(),
+        Some(format!("$(POD_IP):{}", peer.port()).as_str())
+    );
+    let pod_ip = container["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|v| v["name"] == "POD_IP"))
+        .expect("env POD_IP");
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    let np = object(&objects, "NetworkPolicy", "misaki-cp-peer");
+    let selects = &np["spec"]["podSelector"]["matchLabels"];
+    assert_eq!(selects, &deploy["spec"]["selector"]["matchLabels"]);
+    for rule in np["spec"]["ingress"].as_array().expect("ingress rules") {
+        let ports: Vec<&Value> = rule["ports"].as_array().expect("ports").iter().collect();
+        if ports.iter().any(|p| p["port"] == "peer") {
+            assert_eq!(ports.len(), 1, "the peer port shares a rule: {rule}");
+            let from = rule["from"]
+                .as_array()
+                .expect("the peer rule names its sources");
+            assert_eq!(from.len(), 1, "{rule}");
+            assert_eq!(&from[0]["podSelector"]["matchLabels"], selects, "{rule}");
+        }
+    }
+    for port in ["grpc", "admin"] {
+        let open = np["spec"]["ingress"].as_array().unwrap().iter().any(|r| {
+            r.get("from").is_none()
+                && r["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["port"] == port))
+        });
+        assert!(open, "the NetworkPolicy closes the {port} port");
+    }
+
     let pdb = object(&objects, "PodDisruptionBudget", "misaki-cp");
     assert_eq!(pdb["spec"]["minAvailable"], 2);
     assert_eq!(

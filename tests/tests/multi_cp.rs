@@ -8,6 +8,11 @@
 //! (b) A real edge-netd whose `control_plane:` lists both shows online on the first
 //!     one's `/fleet`; that one is killed; it shows online on the second's.
 //!
+//! (c) Balance (item 5): with only the first replica up, Envoy connects there; a second
+//!     replica is started; the first's `--max-connection-age` sends Envoy through its
+//!     cluster's load balancer again, and it ends up on the second, keeping its config
+//!     all the while.
+//!
 //! Timing is asserted only as generous bounds; how long the move took is printed.
 
 use std::fs;
@@ -232,4 +237,45 @@ fn envoy_leaves_a_silent_control_plane() {
     signal("-CONT");
     eprintln!("Envoy: replica {connected} stopped; on the other after {took:?} ({moved:?})");
     assert!(moved.is_some(), "{}", envoy.proc.log_text());
+}
+
+#[test]
+fn an_aged_connection_lets_envoy_reach_a_replica_added_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Upstream::start("A");
+    let p = MeshPorts::fresh();
+    let policy_path = dir.path().join("mesh.yaml");
+    save(&policy_path, &policy(&p, a.port, "/maps"));
+    let aged = [
+        "--max-connection-age",
+        "2s",
+        "--max-connection-age-grace",
+        "1s",
+    ];
+    let ports = [free_port(), free_port()];
+    let first = ControlPlane::start_with(&policy_path, dir.path(), ports[0], free_port(), &aged);
+    let envoy = Envoy::start_multi("vehicle-sidecar.yaml", "car-1", &ports, dir.path());
+    let body = wait_for(LONG, || get_body(p.outbound, "/maps/1")).expect("first config");
+    assert_eq!(body.trim(), "A /maps/1 class=standard");
+
+    let second = ControlPlane::start_with(&policy_path, dir.path(), ports[1], free_port(), &aged);
+    let added = Instant::now();
+    let moved = wait_for(LONG, || (streams(&second) > 0).then_some(()));
+    assert!(
+        moved.is_some(),
+        "Envoy never reached the added replica:\n{}",
+        envoy.proc.log_text()
+    );
+    eprintln!(
+        "Envoy: on the added replica {:?} after it started",
+        added.elapsed()
+    );
+    // Reconnecting cost nothing it had: the route still answers, nothing rejected.
+    assert_eq!(
+        get_body(p.outbound, "/maps/2").as_deref().map(str::trim),
+        Some("A /maps/2 class=standard")
+    );
+    assert_eq!(envoy.stat("cluster_manager.cds.update_rejected"), Some(0));
+    assert_eq!(envoy.stat("listener_manager.lds.update_rejected"), Some(0));
+    drop(first);
 }

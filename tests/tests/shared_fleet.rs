@@ -4,15 +4,19 @@
 //! vehicles with their owners; a replica killed with SIGKILL loses its vehicle to the
 //! next replica on that vehicle's list, and no survivor keeps anything the dead
 //! replica owned.
+//!
+//! `policy apply` with one vehicle Envoy on each replica: the applied policy reaches
+//! every Envoy (its route configuration, and a real request); a bad apply is refused
+//! and no replica's version changes.
 
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
 use misaki_e2e::http;
-use misaki_e2e::policy::{MeshPorts, WIFI_STANDARD, policy_doc};
+use misaki_e2e::policy::{CloudService, MeshPorts, WIFI_STANDARD, policy_doc};
 use misaki_e2e::process::{netd_config_on_lo, wait_for};
-use misaki_e2e::{ControlPlane, Process, free_port, target_bin};
+use misaki_e2e::{ControlPlane, Envoy, Process, Upstream, free_port, target_bin};
 use misaki_harness::Etcd;
 use serde_json::Value;
 
@@ -126,5 +130,120 @@ fn real_vehicles_move_between_replicas_and_every_replica_sees_them() {
             (2.into(), 2.into()),
             "{f}"
         );
+    }
+}
+
+/// Envoy's dynamic route configurations (`/config_dump`) as text.
+fn routes_of(envoy: &Envoy) -> String {
+    http::get(
+        envoy.admin_port,
+        "/config_dump?resource=dynamic_route_configs",
+    )
+    .map(|r| r.body)
+    .unwrap_or_default()
+}
+
+fn policy_version(cp: &ControlPlane) -> Value {
+    cp.admin_json("/policy")["version"].clone()
+}
+
+#[test]
+fn policy_apply_reaches_real_envoys_on_every_replica() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let p = MeshPorts::fresh();
+    let doc = |upstream: u16, route: &str| {
+        let maps = CloudService {
+            name: "maps",
+            upstream,
+            route,
+            class: "standard",
+        };
+        policy_doc(&p, WIFI_STANDARD, &[maps])
+    };
+    let first = dir.path().join("mesh.yaml");
+    fs::write(&first, doc(a.port, "/maps")).expect("policy");
+    let shared = ["--store", &etcd.url()];
+    let cps: Vec<ControlPlane> = (0..3)
+        .map(|_| ControlPlane::start_with(&first, dir.path(), free_port(), free_port(), &shared))
+        .collect();
+    // One vehicle Envoy per replica. They share the policy's outbound port (SO_REUSEPORT),
+    // so each one's own configuration is read from its admin port.
+    let envoys: Vec<Envoy> = cps
+        .iter()
+        .enumerate()
+        .map(|(i, cp)| {
+            Envoy::start(
+                "vehicle-sidecar.yaml",
+                &format!("car-{i}"),
+                cp.xds_port,
+                dir.path(),
+            )
+        })
+        .collect();
+    for (i, e) in envoys.iter().enumerate() {
+        let got = wait_for(LONG, || routes_of(e).contains("\"/maps\"").then_some(()));
+        assert!(
+            got.is_some(),
+            "Envoy {i}: no first config\n{}",
+            e.proc.log_text()
+        );
+    }
+
+    // `misaki-cp policy apply` of another file (the replicas' own --policy is unchanged).
+    let next = dir.path().join("next.yaml");
+    fs::write(&next, doc(b.port, "/maps/v2")).expect("policy");
+    let apply = |file: &std::path::Path| {
+        Command::new(target_bin("misaki-cp"))
+            .args(["policy", "apply"])
+            .arg(file)
+            .args(["--store", &etcd.url()])
+            .output()
+            .expect("run misaki-cp policy apply")
+    };
+    let out = apply(&next);
+    assert!(out.status.success(), "{out:?}");
+    for (i, e) in envoys.iter().enumerate() {
+        let got = wait_for(LONG, || routes_of(e).contains("/maps/v2").then_some(()));
+        assert!(
+            got.is_some(),
+            "Envoy on replica {i} never got the applied policy"
+        );
+    }
+    let version = policy_version(&cps[0]);
+    assert!(version.is_string(), "{version}");
+    for cp in &cps {
+        assert_eq!(policy_version(cp), version);
+    }
+    // A real request through the outbound port takes the applied route.
+    let body = wait_for(LONG, || {
+        http::get(p.outbound, "/maps/v2/x")
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| r.body)
+    });
+    assert_eq!(
+        body.as_deref().map(str::trim),
+        Some("B /maps/v2/x class=standard")
+    );
+
+    // A bad apply: refused with its errors (exit 64); every replica keeps the version.
+    let bad = dir.path().join("bad.yaml");
+    fs::write(
+        &bad,
+        doc(b.port, "/maps/v3").replace("class: standard", "class: nosuch"),
+    )
+    .expect("policy");
+    let out = apply(&bad);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+        "{out:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for (cp, e) in cps.iter().zip(&envoys) {
+        assert_eq!(policy_version(cp), version);
+        assert!(!routes_of(e).contains("/maps/v3"));
     }
 }

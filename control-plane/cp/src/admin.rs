@@ -8,7 +8,7 @@
 //! | `/policy`          | the policy version in force, its source, the last rejected edit |
 //! | `/nodes`           | connected xDS streams: kind, per-type sent/ACKed versions, last NACK |
 //! | `/fleet`           | every vehicle's latest reported state (digital twin); in shared mode the whole fleet's, with owners |
-//! | `/fleet/{vehicle}` | one vehicle; 404 if unknown                                   |
+//! | `/fleet/{vehicle}` | one vehicle; 404 if unknown. In shared mode, one online on another replica in full from that replica's peer port (`peer.rs`) |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,9 @@ use tokio::net::TcpListener;
 use crate::policy_state::PolicyState;
 
 pub type JsonFn = dyn Fn() -> serde_json::Value + Send + Sync;
-pub type LookupFn = dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync;
+/// `/fleet/{vehicle}`: async, since in shared mode it may ask the vehicle's owner.
+pub type LookupFn =
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Option<serde_json::Value>> + Send + Sync;
 
 /// Everything the admin routes read. Cheap to clone.
 #[derive(Clone)]
@@ -61,7 +63,7 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 impl Admin {
-    pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
         }
@@ -87,7 +89,7 @@ impl Admin {
             "/nodes" => json(StatusCode::OK, &(self.nodes)()),
             "/fleet" | "/fleet/" => json(StatusCode::OK, &(self.fleet)()),
             _ => match path.strip_prefix("/fleet/") {
-                Some(id) => match (self.vehicle)(id) {
+                Some(id) => match (self.vehicle)(id.to_string()).await {
                     Some(v) => json(StatusCode::OK, &v),
                     None => json(
                         StatusCode::NOT_FOUND,
@@ -112,7 +114,10 @@ pub async fn serve(
     admin: Admin,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let handler = move |req: Request<Incoming>| std::future::ready(admin.handle(&req));
+    let handler = move |req: Request<Incoming>| {
+        let admin = admin.clone();
+        async move { admin.handle(&req).await }
+    };
     misaki_http::Server::new("admin", misaki_http::Protocol::Http1)
         .accept_backoff(std::time::Duration::from_millis(50))
         .serve(listener, handler, shutdown)

@@ -153,12 +153,30 @@ pub struct ServeArgs {
     pub lease_ttl: Duration,
     #[command(flatten)]
     pub store_tls: StoreTls,
+    /// Shared mode: the internal peer port, where other replicas fetch the full record
+    /// (RTT, loss, queues) of vehicles reporting here for their `/fleet/{vehicle}`.
+    /// Plain HTTP: keep it on the cluster network. Off when not given.
+    #[arg(long, value_name = "HOST:PORT", requires = "store")]
+    pub peer_addr: Option<SocketAddr>,
+    /// The address other replicas reach the peer port at (default: `--peer-addr`;
+    /// needed when that is 0.0.0.0, e.g. the pod's IP on Kubernetes).
+    #[arg(long, value_name = "HOST:PORT", requires = "peer_addr")]
+    pub peer_advertise: Option<String>,
     /// gRPC address for xDS (ADS) and the fleet API.
     #[arg(long, default_value = "127.0.0.1:18000")]
     pub xds_addr: SocketAddr,
     /// Admin HTTP address (/healthz /readyz /metrics /policy /nodes /fleet).
     #[arg(long, default_value = "127.0.0.1:19000")]
     pub admin_addr: SocketAddr,
+    /// Each gRPC connection gets a GOAWAY at this age (± 10 %, drawn per connection),
+    /// so Envoys and edge-netd reconnect through the load balancer and spread over
+    /// replicas added since. `0s`: connections live as long as their peer.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = connection_age)]
+    pub max_connection_age: Duration,
+    /// How long streams may stay open after that GOAWAY before the connection is
+    /// cut (ADS streams do not end by themselves; the cut makes the client move).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub max_connection_age_grace: Duration,
     /// UDP echo address answering edge-netd's link probes (off when not given).
     #[arg(long)]
     pub probe_addr: Option<SocketAddr>,
@@ -217,6 +235,10 @@ fn duration(s: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn connection_age(s: &str) -> Result<Duration, String> {
+    misaki_policy::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn lease_ttl(s: &str) -> Result<Duration, String> {

@@ -8,7 +8,7 @@
 //! | key                                  | value                                         |
 //! |--------------------------------------|-----------------------------------------------|
 //! | `/misaki/fleet/vehicles/{vehicle}`   | a JSON [`Presence`], under its owner's lease  |
-//! | `/misaki/fleet/replicas/{replica}`   | `{"replica", "started_unix_ms"}`, under its lease |
+//! | `/misaki/fleet/replicas/{replica}`   | `{"replica", "started_unix_ms", "peer"}`, under its lease (`peer`: its peer port, or null) |
 //!
 //! Invariants:
 //! - A replica writes a vehicle's record while the vehicle is online here, without
@@ -305,6 +305,8 @@ pub struct Publisher {
     pub replica: String,
     pub ttl: Duration,
     pub fleet: FleetRegistry,
+    /// Where other replicas reach this one's peer port (`--peer-advertise`).
+    pub peer: Option<String>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -429,7 +431,11 @@ impl Publisher {
             .handle
             .spawn(keep_alive(self.clone(), id, valid.clone()));
         let _stop = AbortOnDrop(keepalive.abort_handle());
-        let me = json!({"replica": self.replica, "started_unix_ms": unix_ms(SystemTime::now())});
+        let me = json!({
+            "replica": self.replica,
+            "started_unix_ms": unix_ms(SystemTime::now()),
+            "peer": self.peer,
+        });
         client
             .put(
                 format!("{REPLICAS}{}", self.replica),

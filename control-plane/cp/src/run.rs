@@ -40,10 +40,13 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "--peer-addr {0} is every address: give --peer-advertise HOST:PORT, the one other \
+         replicas reach"
+    )]
+    PeerAdvertise(std::net::SocketAddr),
     #[error(transparent)]
     Watch(#[from] watcher::WatchError),
-    #[error(transparent)]
-    Xds(#[from] misaki_xds::ServeError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
     #[error("--ca: {0}")]
@@ -59,7 +62,11 @@ impl RunError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            RunError::Policy(_) | RunError::Tls(_) | RunError::Ca(_) | RunError::CaUnusable { .. }
+            RunError::Policy(_)
+                | RunError::Tls(_)
+                | RunError::Ca(_)
+                | RunError::CaUnusable { .. }
+                | RunError::PeerAdvertise(_)
         ) || matches!(self, RunError::Store(e) if e.is_usage())
     }
 }
@@ -190,26 +197,42 @@ async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListe
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// Shared mode's fleet: the view of etcd's records, this replica's name, and the etcd
+/// client that finds other replicas' peer ports.
+struct Shared {
+    view: FleetView,
+    replica: String,
+    client: etcd_client::Client,
+}
+
 /// What the admin routes read: readiness, metrics, policy, streams and fleet.
-/// In shared mode `/fleet` is the whole fleet (`shared`: the view of etcd's records
-/// and this replica's name), else this process's registry.
+/// In shared mode `/fleet` is the whole fleet, else this process's registry.
 fn admin_routes(
     ready: Arc<AtomicBool>,
     metrics: MetricsRegistry,
     policy: &PolicyState,
     streams: &StreamRegistry,
     fleet: &FleetRegistry,
-    shared: Option<(FleetView, String)>,
+    shared: Option<Shared>,
 ) -> Admin {
     let streams = streams.clone();
     let (fleet_fn, vehicle_fn): (Arc<JsonFn>, Arc<LookupFn>) = match shared {
-        Some((view, replica)) => {
+        Some(Shared {
+            view,
+            replica,
+            client,
+        }) => {
             let (f, v, r) = (fleet.clone(), view.clone(), replica.clone());
             (
                 Arc::new(move || view.fleet_json(&f, &replica)),
                 Arc::new({
                     let f = fleet.clone();
-                    move |id| v.vehicle_json(&f, &r, id)
+                    move |id| {
+                        let (v, f, r, c) = (v.clone(), f.clone(), r.clone(), client.clone());
+                        Box::pin(
+                            async move { crate::peer::vehicle_json(&v, &f, &r, &c, &id).await },
+                        )
+                    }
                 }),
             )
         }
@@ -217,7 +240,7 @@ fn admin_routes(
             let (f, v) = (fleet.clone(), fleet.clone());
             (
                 Arc::new(move || f.to_json()),
-                Arc::new(move |id| v.vehicle_json(id)),
+                Arc::new(move |id| Box::pin(std::future::ready(v.vehicle_json(&id)))),
             )
         }
     };
@@ -237,6 +260,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // Parse everything before binding anything.
+    let advertise = match (args.peer_addr, &args.peer_advertise) {
+        (Some(_), Some(a)) => Some(a.clone()),
+        (Some(addr), None) if addr.ip().is_unspecified() => {
+            return Err(RunError::PeerAdvertise(addr));
+        }
+        (Some(addr), None) => Some(addr.to_string()),
+        (None, _) => None,
+    };
     let (policy, source) = initial_policy(args.policy.as_ref()).map_err(RunError::Policy)?;
     let (tls, enrollment) = enrolment(&args.tls, load_tls(&args.tls)?);
     let store = match &args.store {
@@ -276,6 +307,10 @@ pub async fn serve(
 
     let xds_listener = bind("xDS", args.xds_addr).await?;
     let admin_listener = bind("admin", args.admin_addr).await?;
+    let peer = match (args.peer_addr, advertise) {
+        (Some(addr), Some(advertise)) => Some((bind("peer", addr).await?, advertise)),
+        _ => None,
+    };
     let probe_socket = bind_probe(args.probe_addr).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -293,17 +328,25 @@ pub async fn serve(
         let view = FleetView::default();
         tokio::spawn(view.clone().follow(client.clone(), url.clone(), stopped()));
         let publisher = Publisher {
-            client,
+            client: client.clone(),
             url,
             tls: args.store_tls.clone(),
             replica: replica.clone(),
             ttl: args.lease_ttl,
             fleet: fleet.clone(),
+            peer: peer.as_ref().map(|(_, advertise)| advertise.clone()),
         };
         tokio::spawn(publisher.run(stopped()));
-        (view, replica)
+        Shared {
+            view,
+            replica,
+            client,
+        }
     });
-    let view = shared.as_ref().map(|(v, _)| v.clone());
+    if let Some((listener, _)) = peer {
+        tokio::spawn(crate::peer::serve(listener, fleet.clone(), stopped()));
+    }
+    let view = shared.as_ref().map(|s| s.view.clone());
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin_routes(
@@ -375,7 +418,12 @@ pub async fn serve(
         policy_state.subscribe(),
     ))
     .add_service(enrollment.service());
-    let result = serve_grpc(xds_listener, &xds, routes, tls.as_ref(), stopped).await;
+    let config = ServeConfig {
+        max_connection_age: (!args.max_connection_age.is_zero()).then_some(args.max_connection_age),
+        max_connection_age_grace: args.max_connection_age_grace,
+        ..ServeConfig::default()
+    };
+    let result = serve_grpc(xds_listener, &xds, routes, &config, tls.as_ref(), stopped).await;
     let _ = admin_task.await;
     if let Some(t) = watch_task {
         t.await.expect("watcher task panicked")?;
@@ -389,6 +437,7 @@ async fn serve_grpc<S, F>(
     listener: TcpListener,
     xds: &XdsServer,
     routes: tonic::service::Routes,
+    config: &ServeConfig,
     tls: Option<&TlsServer>,
     stopped: S,
 ) -> Result<(), RunError>
@@ -396,14 +445,14 @@ where
     S: Fn() -> F,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    let config = ServeConfig::default();
     let Some(tls) = tls else {
-        return Ok(misaki_xds::serve(listener, xds, routes, &config, stopped()).await?);
+        misaki_xds::serve(listener, xds, routes, config, stopped()).await;
+        return Ok(());
     };
     tracing::info!(addr = ?listener.local_addr().ok(), "xDS server listening (mutual TLS)");
-    let tcp = misaki_xds::tcp_incoming(listener, &config);
+    let tcp = misaki_xds::tcp_incoming(listener, config);
     let (incoming, reload) = tls.incoming(tcp, stopped());
-    let served = misaki_xds::serve_incoming(incoming, xds, routes, &config, stopped()).await;
+    misaki_xds::serve_incoming(incoming, xds, routes, config, stopped()).await;
     reload.await.expect("TLS reload task panicked")?;
-    Ok(served?)
+    Ok(())
 }

@@ -35,6 +35,11 @@ impl Replica {
     /// `misaki-cp serve --store URL --lease-ttl TTL --policy FILE` (the file applied to
     /// etcd, idempotently by every replica), waited for until ready.
     fn start(etcd: &Etcd, dir: &Path, name: &str, ttl: &str) -> Replica {
+        Self::start_with(etcd, dir, name, ttl, &[])
+    }
+
+    /// [`Replica::start`] with further `serve` arguments.
+    fn start_with(etcd: &Etcd, dir: &Path, name: &str, ttl: &str, extra: &[&str]) -> Replica {
         let policy = dir.join("mesh.yaml");
         if !policy.exists() {
             std::fs::write(&policy, QUICKSTART).unwrap();
@@ -48,8 +53,10 @@ impl Replica {
             dir.join(format!("{name}.log")),
         );
         launch.extra = ["--store", &etcd.url(), "--lease-ttl", ttl]
+            .iter()
+            .chain(extra)
             .map(Into::into)
-            .to_vec();
+            .collect();
         let proc = launch.start().unwrap_or_else(|e| panic!("{name}: {e}"));
         Replica { proc, xds, admin }
     }
@@ -456,4 +463,74 @@ async fn a_cloud_sidecar_on_one_replica_follows_vehicles_reporting_to_another() 
     until_scope(&tx, &mut rx, "car-7", Reach::Offline).await;
     let _car = Car::connect(b.xds, "car-7", "wifi").await.unwrap();
     until_scope(&tx, &mut rx, "car-7", Reach::Online).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vehicle_reporting_to_another_replica_shows_in_full_from_its_peer_port() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let peer_ports = [free_port(), free_port()];
+    let peers = peer_ports.map(|p| format!("127.0.0.1:{p}"));
+    let with_peer = |i: usize| {
+        let name = format!("cp{i}");
+        let args = ["--peer-addr", peers[i].as_str()];
+        Replica::start_with(&etcd, dir.path(), &name, "2s", &args)
+    };
+    let (r0, r1) = (with_peer(0), with_peer(1));
+    let bare = Replica::start(&etcd, dir.path(), "cp2", "2s");
+    let owner = Value::from(r0.id());
+
+    // car-p reports RTT and loss to replica 0; replica 1 shows them, fetched from 0.
+    let mut car = Car::connect(r0.xds, "car-p", "wifi").await.unwrap();
+    car.send(Report::LinkChange(pb::LinkChange {
+        links: vec![pb::Link {
+            name: "wifi".into(),
+            up: true,
+            carrier: true,
+            reachable: true,
+            rtt_us: Some(4200),
+            loss_permille: 7,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }))
+    .await;
+    eventually("replica 1 shows car-p's link detail from its owner", || {
+        let v = r1.vehicle("car-p");
+        let links = v["links"].as_array().cloned().unwrap_or_default();
+        let wifi = links.iter().find(|l| l["name"] == "wifi");
+        let detail = wifi.is_some_and(|l| l["rtt_us"] == 4200 && l["loss_permille"] == 7);
+        (v["owner"] == owner && detail)
+            .then_some(())
+            .ok_or(v.to_string())
+    })
+    .await;
+
+    // car-q reports to the replica without a peer port: its compact record, and why.
+    let _other = Car::connect(bare.xds, "car-q", "lte").await.unwrap();
+    eventually(
+        "replica 0 shows car-q's record and why the detail is missing",
+        || {
+            let v = r0.vehicle("car-q");
+            let why = v["detail"].as_str().unwrap_or_default();
+            (v["online"] == true && why.contains("no peer address"))
+                .then_some(())
+                .ok_or(v.to_string())
+        },
+    )
+    .await;
+
+    // The peer port serves only vehicles online there: nothing of the admin port.
+    for path in ["/metrics", "/fleet/car-q", "/policy"] {
+        let reply = http::get(peer_ports[0], path).unwrap();
+        assert_eq!(
+            reply.status, 404,
+            "GET {path} on the peer port: {}",
+            reply.body
+        );
+    }
+    assert_eq!(
+        http::get(peer_ports[0], "/fleet/car-p").unwrap().status,
+        200
+    );
 }

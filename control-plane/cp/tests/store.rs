@@ -91,6 +91,10 @@ fn replica(etcd: &Etcd, policy: Option<PathBuf>) -> Cp {
         xds_addr: free_addr(),
         admin_addr: free_addr(),
         probe_addr: None,
+        max_connection_age: std::time::Duration::from_secs(1800),
+        max_connection_age_grace: std::time::Duration::from_secs(10),
+        peer_addr: None,
+        peer_advertise: None,
         tls: TlsArgs::default(),
     })
 }
@@ -492,6 +496,10 @@ async fn apply_and_follow_over_mutual_tls_to_etcd() {
         xds_addr: free_addr(),
         admin_addr: free_addr(),
         probe_addr: None,
+        max_connection_age: std::time::Duration::from_secs(1800),
+        max_connection_age_grace: std::time::Duration::from_secs(10),
+        peer_addr: None,
+        peer_advertise: None,
         tls: TlsArgs::default(),
     });
     all_serve(&[&r], &version_of(QUICKSTART)).await;

@@ -18,7 +18,8 @@
 //!   and `delta.rs` where they differ, each listed at the top of its module;
 //! - every stream ends when the server drains.
 //!
-//! Code map: `server` (the tonic service, [`serve`], transport settings) → `stream`
+//! Code map: `serve` (the connection loop: [`serve`], transport settings, connection
+//! age) → `server` (the ADS tonic service) → `stream`
 //! (the per-stream task) → `machine` (the protocol state machine both variants share)
 //! → `sotw` / `delta` (each variant's rules and state) → `wire` (hand encoding of
 //! responses around pre-encoded resources); `status` (the `/nodes`
@@ -27,6 +28,7 @@
 mod delta;
 mod machine;
 mod metrics;
+mod serve;
 mod server;
 mod sotw;
 mod status;
@@ -39,10 +41,8 @@ use misaki_compiler::node::NodeInfo;
 use misaki_compiler::snapshot::Snapshot;
 use tokio::sync::watch;
 
-pub use server::{
-    MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, ServeConfig, ServeError, XdsServer, serve,
-    serve_incoming, tcp_incoming,
-};
+pub use serve::{ServeConfig, serve, serve_incoming, tcp_incoming};
+pub use server::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, XdsServer};
 pub use status::{NackRecord, StreamHandle, StreamKind, StreamRegistry, StreamStatus, TypeStatus};
 pub use stream::ResponseStream;
 

@@ -1,13 +1,10 @@
-//! The ADS gRPC service and the server loop that hosts it.
+//! The ADS gRPC service (the loop that hosts it is `serve`).
 //!
 //! Invariants:
 //! - one [`XdsServer`] per process; its clones share the snapshot source, the stream
 //!   registry, the metrics and the drain signal;
 //! - [`XdsServer::drain`] ends every ADS stream (with `UNAVAILABLE`, so clients
-//!   reconnect); [`serve`] drains when its `shutdown` future completes, then gives
-//!   other services' connections [`ServeConfig::drain_grace`] before it returns;
-//! - the transport is tuned for vehicles on cellular links: HTTP/2 pings find dead
-//!   peers that TCP alone would hold open for many minutes;
+//!   reconnect); [`crate::serve()`] drains when its `shutdown` future completes;
 //! - an ADS stream holds no response buffer of its own: requests decode with tonic
 //!   ([`Streaming`], at most [`MAX_REQUEST_BYTES`]), and each reply goes out chunk by
 //!   chunk as the connection takes it ([`crate::wire`]: its own fields in short runs,
@@ -22,34 +19,28 @@
 //!
 //! ```text
 //! let routes = tonic::service::Routes::new(FleetServiceServer::new(fleet));
-//! misaki_xds::serve(listener, &xds, routes, &ServeConfig::default(), shutdown).await?;
+//! misaki_xds::serve(listener, &xds, routes, &ServeConfig::default(), shutdown).await;
 //! ```
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::ready;
-use std::time::Duration;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::SERVICE_NAME;
 use http_body::Frame;
 use misaki_identity::TlsPeer;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio_stream::Stream;
+use tokio::sync::watch;
 use tonic::codec::BufferSettings;
 use tonic::codegen::{Body, Context, Poll, Service, StdError};
 use tonic::metadata::{GRPC_CONTENT_TYPE, MetadataValue};
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Status, Streaming};
 use tonic_prost::ProstDecoder;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::SnapshotSource;
 use crate::delta::Delta;
@@ -304,121 +295,4 @@ fn trailers(status: &Status) -> http::HeaderMap {
         map.insert(Status::GRPC_STATUS, (status.code() as i32).into());
     }
     map
-}
-
-/// Transport settings for [`serve`].
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    /// HTTP/2 PING interval: finds a vehicle that dropped off the network without a
-    /// FIN (tunnels, dead zones) in well under a minute, yet costs a metered link
-    /// only a few bytes.
-    pub http2_keepalive_interval: Duration,
-    /// How long a PING may go unanswered before the connection is closed.
-    pub http2_keepalive_timeout: Duration,
-    /// TCP keepalive: idle time before the first probe, probe interval, probe count.
-    pub tcp_keepalive: Duration,
-    pub tcp_keepalive_interval: Duration,
-    pub tcp_keepalive_retries: u32,
-    /// Flow-control windows: large enough that a full snapshot crosses a link with a
-    /// long RTT in one round trip instead of waiting for WINDOW_UPDATEs.
-    pub initial_stream_window: u32,
-    pub initial_connection_window: u32,
-    /// After shutdown, how long other services' connections may take to finish.
-    pub drain_grace: Duration,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            http2_keepalive_interval: Duration::from_secs(30),
-            http2_keepalive_timeout: Duration::from_secs(10),
-            tcp_keepalive: Duration::from_secs(60),
-            tcp_keepalive_interval: Duration::from_secs(15),
-            tcp_keepalive_retries: 4,
-            initial_stream_window: 1024 * 1024,
-            initial_connection_window: 4 * 1024 * 1024,
-            drain_grace: Duration::from_secs(5),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-}
-
-/// Serve ADS plus every service in `routes` on `listener` until `shutdown` completes.
-///
-/// On shutdown the server stops accepting, drains every ADS stream, and returns once
-/// all connections have closed or [`ServeConfig::drain_grace`] has passed.
-pub async fn serve(
-    listener: TcpListener,
-    xds: &XdsServer,
-    routes: Routes,
-    config: &ServeConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let addr = listener.local_addr().ok();
-    info!(?addr, "xDS server listening");
-    let incoming = tcp_incoming(listener, config);
-    serve_incoming(incoming, xds, routes, config, shutdown).await
-}
-
-/// The connections accepted on `listener`, with [`ServeConfig`]'s TCP options (no
-/// Nagle delay, keepalive). A TLS acceptor takes its connections from here.
-pub fn tcp_incoming(listener: TcpListener, config: &ServeConfig) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(config.tcp_keepalive))
-        .with_keepalive_interval(Some(config.tcp_keepalive_interval))
-        .with_keepalive_retries(Some(config.tcp_keepalive_retries))
-}
-
-/// [`serve`] over connections from `incoming` (e.g. TLS streams whose connect info is
-/// a [`misaki_identity::TlsPeer`]: every request on a connection then carries it, and
-/// each ADS stream must match it).
-pub async fn serve_incoming<I, IO, IE>(
-    incoming: I,
-    xds: &XdsServer,
-    routes: Routes,
-    config: &ServeConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError>
-where
-    I: Stream<Item = Result<IO, IE>>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    IE: Into<StdError>,
-{
-    let routes = routes.add_service(xds.service());
-
-    let (fired_tx, fired_rx) = oneshot::channel::<()>();
-    let drainer = xds.clone();
-    let signal = async move {
-        shutdown.await;
-        info!("shutdown: draining xDS streams");
-        drainer.drain();
-        let _ = fired_tx.send(());
-    };
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-        .initial_stream_window_size(config.initial_stream_window)
-        .initial_connection_window_size(config.initial_connection_window)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, signal);
-
-    let grace = config.drain_grace;
-    let deadline = async move {
-        match fired_rx.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            // The server ended without a shutdown signal: the other branch has it.
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = server => r?,
-        () = deadline => warn!(?grace, "drain grace elapsed; closing remaining connections"),
-    }
-    Ok(())
 }

@@ -239,11 +239,15 @@ struct Harness {
     source: Arc<TestSource>,
     xds: XdsServer,
     shutdown: Option<oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<Result<(), misaki_xds::ServeError>>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
     async fn start(spec: &Spec) -> Harness {
+        Self::start_with(spec, ServeConfig::default()).await
+    }
+
+    async fn start_with(spec: &Spec, config: ServeConfig) -> Harness {
         let (tx, _) = watch::channel(snapshot(spec));
         let source = Arc::new(TestSource {
             tx,
@@ -260,7 +264,7 @@ impl Harness {
                     listener,
                     &xds,
                     tonic::service::Routes::default(),
-                    &ServeConfig::default(),
+                    &config,
                     async {
                         let _ = stopped.await;
                     },
@@ -1013,6 +1017,31 @@ async fn stream_from_a_node_with_an_unknown_role_is_refused_with_invalid_argumen
 }
 
 #[tokio::test]
+async fn an_aged_connection_is_cut_and_its_client_comes_back() {
+    let config = ServeConfig {
+        max_connection_age: Some(Duration::from_millis(300)),
+        max_connection_age_grace: Duration::from_millis(200),
+        ..ServeConfig::default()
+    };
+    let h = Harness::start_with(&base(), config).await;
+    let mut s = h.sotw().await;
+    s.request(CDS, &[], None).await;
+    s.recv_type(CDS).await;
+    // An ADS stream never ends by itself: past age + grace its connection is cut.
+    let end = tokio::time::timeout(PATIENCE, s.rx.message())
+        .await
+        .expect("the aged connection is cut");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "a response instead of the end: {end:?}"
+    );
+    // A new connection is served as before.
+    let mut again = h.sotw().await;
+    again.request(CDS, &[], None).await;
+    again.recv_type(CDS).await;
+}
+
+#[tokio::test]
 async fn shutdown_ends_every_stream_and_the_server_returns() {
     let mut h = Harness::start(&base()).await;
     let mut s = h.sotw().await;
@@ -1037,7 +1066,6 @@ async fn shutdown_ends_every_stream_and_the_server_returns() {
     tokio::time::timeout(PATIENCE, &mut h.server)
         .await
         .expect("server returns")
-        .unwrap()
         .unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !h.xds.streams().is_empty() {

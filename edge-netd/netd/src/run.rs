@@ -316,9 +316,7 @@ async fn serve_local_xds<I, IO>(
 {
     let config = misaki_xds::ServeConfig::default();
     let routes = tonic::service::Routes::default();
-    if let Err(e) = misaki_xds::serve_incoming(incoming, &server, routes, &config, stopped).await {
-        tracing::error!(error = %e, "local xDS server failed");
-    }
+    misaki_xds::serve_incoming(incoming, &server, routes, &config, stopped).await;
 }
 
 /// Hand each new credential to store-and-forward, as the identity its https

@@ -113,6 +113,10 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
         xds_addr: xds,
         admin_addr: admin,
         probe_addr: None,
+        max_connection_age: std::time::Duration::from_secs(1800),
+        max_connection_age_grace: std::time::Duration::from_secs(10),
+        peer_addr: None,
+        peer_advertise: None,
         tls,
     };
     let (stop, stopped) = oneshot::channel::<()>();
