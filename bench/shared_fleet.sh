@@ -4,7 +4,7 @@
 # (aim p99 ≤ 1 s); etcd writes/s and db size at 30,000 vehicles with one link change
 # per vehicle per minute".
 #
-#   bench/shared_fleet.sh [--vehicles 30000] [--replicas 3] [--trials 100] [--steady-secs 60] [--keep]
+#   bench/shared_fleet.sh [--vehicles 30000] [--replicas 3] [--trials 100] [--steady-secs 60] [--mode delta|sotw] [--keep]
 #
 # Builds misaki-loadgen and misaki-cp (release) and runs `misaki-loadgen shared-fleet`:
 # a real etcd and N misaki-cp replicas (`serve --store`, default lease TTL 5 s) on
@@ -14,6 +14,11 @@
 # link change sent to its replica until every other replica's /fleet/{vehicle} shows it
 # (distinct vehicles, after the 1 s write coalescing window); then a steady load of one
 # change per vehicle per minute: etcd's puts/s and database size, each replica's CPU.
+# Each vehicle also holds an ADS stream (delta by default) to its replica. Last, replica
+# 0 is killed with SIGKILL: its vehicles' report streams reconnect to the others at
+# once, their ADS streams each after a delay drawn over 500 ms (Envoy's first retry),
+# and per vehicle the time from the kill until its ADS stream has every type answered
+# is taken (back on config).
 #
 # Writes Markdown to stdout (progress on stderr) and, with the command line, date,
 # commit, machine and load average, to bench/results-shared-fleet.md. Loopback only,
@@ -22,15 +27,16 @@ set -euo pipefail
 CMDLINE="bench/shared_fleet.sh${*:+ $*}"
 cd "$(dirname "$0")/.."
 
-VEHICLES=30000 REPLICAS=3 TRIALS=100 STEADY=60 KEEP=0
+VEHICLES=30000 REPLICAS=3 TRIALS=100 STEADY=60 MODE=delta KEEP=0
 while (($#)); do
   case $1 in
     --vehicles) VEHICLES=$2; shift ;;
     --replicas) REPLICAS=$2; shift ;;
     --trials) TRIALS=$2; shift ;;
     --steady-secs) STEADY=$2; shift ;;
+    --mode) MODE=$2; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 64 ;;
   esac
   shift
@@ -48,7 +54,7 @@ lab_loadgen_traps
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$SECONDS
-ARGS=(shared-fleet --out-dir "$WORK" --vehicles "$VEHICLES" --replicas "$REPLICAS" --trials "$TRIALS" --steady-secs "$STEADY")
+ARGS=(shared-fleet --out-dir "$WORK" --vehicles "$VEHICLES" --replicas "$REPLICAS" --trials "$TRIALS" --steady-secs "$STEADY" --mode "$MODE")
 lab_loadgen "${ARGS[@]}" >"$WORK/table.md"
 
 {

@@ -224,14 +224,6 @@ impl FleetRegistry {
             .inc();
     }
 
-    fn recount_online(&self, vehicles: &BTreeMap<Arc<str>, VehicleRecord>) {
-        let n = vehicles.values().filter(|v| v.state.online).count();
-        self.inner
-            .metrics
-            .online
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
     /// A stream said Hello, over a connection whose certificate proved `identity` (a
     /// SPIFFE ID; None over plaintext). Returns the vehicle's interned id and the
     /// stream token to pass to later calls.
@@ -259,10 +251,11 @@ impl FleetRegistry {
             Duration::from_millis(u64::from(hello.heartbeat_interval_ms.clamp(100, 60_000)));
         let id: Arc<str> = {
             let mut vehicles = self.inner.vehicles.lock().expect("registry lock");
+            // A lookup, not a scan: 10,000 vehicles reconnecting at once made a scan
+            // here quadratic.
             let id = vehicles
-                .keys()
-                .find(|k| ***k == *hello.vehicle_id)
-                .cloned()
+                .get_key_value(hello.vehicle_id.as_str())
+                .map(|(k, _)| k.clone())
                 .unwrap_or_else(|| Arc::from(hello.vehicle_id.as_str()));
             let rec = vehicles.entry(id.clone()).or_insert_with(|| VehicleRecord {
                 state: VehicleState::default(),
@@ -274,12 +267,16 @@ impl FleetRegistry {
             rec.state.identity = identity;
             rec.state.daemon_version = hello.daemon_version.clone();
             rec.state.policy_version = hello.policy_version.clone();
+            // The gauge moves with the only two transitions (here and `disconnected`),
+            // under the lock: no recount over the fleet per Hello.
+            if !rec.state.online {
+                self.inner.metrics.online.inc();
+            }
             rec.state.online = true;
             rec.heartbeat_interval = heartbeat_interval;
             rec.stream = stream;
             rec.connected_at = SystemTime::now();
             rec.last_seen = Instant::now();
-            self.recount_online(&vehicles);
             id
         };
         self.emit(id.clone(), FleetEventKind::Online);
@@ -355,7 +352,7 @@ impl FleetRegistry {
             match vehicles.get_mut(vehicle) {
                 Some(rec) if rec.stream == stream && rec.state.online => {
                     rec.state.online = false;
-                    self.recount_online(&vehicles);
+                    self.inner.metrics.online.dec();
                     true
                 }
                 _ => false,
@@ -533,6 +530,30 @@ mod tests {
         }
         assert!(registry.hello(&hello("car-1.eu_2"), None).is_ok());
         assert_eq!(registry.vehicle_ids(), ["car-1.eu_2"]);
+    }
+
+    #[test]
+    fn the_online_gauge_follows_hellos_and_ends_of_the_current_stream_only() {
+        let registry = FleetRegistry::new();
+        let online = || registry.inner.metrics.online.get();
+        let hello = |id: &str| pb::Hello {
+            vehicle_id: id.to_string(),
+            ..Default::default()
+        };
+        let (a, first) = registry.hello(&hello("car-a"), None).unwrap();
+        let (_, _) = registry.hello(&hello("car-b"), None).unwrap();
+        assert_eq!(online(), 2);
+        // car-a reconnects before its old stream ends: still one vehicle online.
+        let (a2, second) = registry.hello(&hello("car-a"), None).unwrap();
+        assert!(Arc::ptr_eq(&a, &a2), "the id is interned once");
+        assert_eq!(online(), 2);
+        registry.disconnected(&a, first);
+        assert_eq!(online(), 2, "the old stream's end is not the vehicle's");
+        registry.disconnected(&a, second);
+        registry.disconnected(&a, second);
+        assert_eq!(online(), 1);
+        registry.hello(&hello("car-a"), None).unwrap();
+        assert_eq!(online(), 2);
     }
 
     fn report(r: Report) -> pb::VehicleReport {

@@ -115,6 +115,8 @@ pub struct StreamRec {
     pub last: [AtomicU64; N],
     /// Every subscribed type has been answered at least once.
     pub ready: AtomicBool,
+    /// When `ready` became true, ns since [`Shared::epoch`] (0: not yet).
+    pub ready_ns: AtomicU64,
     /// Woken once when `ready` becomes true (single-vehicle trials wait on it).
     pub ready_notify: tokio::sync::Notify,
     pub nacks: AtomicU64,
@@ -487,6 +489,7 @@ impl Subs {
             return;
         }
         if (0..N).all(|t| self.answered[t] || !self.subscribed(t)) {
+            rec.ready_ns.store(shared.now_ns(), Ordering::Release);
             rec.ready.store(true, Ordering::Release);
             shared.ready.fetch_add(1, Ordering::AcqRel);
             rec.ready_notify.notify_one();

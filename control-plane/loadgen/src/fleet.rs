@@ -40,6 +40,20 @@ impl Fleet {
         conns: usize,
         prefix: &str,
     ) -> Result<Fleet> {
+        Fleet::connect_range(target, cfg, (prefix, 0..n), conns, Duration::ZERO).await
+    }
+
+    /// [`connect`](Self::connect) for streams `{prefix}{i}`, `i` in `ids`, each started
+    /// after a delay drawn uniformly from `[0, spread)` (Envoys reconnecting after
+    /// their control plane died: Envoy's first retry is jittered over 500 ms).
+    pub async fn connect_range(
+        target: &Arc<Target>,
+        cfg: Arc<ClientConfig>,
+        (prefix, ids): (&str, std::ops::Range<usize>),
+        conns: usize,
+        spread: Duration,
+    ) -> Result<Fleet> {
+        let n = ids.len();
         let shared = Arc::new(Shared::default());
         let per_stream = conns == 0 || conns >= n;
         if !per_stream && target.tls.is_some() {
@@ -53,15 +67,17 @@ impl Fleet {
         }
         let mut recs = Vec::with_capacity(n);
         let mut tasks = Vec::with_capacity(n);
-        for i in 0..n {
+        for (k, i) in ids.enumerate() {
             let rec = Arc::new(StreamRec::default());
             recs.push(rec.clone());
             let (cfg, shared, target) = (cfg.clone(), shared.clone(), target.clone());
             let node_id = format!("{prefix}{i}");
-            let channel = (!per_stream).then(|| channels[i % channels.len()].clone());
-            tasks.push(tokio::spawn(client::run_with_retries(
-                target, channel, cfg, node_id, rec, shared,
-            )));
+            let channel = (!per_stream).then(|| channels[k % channels.len()].clone());
+            let delay = spread.mul_f64(unit(&node_id));
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                client::run_with_retries(target, channel, cfg, node_id, rec, shared).await
+            }));
         }
         Ok(Fleet {
             shared,
@@ -161,6 +177,14 @@ impl Fleet {
             })
             .collect())
     }
+}
+
+/// A number in `[0, 1)` fixed by `key`, spread evenly over many keys.
+fn unit(key: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// One new vehicle joining while the fleet is connected: a new connection, a new

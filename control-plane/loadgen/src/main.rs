@@ -209,6 +209,9 @@ enum Cmd {
         /// Seconds of steady load (one link change per vehicle per minute).
         #[arg(long, default_value_t = 60)]
         steady_secs: u64,
+        /// The vehicles' ADS streams (one per vehicle, over the same `conns`).
+        #[arg(long, value_enum, default_value_t = Mode::Delta)]
+        mode: Mode,
     },
     /// Hold N simulated streams against a running misaki-cp (for profiling it).
     Connect {
@@ -446,6 +449,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             heartbeat_ms,
             lease_ttl,
             steady_secs,
+            mode,
         } => {
             let cp = cp_bin(&common)?;
             let (dir, _tmp) = work_dir(common.out_dir.clone())?;
@@ -457,6 +461,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 heartbeat: Duration::from_millis(heartbeat_ms),
                 lease_ttl,
                 steady: Duration::from_secs(steady_secs),
+                mode,
             };
             shared_fleet::run(&cp, &dir, &spec).await
         }

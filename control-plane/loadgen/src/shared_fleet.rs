@@ -6,9 +6,15 @@
 //!   sent to its replica → every other replica's `/fleet/{vehicle}` shows it, per trial
 //!   (distinct vehicles, so the 1 s write coalescing never applies);
 //! - a steady load of one link change per vehicle per minute: etcd's puts per second
-//!   and database size, and each replica's CPU.
+//!   and database size, and each replica's CPU;
+//! - a replica killed (SIGKILL): its vehicles' report streams reconnect to the others,
+//!   and so do their ADS streams (each vehicle also holds one, as its Envoy would),
+//!   each after a delay drawn over 500 ms (Envoy's first retry is jittered over
+//!   500 ms); per vehicle, the time from the kill until its new ADS stream has every
+//!   subscribed type answered (back on config).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -17,7 +23,8 @@ use misaki_proto::fleet_v1 as pb;
 use pb::vehicle_report::Report;
 use serde_json::Value;
 
-use crate::client::Target;
+use crate::client::{ClientConfig, Mode, Target};
+use crate::fleet::Fleet;
 use crate::stats::{Summary, ms};
 use crate::sys;
 use crate::vehicle_state::{Reporters, policy_yaml};
@@ -32,6 +39,20 @@ pub struct Spec {
     pub lease_ttl: String,
     /// How long the steady one-change-per-vehicle-per-minute load runs.
     pub steady: Duration,
+    /// The vehicles' ADS streams.
+    pub mode: Mode,
+}
+
+/// Envoy's first reconnect is jittered over its 500 ms backoff base.
+const ENVOY_RETRY_SPREAD: Duration = Duration::from_millis(500);
+
+fn ads_config(mode: Mode) -> Arc<ClientConfig> {
+    Arc::new(ClientConfig {
+        mode,
+        nack_every: 0,
+        nack_version: None,
+        cluster: "vehicle",
+    })
 }
 
 struct Replica {
@@ -39,6 +60,8 @@ struct Replica {
     xds: u16,
     admin: u16,
     reporters: Reporters,
+    /// Its vehicles' ADS streams (opened once every replica lists the fleet).
+    ads: Option<Fleet>,
     /// Its vehicles are `car-{first}` … `car-{first + n - 1}`.
     first: usize,
     n: usize,
@@ -120,6 +143,7 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
             xds,
             admin,
             reporters,
+            ads: None,
             first,
             n,
         });
@@ -145,6 +169,23 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
         spec.vehicles,
         acked.as_secs_f64(),
         absorbed.as_secs_f64()
+    );
+    let ads_start = Instant::now();
+    for r in &mut replicas {
+        let target = Target::plain(format!("127.0.0.1:{}", r.xds));
+        let range = ("car-", r.first..r.first + r.n);
+        let cfg = ads_config(spec.mode);
+        let fleet = Fleet::connect_range(&target, cfg, range, spec.conns, Duration::ZERO).await?;
+        fleet
+            .wait_ready(Duration::from_secs(300), || Ok(()))
+            .await?;
+        r.ads = Some(fleet);
+    }
+    eprintln!(
+        "[{tag}] {} ADS streams ({}) on config after {:.1} s",
+        spec.vehicles,
+        spec.mode.as_str(),
+        ads_start.elapsed().as_secs_f64()
     );
 
     // Past the write coalescing window of the vehicles' first records.
@@ -227,14 +268,16 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
     for r in &replicas {
         r.reporters.check_failed()?;
     }
-    let (reconnected, back) = kill_one(&mut replicas, spec, total).await?;
+    let (reconnected, back, on_config) = kill_one(&mut replicas, spec, total).await?;
+    let on_config = Summary::of(&on_config);
 
     println!(
-        "| replicas | vehicles | all acknowledged / listed online on every replica (s) | link change → every other replica shows it, p50 / p99 / max (ms), n | steady load: changes/s sent | etcd puts/s | etcd db size (MiB) | replica CPU (ms/s each) | replica RSS (MiB each) | kill -9 of replica 0: its vehicles reconnected to the others / every survivor lists all online, none owned by the dead one (s) |"
+        "| replicas | vehicles | all acknowledged / listed online on every replica (s) | link change → every other replica shows it, p50 / p99 / max (ms), n | steady load: changes/s sent | etcd puts/s | etcd db size (MiB) | replica CPU (ms/s each) | replica RSS (MiB each) | kill -9 of replica 0: its vehicles' report streams acknowledged on the others / every survivor lists all online, none owned by the dead one (s) | its vehicles back on config (ADS {}, every type answered) after the kill, p50 / p99 / max (ms) |",
+        spec.mode.as_str()
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|");
     println!(
-        "| {} | {} | {:.1} / {:.1} | {} / {} / {}, {} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1} / {:.1} |",
+        "| {} | {} | {:.1} / {:.1} | {} / {} / {}, {} | {:.0} | {:.0} | {:.1} | {} | {} | {:.1} / {:.1} | {} / {} / {} |",
         spec.replicas,
         spec.vehicles,
         acked.as_secs_f64(),
@@ -250,21 +293,26 @@ pub async fn run(cp_bin: &Path, dir: &Path, spec: &Spec) -> Result<()> {
         rss.join(" / "),
         reconnected.as_secs_f64(),
         back.as_secs_f64(),
+        ms(on_config.p50),
+        ms(on_config.p99),
+        ms(on_config.max),
     );
     drop(replicas);
     drop(etcd);
     Ok(())
 }
 
-/// Kill replica 0 (SIGKILL). Its vehicles reconnect at once to the others, split evenly
-/// (as vehicles with the next address on their list would). Returns how long until
-/// they were all acknowledged, and until every survivor listed all `total` vehicles
-/// online with none owned by the dead replica.
+/// Kill replica 0 (SIGKILL). Its vehicles reconnect to the others, split evenly (as
+/// vehicles with the next address on their list would): ADS streams each after a
+/// delay over [`ENVOY_RETRY_SPREAD`], report streams at once. Returns how long until
+/// the report streams were all acknowledged, until every survivor listed all `total`
+/// vehicles online with none owned by the dead replica, and per vehicle until its ADS
+/// stream was back on config.
 async fn kill_one(
     replicas: &mut Vec<Replica>,
     spec: &Spec,
     total: u64,
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, Vec<Duration>)> {
     let mut dead = replicas.remove(0);
     let dead_name = http::get(dead.admin, "/fleet")
         .ok()
@@ -274,18 +322,40 @@ async fn kill_one(
     let killed = Instant::now();
     dead.proc.kill();
     drop(dead.reporters);
+    drop(dead.ads);
     let chunk = dead.n.div_ceil(replicas.len());
+    let shares: Vec<(usize, usize, u16)> = replicas
+        .iter()
+        .enumerate()
+        .map(|(k, r)| {
+            let first = dead.first + k * chunk;
+            (first, chunk.min(dead.n.saturating_sub(k * chunk)), r.xds)
+        })
+        .filter(|(_, n, _)| *n > 0)
+        .collect();
+    let mut ads = Vec::new();
+    for &(first, n, xds) in &shares {
+        let target = Target::plain(format!("127.0.0.1:{xds}"));
+        let range = ("car-", first..first + n);
+        let cfg = ads_config(spec.mode);
+        ads.push(Fleet::connect_range(&target, cfg, range, spec.conns, ENVOY_RETRY_SPREAD).await?);
+    }
     let mut moved = Vec::new();
-    for (k, r) in replicas.iter().enumerate() {
-        let first = dead.first + k * chunk;
-        let n = chunk.min(dead.n.saturating_sub(k * chunk));
-        if n == 0 {
-            continue;
-        }
-        let target = Target::plain(format!("127.0.0.1:{}", r.xds));
+    for &(first, n, xds) in &shares {
+        let target = Target::plain(format!("127.0.0.1:{xds}"));
         moved.push(Reporters::connect_from(&target, first, n, spec.conns, spec.heartbeat).await?);
     }
     let reconnected = killed.elapsed();
+    let mut on_config = Vec::new();
+    for fleet in &ads {
+        fleet
+            .wait_ready(Duration::from_secs(300), || Ok(()))
+            .await?;
+        let since_kill = fleet.shared.epoch.duration_since(killed);
+        on_config.extend(fleet.recs.iter().map(|r| {
+            since_kill + Duration::from_nanos(r.ready_ns.load(std::sync::atomic::Ordering::Acquire))
+        }));
+    }
     let stale = |v: &Value| {
         v["vehicles"]
             .as_array()
@@ -313,5 +383,5 @@ async fn kill_one(
     for m in &moved {
         m.check_failed()?;
     }
-    Ok((reconnected, killed.elapsed()))
+    Ok((reconnected, killed.elapsed(), on_config))
 }
