@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small per-stream buffers (src/lib.rs, `codec`).
+        .codec_path("crate::codec::SmallBuffers")
         .compile_fds(fds)?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
