@@ -8,10 +8,11 @@
 //! (b) A real edge-netd whose `control_plane:` lists both shows online on the first
 //!     one's `/fleet`; that one is killed; it shows online on the second's.
 //!
-//! (c) Balance (item 5): with only the first replica up, Envoy connects there; a second
+//! (c) Balance (item 5), Envoy: with only the first replica up, Envoy connects there; a second
 //!     replica is started; the first's `--max-connection-age` sends Envoy through its
 //!     cluster's load balancer again, and it ends up on the second, keeping its config
-//!     all the while.
+//!     all the while. edge-netd: cut by its replica's connection age, it reconnects
+//!     to the next replica of its list.
 //!
 //! Timing is asserted only as generous bounds; how long the move took is printed.
 
@@ -144,6 +145,29 @@ fn online(cp: &ControlPlane) -> bool {
         .is_some_and(|j| j["online"] == true)
 }
 
+/// A real edge-netd listing `first` then `second` (its uplink probed at `probe`), and
+/// its local API port.
+fn netd_on(first: &ControlPlane, second: &ControlPlane, probe: &str, dir: &Path) -> (Process, u16) {
+    let api = free_port();
+    let text = misaki_e2e::process::netd_config_on_lo(
+        "car-1",
+        &format!(
+            "[http://127.0.0.1:{}, http://127.0.0.1:{}]",
+            first.xds_port, second.xds_port
+        ),
+        api,
+        &dir.join("state"),
+        probe,
+        "",
+    );
+    let config = dir.join("edge-netd.yaml");
+    fs::write(&config, text).expect("write edge-netd config");
+    let mut cmd = Command::new(target_bin("edge-netd"));
+    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
+    let netd = Process::spawn("edge-netd", &mut cmd, dir.join("edge-netd.log"));
+    (netd, api)
+}
+
 #[test]
 fn edge_netd_moves_to_the_next_control_plane() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -154,24 +178,7 @@ fn edge_netd_moves_to_the_next_control_plane() {
     // The uplink's probes go to the survivor, so the link stays up throughout.
     let args = ["--probe-addr", probe.as_str()];
     let second = ControlPlane::start_with(&policy, dir.path(), free_port(), free_port(), &args);
-    let api = free_port();
-    let text = misaki_e2e::process::netd_config_on_lo(
-        "car-1",
-        &format!(
-            "[http://127.0.0.1:{}, http://127.0.0.1:{}]",
-            first.xds_port, second.xds_port
-        ),
-        api,
-        &dir.path().join("state"),
-        &probe,
-        "",
-    );
-    let config = dir.path().join("edge-netd.yaml");
-    fs::write(&config, text).expect("write edge-netd config");
-    let mut cmd = Command::new(target_bin("edge-netd"));
-    cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
-    let netd = Process::spawn("edge-netd", &mut cmd, dir.path().join("edge-netd.log"));
-
+    let (netd, api) = netd_on(&first, &second, &probe, dir.path());
     let on_first = wait_for(LONG, || online(&first).then_some(()));
     assert!(
         on_first.is_some(),
@@ -278,4 +285,40 @@ fn an_aged_connection_lets_envoy_reach_a_replica_added_later() {
     assert_eq!(envoy.stat("cluster_manager.cds.update_rejected"), Some(0));
     assert_eq!(envoy.stat("listener_manager.lds.update_rejected"), Some(0));
     drop(first);
+}
+
+/// Both replicas age connections out after about 2 s: edge-netd, cut off by its
+/// replica's maximum connection age (no failure anywhere), reconnects to the next
+/// replica of its list and keeps reporting.
+#[test]
+fn edge_netd_moves_on_when_its_connection_is_aged_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("mesh.yaml");
+    fs::write(&policy, policy_doc(&MeshPorts::fresh(), WIFI_STANDARD, &[])).expect("policy");
+    let probe = format!("127.0.0.1:{}", free_port());
+    let aged = [
+        "--max-connection-age",
+        "2s",
+        "--max-connection-age-grace",
+        "1s",
+    ];
+    let first = ControlPlane::start_with(&policy, dir.path(), free_port(), free_port(), &aged);
+    let with_probe = [&aged[..], &["--probe-addr", probe.as_str()]].concat();
+    let second =
+        ControlPlane::start_with(&policy, dir.path(), free_port(), free_port(), &with_probe);
+    let (mut netd, _api) = netd_on(&first, &second, &probe, dir.path());
+    let on_first = wait_for(LONG, || online(&first).then_some(()));
+    assert!(
+        on_first.is_some(),
+        "never online on the first:\n{}",
+        netd.log_text()
+    );
+    let moved = wait_for(LONG, || online(&second).then_some(()));
+    assert!(moved.is_some(), "never moved on:\n{}", netd.log_text());
+    let exited = netd.try_wait();
+    assert!(
+        exited.is_none(),
+        "edge-netd exited ({exited:?}):\n{}",
+        netd.log_text()
+    );
 }
