@@ -112,6 +112,9 @@ struct Inner {
     /// and all of them as cloud sidecars' SRDS content.
     scopes: BTreeMap<String, Arc<Resource>>,
     scope_resources: Arc<Resources>,
+    /// `scope_resources` lags `scopes`: no cloud snapshot was followed when they
+    /// changed, so the rebuild (over the whole fleet) waits until one is compiled.
+    scopes_stale: bool,
 }
 
 /// Cheap to clone.
@@ -134,6 +137,7 @@ impl Inner {
         if let Some(tx) = self.entries.get(key) {
             return tx.borrow().clone();
         }
+        self.fresh_scopes(prefix);
         let snap = Arc::new(self.compile(key, prefix));
         let (tx, _) = watch::channel(snap.clone());
         self.entries.insert(key.clone(), tx);
@@ -143,6 +147,15 @@ impl Inner {
     fn compile(&self, key: &CompileKey, prefix: &str) -> Snapshot {
         let snap = key.compile(&self.policy, prefix);
         self.with_scopes(key, snap)
+    }
+
+    /// Bring `scope_resources` up to `scopes` (see `scopes_stale`).
+    fn fresh_scopes(&mut self, prefix: &str) {
+        if self.scopes_stale {
+            let all = self.scopes.values().cloned().collect::<Vec<_>>();
+            self.scope_resources = Arc::new(Resources::from_items(prefix, all));
+            self.scopes_stale = false;
+        }
     }
 
     /// A cloud snapshot gets the gateway's per-vehicle scopes (when it has a gateway).
@@ -219,6 +232,7 @@ impl SnapshotCache {
                     .map(|r| (r.name.to_string(), r))
                     .collect(),
                 scope_resources: Arc::new(gateway::scopes(&prefix, &BTreeMap::new())),
+                scopes_stale: false,
             })),
             prefix,
         }
@@ -242,6 +256,7 @@ impl SnapshotCache {
         // Keys only relays use are compiled again when a relay asks.
         inner.entries.retain(|_, tx| tx.receiver_count() > 0);
         let followed: Vec<CompileKey> = inner.entries.keys().cloned().collect();
+        inner.fresh_scopes(&self.prefix);
         let mut changed = 0;
         for key in followed {
             let snap = Arc::new(inner.compile(&key, &self.prefix));
@@ -283,14 +298,18 @@ impl SnapshotCache {
         }
         let mut changed = 0;
         if reach_changed {
-            let all = inner.scopes.values().cloned().collect::<Vec<_>>();
-            inner.scope_resources = Arc::new(Resources::from_items(&self.prefix, all));
             let clouds: Vec<CompileKey> = inner
                 .entries
                 .keys()
                 .filter(|k| k.role == Role::Cloud)
                 .cloned()
                 .collect();
+            // A replica without cloud sidecars skips the rebuild over the whole fleet
+            // (a reconnect storm brings a batch per few ms).
+            inner.scopes_stale = true;
+            if !clouds.is_empty() {
+                inner.fresh_scopes(&self.prefix);
+            }
             for key in clouds {
                 let cur = inner.entries[&key].borrow().clone();
                 let next = inner.with_scopes(&key, (*cur).clone());
@@ -471,14 +490,23 @@ services:
     #[test]
     fn a_cloud_snapshot_gets_a_scope_per_vehicle() {
         let cache = SnapshotCache::new(power_policy(), "p-");
-        // Known before the cloud sidecar connects.
+        // Known before the cloud sidecar connects (the scope set is built only then).
         cache.set_vehicle("car-1", ONLINE);
+        cache.set_vehicle("car-3", ONLINE);
+        cache.set_vehicle("car-3", OFFLINE);
         let rx = cache.watch(&cloud());
-        assert_eq!(scope_names(&rx), ["vehicle_gateway/car-1"]);
+        assert_eq!(
+            scope_names(&rx),
+            ["vehicle_gateway/car-1", "vehicle_gateway/car-3"]
+        );
         assert_eq!(cache.set_vehicle("car-2", OFFLINE), 1);
         assert_eq!(
             scope_names(&rx),
-            ["vehicle_gateway/car-1", "vehicle_gateway/car-2"]
+            [
+                "vehicle_gateway/car-1",
+                "vehicle_gateway/car-2",
+                "vehicle_gateway/car-3"
+            ]
         );
         // Vehicles never get the gateway's scopes.
         let car = cache.watch(&vehicle(Some("car-1")));
