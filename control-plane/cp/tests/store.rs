@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::etcd::Etcd;
-use common::{Cp, free_addr, spawn_serve, wait_until};
-use misaki_cp::cli::{ServeArgs, StoreTls, TlsArgs};
+use common::{Cp, serve_args, spawn_serve, wait_until};
+use misaki_cp::cli::{ServeArgs, StoreTls};
 use misaki_cp::run::QUICKSTART;
 use misaki_cp::store::{Applied, CURRENT, KEEP, PolicyFile, Record, Store};
 use misaki_harness::EtcdTls;
@@ -86,16 +86,7 @@ fn replica(etcd: &Etcd, policy: Option<PathBuf>) -> Cp {
     spawn_serve(ServeArgs {
         policy,
         store: Some(etcd.url().parse().unwrap()),
-        lease_ttl: std::time::Duration::from_secs(5),
-        store_tls: Default::default(),
-        xds_addr: free_addr(),
-        admin_addr: free_addr(),
-        probe_addr: None,
-        max_connection_age: std::time::Duration::from_secs(1800),
-        max_connection_age_grace: std::time::Duration::from_secs(10),
-        peer_addr: None,
-        peer_advertise: None,
-        tls: TlsArgs::default(),
+        ..serve_args()
     })
 }
 
@@ -489,18 +480,9 @@ async fn apply_and_follow_over_mutual_tls_to_etcd() {
         store_key: Some(path("client/key.pem").into()),
     };
     let r = spawn_serve(ServeArgs {
-        policy: None,
         store: Some(url.parse().unwrap()),
-        lease_ttl: std::time::Duration::from_secs(5),
         store_tls,
-        xds_addr: free_addr(),
-        admin_addr: free_addr(),
-        probe_addr: None,
-        max_connection_age: std::time::Duration::from_secs(1800),
-        max_connection_age_grace: std::time::Duration::from_secs(10),
-        peer_addr: None,
-        peer_advertise: None,
-        tls: TlsArgs::default(),
+        ..serve_args()
     });
     all_serve(&[&r], &version_of(QUICKSTART)).await;
     assert_eq!(r.json("/fleet").await["total"], 0);

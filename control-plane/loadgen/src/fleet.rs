@@ -181,10 +181,7 @@ impl Fleet {
 
 /// A number in `[0, 1)` fixed by `key`, spread evenly over many keys.
 fn unit(key: &str) -> f64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    (client::hash_str(key) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// One new vehicle joining while the fleet is connected: a new connection, a new

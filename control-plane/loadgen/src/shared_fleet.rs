@@ -324,26 +324,25 @@ async fn kill_one(
     drop(dead.reporters);
     drop(dead.ads);
     let chunk = dead.n.div_ceil(replicas.len());
-    let shares: Vec<(usize, usize, u16)> = replicas
+    let shares: Vec<(usize, usize, Arc<Target>)> = replicas
         .iter()
         .enumerate()
         .map(|(k, r)| {
             let first = dead.first + k * chunk;
-            (first, chunk.min(dead.n.saturating_sub(k * chunk)), r.xds)
+            let n = chunk.min(dead.n.saturating_sub(k * chunk));
+            (first, n, Target::plain(format!("127.0.0.1:{}", r.xds)))
         })
         .filter(|(_, n, _)| *n > 0)
         .collect();
     let mut ads = Vec::new();
-    for &(first, n, xds) in &shares {
-        let target = Target::plain(format!("127.0.0.1:{xds}"));
-        let range = ("car-", first..first + n);
+    for (first, n, target) in &shares {
+        let range = ("car-", *first..first + n);
         let cfg = ads_config(spec.mode);
-        ads.push(Fleet::connect_range(&target, cfg, range, spec.conns, ENVOY_RETRY_SPREAD).await?);
+        ads.push(Fleet::connect_range(target, cfg, range, spec.conns, ENVOY_RETRY_SPREAD).await?);
     }
     let mut moved = Vec::new();
-    for &(first, n, xds) in &shares {
-        let target = Target::plain(format!("127.0.0.1:{xds}"));
-        moved.push(Reporters::connect_from(&target, first, n, spec.conns, spec.heartbeat).await?);
+    for (first, n, target) in &shares {
+        moved.push(Reporters::connect_from(target, *first, *n, spec.conns, spec.heartbeat).await?);
     }
     let reconnected = killed.elapsed();
     let mut on_config = Vec::new();

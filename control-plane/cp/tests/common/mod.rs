@@ -104,21 +104,12 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
     std::fs::copy(pki.path("ca/ca.pem"), pki.path("clients-ca.pem")).unwrap();
     let policy = pki.path("mesh.yaml");
     std::fs::write(&policy, QUICKSTART).unwrap();
-    let (xds, admin) = (free_addr(), free_addr());
     let args = ServeArgs {
         policy: Some(policy.clone()),
-        store: None,
-        lease_ttl: std::time::Duration::from_secs(5),
-        store_tls: Default::default(),
-        xds_addr: xds,
-        admin_addr: admin,
-        probe_addr: None,
-        max_connection_age: std::time::Duration::from_secs(1800),
-        max_connection_age_grace: std::time::Duration::from_secs(10),
-        peer_addr: None,
-        peer_advertise: None,
         tls,
+        ..serve_args()
     };
+    let (xds, admin) = (args.xds_addr, args.admin_addr);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(misaki_cp::run::serve(args, async {
         let _ = stopped.await;
@@ -138,6 +129,21 @@ pub async fn start_with(pki: &Pki, tls: TlsArgs) -> Cp {
 
 /// `misaki-cp serve` with these arguments in this process, stopped on drop; not
 /// waited for (a shared-mode replica is not ready until etcd has a policy).
+/// `serve`'s arguments as the command line's defaults give them, on free loopback
+/// ports: tests name only what they change.
+pub fn serve_args() -> ServeArgs {
+    use clap::Parser;
+    let cli = misaki_cp::cli::Cli::parse_from(["misaki-cp", "serve"]);
+    let misaki_cp::cli::Command::Serve(args) = cli.command else {
+        unreachable!("parsed `serve`")
+    };
+    ServeArgs {
+        xds_addr: free_addr(),
+        admin_addr: free_addr(),
+        ..*args
+    }
+}
+
 pub fn spawn_serve(args: ServeArgs) -> Cp {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("info")
